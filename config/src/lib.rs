@@ -6,10 +6,16 @@
 //! problems are collected and reported together as [`Diagnostics`], each with
 //! file, line and column. Only this crate knows `serde_yaml`.
 
+mod check;
+pub mod duration;
 pub mod model;
 pub mod params;
+mod position;
+mod raw;
 pub mod template;
 
+pub use check::{BUILTINS, FOLLOW_UP_BUILTINS, GATE_BUILTINS};
+pub use duration::{parse_duration, parse_rate, DurationError, RateError};
 pub use model::*;
 
 use std::fmt;
@@ -68,8 +74,41 @@ pub fn load(path: &Path) -> Result<JobFile, LoadError> {
     Ok(parse(&path.display().to_string(), &text)?)
 }
 
-/// Validates job file text; `origin` names it in diagnostics.
+/// Validates job file text; `origin` names it in diagnostics. On failure returns
+/// every problem found, in file order.
 pub fn parse(origin: &str, text: &str) -> Result<JobFile, Diagnostics> {
-    let _ = (origin, text);
-    todo!()
+    let positions = position::Positions::index(text);
+    let built = match raw::load_value(text) {
+        Ok(value) => check::build(origin, value, &positions),
+        Err(error) => {
+            let mut problems = positions.duplicates.clone();
+            problems.push(syntax_problem(&error));
+            Err(problems)
+        }
+    };
+    built.map_err(|mut problems| {
+        problems.sort_by_key(|p| p.location);
+        problems.dedup();
+        Diagnostics { origin: origin.to_owned(), problems }
+    })
+}
+
+/// A YAML syntax error, at serde_yaml's location, without the location repeated in the text.
+fn syntax_problem(error: &serde_yaml::Error) -> Diagnostic {
+    let location = error.location().map_or(Location { line: 1, column: 1 }, |l| Location {
+        line: l.line(),
+        column: l.column(),
+    });
+    let text = error.to_string();
+    let message = match text.split_once(" at line ") {
+        Some((head, tail)) => {
+            // Drop `N column M` right after " at line ", keep any explanation that follows.
+            let rest = tail
+                .split_once(" column ")
+                .map_or("", |(_, r)| r.trim_start_matches(|c: char| c.is_ascii_digit()));
+            format!("{head}{rest}")
+        }
+        None => text,
+    };
+    Diagnostic { location, message: format!("invalid YAML: {message}") }
 }

@@ -1,1 +1,15 @@
-//! jobz-core
+//! What every jobz process speaks: the job's states, the pipeline semantics
+//! (retries, follow-ups, gate counting) and the preparation of a job's
+//! commands from its definition.
+//!
+//! Everything here is pure: no I/O, no clock, no randomness. Time and jitter
+//! come in as arguments, so eager mode, the broker and the semaphore share one
+//! implementation and tests need no sleeping.
+
+pub mod command;
+pub mod gates;
+pub mod job;
+pub mod limits;
+pub mod pipeline;
+
+pub use job::{Status, StatusParseError};

@@ -1,1 +1,34 @@
-fn main() {}
+//! The `jobz` binary: command line, logging, signals and exit codes.
+//!
+//! Behaviour lives in the library crates; this file parses arguments, calls
+//! them, and turns their results into output and an exit code (main → run →
+//! exit code, as ripgrep does).
+
+mod cli;
+mod eager_cmd;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    init_logging();
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(err) => {
+            // A closed stdout (`jobz ls | head`) is not an error worth a message.
+            if err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("jobz: {err:#}");
+            ExitCode::from(cli::EXIT_ERROR)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JOBZ_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}

@@ -1,0 +1,256 @@
+//! The subcommands of SPEC "Processes" and their flags.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+/// A job or command did not succeed.
+pub const EXIT_FAILURE: u8 = 1;
+/// Bad usage, a bad job file or a bad param: nothing ran.
+pub const EXIT_ERROR: u8 = 2;
+/// The subcommand exists in the contract but is not built yet.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(Debug, Parser)]
+#[command(name = "jobz", version, about = "Runs named shell jobs across a mesh of machines.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArg {
+    /// The job file [default: ./jobz.yaml]
+    #[arg(long, env = "JOBZ_CONFIG", value_name = "F")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ClientArgs {
+    /// The front door's URL
+    #[arg(long, env = "JOBZ_URL", default_value = "http://127.0.0.1:6769")]
+    pub url: String,
+    /// Machine-readable JSON output
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Broker, HTTP front door, N local workers and a semaphore in one process
+    Up {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, default_value = "127.0.0.1:6769", value_name = "ADDR")]
+        http: String,
+        #[arg(long, default_value = "tcp://127.0.0.1:6770", value_name = "ENDPOINT")]
+        bind: String,
+        #[arg(long, default_value = "./jobz-data", value_name = "DIR")]
+        data: PathBuf,
+        /// Local workers [default: number of cores]
+        #[arg(long, value_name = "N")]
+        workers: Option<usize>,
+    },
+    /// Broker, HTTP front door, durable store and scheduler
+    Broker {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, default_value = "127.0.0.1:6769", value_name = "ADDR")]
+        http: String,
+        #[arg(long, default_value = "tcp://127.0.0.1:6770", value_name = "ENDPOINT")]
+        bind: String,
+        #[arg(long, default_value = "./jobz-data", value_name = "DIR")]
+        data: PathBuf,
+        /// Dispatch to workers whose definition of a job differs from the broker's
+        #[arg(long)]
+        allow_drift: bool,
+    },
+    /// Connects out to the broker and runs the jobs it serves
+    Worker {
+        #[arg(long, env = "JOBZ_BROKER", value_name = "ENDPOINT")]
+        broker: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Serve only these job names (comma-separated)
+        #[arg(long, value_delimiter = ',', value_name = "a,b")]
+        topics: Vec<String>,
+        /// Jobs run at once [default: number of cores]
+        #[arg(long, value_name = "N")]
+        concurrency: Option<usize>,
+        /// The worker's name [default: host name and process id]
+        #[arg(long)]
+        name: Option<String>,
+        /// Exit after this long without a job (e.g. 30s)
+        #[arg(long, value_name = "DURATION")]
+        exit_when_idle: Option<String>,
+    },
+    /// Evaluates the gates of the job file
+    Semaphore {
+        #[arg(long, env = "JOBZ_BROKER", value_name = "ENDPOINT")]
+        broker: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Starts a job and prints its id
+    Start {
+        name: String,
+        /// Params as k=v
+        params: Vec<String>,
+        /// Follow the job to its end; exit 0 only if it succeeded
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Shows a job
+    Status {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Prints a job's captured output
+    Logs {
+        id: String,
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancels a queued or running job
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Starts a failed job again
+    Retry {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Lists jobs, newest first
+    Ls {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        job: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Lists connected workers
+    Workers {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Lists gates and their keys
+    Gates {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Lists schedules and their next fire times
+    Schedules {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Inside a job: reports its progress
+    Progress {
+        percent: f64,
+        message: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Writes a CURVE key pair
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Eager mode: runs the job, its follow-ups and gates locally and synchronously
+    Run {
+        name: String,
+        /// Params as k=v
+        params: Vec<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Validates a job file
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { name, params, config } => crate::eager_cmd::run(&config, &name, &params),
+        Command::Up { .. } => not_built("up"),
+        Command::Broker { .. } => not_built("broker"),
+        Command::Worker { .. } => not_built("worker"),
+        Command::Semaphore { .. } => not_built("semaphore"),
+        Command::Start { .. } => not_built("start"),
+        Command::Status { .. } => not_built("status"),
+        Command::Logs { .. } => not_built("logs"),
+        Command::Cancel { .. } => not_built("cancel"),
+        Command::Retry { .. } => not_built("retry"),
+        Command::Ls { .. } => not_built("ls"),
+        Command::Workers { .. } => not_built("workers"),
+        Command::Gates { .. } => not_built("gates"),
+        Command::Schedules { .. } => not_built("schedules"),
+        Command::Progress { .. } => not_built("progress"),
+        Command::Keygen { .. } => not_built("keygen"),
+    }
+}
+
+fn not_built(what: &str) -> anyhow::Result<ExitCode> {
+    eprintln!("jobz {what}: not built yet");
+    Ok(ExitCode::from(EXIT_UNAVAILABLE))
+}
+
+/// Where the job file comes from: `--config`/`$JOBZ_CONFIG`, else `./jobz.yaml`.
+pub enum ConfigSource {
+    File(PathBuf),
+    /// No file was named and `./jobz.yaml` does not exist.
+    Missing,
+}
+
+pub fn config_source(arg: &ConfigArg) -> ConfigSource {
+    match &arg.config {
+        Some(path) => ConfigSource::File(path.clone()),
+        None if Path::new("jobz.yaml").exists() => ConfigSource::File(PathBuf::from("jobz.yaml")),
+        None => ConfigSource::Missing,
+    }
+}
+
+/// Loads the job file; with no file at all, the built-in example when `embedded_fallback` allows it.
+pub fn load_config(arg: &ConfigArg, embedded_fallback: bool) -> anyhow::Result<Result<config::JobFile, ExitCode>> {
+    match config_source(arg) {
+        ConfigSource::File(path) => match config::load(&path) {
+            Ok(file) => Ok(Ok(file)),
+            Err(config::LoadError::Invalid(diagnostics)) => {
+                eprintln!("{diagnostics}");
+                eprintln!("jobz: {} problem(s) in {}", diagnostics.problems.len(), path.display());
+                Ok(Err(ExitCode::from(EXIT_ERROR)))
+            }
+            Err(e) => Err(e).context("loading the job file"),
+        },
+        ConfigSource::Missing if embedded_fallback => {
+            eprintln!("jobz: no jobz.yaml here; using the built-in example job file (`jobz check --config F` to use yours)");
+            match config::parse("<built-in example>", config::EXAMPLE_YAML) {
+                Ok(file) => Ok(Ok(file)),
+                Err(d) => bail!("the built-in example job file is invalid:\n{d}"),
+            }
+        }
+        ConfigSource::Missing => bail!("no job file: ./jobz.yaml does not exist; pass --config F or set JOBZ_CONFIG"),
+    }
+}
+
+fn check(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
+    let file = match load_config(arg, false)? {
+        Ok(file) => file,
+        Err(code) => return Ok(code),
+    };
+    println!("{}: ok, {} job(s), {} gate(s)", file.origin, file.jobs.len(), file.gates.len());
+    Ok(ExitCode::SUCCESS)
+}

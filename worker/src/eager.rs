@@ -1,0 +1,247 @@
+//! Eager mode (`jobz run`): a job, its retries, follow-ups and gates, run
+//! locally and synchronously, with no broker and no network.
+//!
+//! It is the mesh in miniature: the same [`jobz_core::pipeline`] decides
+//! retries and follow-ups, the same [`jobz_core::gates::GateBook`] counts gate
+//! keys, and the same [`crate::runner`] runs each attempt. Jobs run one at a
+//! time, first in, first out, so output never interleaves.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use config::params::{self, ParamError};
+use config::JobFile;
+use jobz_core::command;
+use jobz_core::gates::{GateBook, GateEffect, UpstreamEvent};
+use jobz_core::pipeline::{self, AttemptEnd, Decision, JobFacts, NewJob, Origin};
+use jobz_core::Status;
+use tokio_util::sync::CancellationToken;
+
+use crate::limits;
+use crate::runner::{self, Ended, JobSpec, Outcome};
+
+/// Jobs one eager run may start in all; a chain that goes beyond is cut short,
+/// so a misconfigured pipeline cannot run forever.
+pub const EAGER_JOBS_MAX: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct EagerConfig {
+    /// Each attempt's full output is written to `<log_dir>/<job id>.log`.
+    pub log_dir: PathBuf,
+    pub kill_grace: Duration,
+}
+
+/// Why an eager run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EagerError {
+    #[error("no job named {0:?} in the job file")]
+    UnknownJob(String),
+    #[error("bad params for {job:?}: {}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Params { job: String, errors: Vec<ParamError> },
+    #[error(transparent)]
+    Run(#[from] runner::RunError),
+}
+
+/// One job of an eager run, as it ended.
+#[derive(Debug, Clone)]
+pub struct EagerJob {
+    pub id: String,
+    pub job_name: String,
+    pub params: BTreeMap<String, String>,
+    pub run_id: String,
+    pub parent_id: Option<String>,
+    pub origin: Origin,
+    pub status: Status,
+    pub attempts: u32,
+    pub exit_code: Option<i32>,
+    pub elapsed: Duration,
+    /// Why the job could not even be prepared, if so.
+    pub error: Option<String>,
+}
+
+/// What an eager run reports as it goes.
+#[derive(Debug)]
+pub enum EagerEvent<'a> {
+    AttemptStarted { job: &'a JobFacts },
+    Output { job: &'a JobFacts, chunk: &'a [u8] },
+    AttemptEnded { job: &'a JobFacts, outcome: &'a Outcome, retry_in: Option<Duration> },
+    /// A follow-up or gate job that could not be created, and why.
+    Problem { message: String },
+}
+
+/// The whole run: every job in the order it ran, and the gates' books.
+#[derive(Debug)]
+pub struct EagerReport {
+    pub jobs: Vec<EagerJob>,
+    pub gates: GateBook,
+    /// True when [`EAGER_JOBS_MAX`] cut the chain short.
+    pub truncated: bool,
+}
+
+impl EagerReport {
+    /// The job that was asked for.
+    pub fn root(&self) -> Option<&EagerJob> {
+        self.jobs.first()
+    }
+}
+
+/// Runs `name` with `given` params and everything that follows from it.
+pub async fn run(
+    file: &JobFile,
+    name: &str,
+    given: &BTreeMap<String, String>,
+    config: &EagerConfig,
+    mut report: impl FnMut(EagerEvent<'_>),
+) -> Result<EagerReport, EagerError> {
+    let def = file.jobs.get(name).ok_or_else(|| EagerError::UnknownJob(name.to_string()))?;
+    let params = params::validate(def, given).map_err(|errors| EagerError::Params { job: name.to_string(), errors })?;
+    let mut queue = VecDeque::from([NewJob {
+        job_name: name.to_string(),
+        params,
+        run_id: None,
+        parent_id: None,
+        origin: Origin::Start,
+    }]);
+    let mut jobs = Vec::new();
+    let mut gates = GateBook::new();
+    let mut truncated = false;
+    while let Some(new) = queue.pop_front() {
+        if jobs.len() >= EAGER_JOBS_MAX {
+            truncated = true;
+            report(EagerEvent::Problem { message: format!("stopped after {EAGER_JOBS_MAX} jobs; the rest did not run") });
+            break;
+        }
+        let (ended, follow_ups) = run_job(file, new, config, &mut report).await?;
+        queue.extend(follow_ups);
+        let facts = JobFacts {
+            id: ended.id.clone(),
+            job_name: ended.job_name.clone(),
+            params: ended.params.clone(),
+            run_id: ended.run_id.clone(),
+            attempt: ended.attempts,
+        };
+        let event = match ended.status {
+            Status::Succeeded => Some(UpstreamEvent::Succeeded(facts)),
+            Status::Failed | Status::TimedOut => Some(UpstreamEvent::FailedForGood(facts)),
+            Status::Cancelled | Status::Queued | Status::Running => None,
+        };
+        if let Some(event) = event {
+            for effect in gates.observe(file, &event, Utc::now()) {
+                match effect {
+                    GateEffect::Start(job) => queue.push_back(job),
+                    GateEffect::KeyError { message, .. } => report(EagerEvent::Problem { message }),
+                }
+            }
+        }
+        jobs.push(ended);
+    }
+    Ok(EagerReport { jobs, gates, truncated })
+}
+
+/// Runs every attempt of one job; returns how it ended for good and the follow-ups to start.
+async fn run_job(
+    file: &JobFile,
+    new: NewJob,
+    config: &EagerConfig,
+    report: &mut impl FnMut(EagerEvent<'_>),
+) -> Result<(EagerJob, Vec<NewJob>), EagerError> {
+    let id = new_id();
+    let run_id = new.run_id.clone().unwrap_or_else(|| id.clone());
+    let mut facts = JobFacts { id, job_name: new.job_name.clone(), params: new.params.clone(), run_id, attempt: 1 };
+    let started = Instant::now();
+    let mut ended = EagerJob {
+        id: facts.id.clone(),
+        job_name: new.job_name,
+        params: new.params,
+        run_id: facts.run_id.clone(),
+        parent_id: new.parent_id,
+        origin: new.origin,
+        status: Status::Failed,
+        attempts: 0,
+        exit_code: None,
+        elapsed: Duration::ZERO,
+        error: None,
+    };
+    let Some(def) = file.jobs.get(&ended.job_name) else {
+        ended.error = Some(format!("no job named {:?} in the job file", ended.job_name));
+        return Ok((ended, Vec::new()));
+    };
+    let mut follow_ups = Vec::new();
+    loop {
+        ended.attempts = facts.attempt;
+        let prepared = match command::prepare(def, &facts, None) {
+            Ok(p) => p,
+            Err(e) => {
+                ended.error = Some(e.to_string());
+                report(EagerEvent::Problem { message: format!("{} {}: {e}", facts.job_name, facts.id) });
+                break;
+            }
+        };
+        let spec = JobSpec {
+            before: prepared.before,
+            command: prepared.command,
+            after: prepared.after,
+            env: prepared.env,
+            cwd: def.cwd.clone(),
+            timeout: def.timeout,
+            kill_grace: config.kill_grace,
+            log_path: Some(config.log_dir.join(format!("{}.log", facts.id))),
+        };
+        report(EagerEvent::AttemptStarted { job: &facts });
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(limits::OUTPUT_CHANNEL_CAPACITY);
+        let running = runner::run(&spec, CancellationToken::new(), Some(tx));
+        tokio::pin!(running);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut running => break outcome?,
+                Some(chunk) = rx.recv() => report(EagerEvent::Output { job: &facts, chunk: &chunk }),
+            }
+        };
+        while let Ok(chunk) = rx.try_recv() {
+            report(EagerEvent::Output { job: &facts, chunk: &chunk });
+        }
+        let status = match outcome.status {
+            Ended::Succeeded => Status::Succeeded,
+            Ended::Failed => Status::Failed,
+            Ended::TimedOut => Status::TimedOut,
+            Ended::Cancelled => Status::Cancelled,
+        };
+        ended.status = status;
+        ended.exit_code = outcome.exit_code;
+        let end = AttemptEnd { status, exit_code: outcome.exit_code };
+        match pipeline::decide(file, def, &facts, end, jitter(&facts)) {
+            Decision::Retry { attempt, delay } => {
+                report(EagerEvent::AttemptEnded { job: &facts, outcome: &outcome, retry_in: Some(delay) });
+                tokio::time::sleep(delay).await;
+                facts.attempt = attempt;
+            }
+            Decision::Finish { follow_ups: created, rejected, .. } => {
+                report(EagerEvent::AttemptEnded { job: &facts, outcome: &outcome, retry_in: None });
+                for e in rejected {
+                    report(EagerEvent::Problem { message: format!("{} {}: {e}", facts.job_name, facts.id) });
+                }
+                follow_ups = created;
+                break;
+            }
+        }
+    }
+    ended.elapsed = started.elapsed();
+    Ok((ended, follow_ups))
+}
+
+/// A new job id: a UUID v7, so ids sort by creation time.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// A jitter value in `[0, 1)` that differs between jobs and attempts, drawn
+/// from the standard library's per-process random hasher keys.
+fn jitter(job: &JobFacts) -> f64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write(job.id.as_bytes());
+    hasher.write_u32(job.attempt);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}

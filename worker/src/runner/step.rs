@@ -1,0 +1,291 @@
+//! Running one step (before, command or after) of a job attempt: spawn it in a
+//! process group of its own with its output in one pipe, copy the output to
+//! the sink while watching for exit, deadline and cancel, and stop the whole
+//! group when the step is over.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::group::{self, KillOnDrop, ProcessGroup};
+use super::output::Sink;
+use super::{JobSpec, Step};
+use crate::limits;
+
+/// What bounds one step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepLimits<'a> {
+    /// When the step is stopped as timed out; `None` for no limit.
+    pub(crate) deadline: Option<Instant>,
+    /// Cancelling this stops the step; `None` for a step that cannot be
+    /// cancelled (the tear-down step).
+    pub(crate) cancel: Option<&'a CancellationToken>,
+    /// Time between SIGTERM and SIGKILL when the step is stopped.
+    pub(crate) kill_grace: Duration,
+}
+
+/// Why the runner stopped a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    TimedOut,
+    Cancelled,
+}
+
+/// How a step ended.
+#[derive(Debug)]
+pub(crate) enum StepEnd {
+    /// The main process exited on its own (successfully or not).
+    Exited(ExitStatus),
+    /// The runner stopped the process group. `status` is the main process's
+    /// status, if it could be reaped.
+    Stopped {
+        reason: StopReason,
+        status: Option<ExitStatus>,
+    },
+    /// The step ended without an exit status: it could not be started, or its
+    /// status was lost. The reason has been written to the output.
+    NoStatus,
+}
+
+/// Runs one step to its end. Never fails: whatever goes wrong is a
+/// [`StepEnd`] plus a `jobz: ...` line in the output.
+pub(crate) async fn run(
+    step: Step,
+    argv: &[String],
+    spec: &JobSpec,
+    limits: StepLimits<'_>,
+    sink: &mut Sink,
+) -> StepEnd {
+    let Some((program, args)) = argv.split_first() else {
+        tracing::warn!(%step, "step has an empty command");
+        sink.line(&format!(
+            "jobz: cannot start the {step} step: empty command"
+        ))
+        .await;
+        return StepEnd::NoStatus;
+    };
+    if let Some(cwd) = &spec.cwd {
+        // Checked here rather than left to the spawn, whose error would name
+        // the program although the directory is at fault.
+        if let Err(error) = check_cwd(cwd) {
+            tracing::warn!(%step, cwd = %cwd.display(), %error, "cannot use working directory");
+            sink.line(&format!("jobz: cannot use cwd {cwd:?}: {error}"))
+                .await;
+            return StepEnd::NoStatus;
+        }
+    }
+    let (stdout, stderr, reader) = match output_pipe() {
+        Ok(pipe) => pipe,
+        Err(error) => {
+            tracing::error!(%step, %error, "cannot create output pipe");
+            sink.line(&format!(
+                "jobz: cannot create the output pipe for the {step} step: {error}"
+            ))
+            .await;
+            return StepEnd::NoStatus;
+        }
+    };
+
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .envs(spec.env.iter().map(|(name, value)| (name, value)))
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0);
+    if let Some(cwd) = &spec.cwd {
+        command.current_dir(cwd);
+    }
+    let spawned = command.spawn();
+    // The command holds our copies of the pipe's write end; dropping it
+    // closes them, so the read end sees EOF once the step's processes are gone.
+    drop(command);
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            tracing::warn!(%step, program, %error, "cannot start step");
+            sink.line(&format!("jobz: cannot start {program:?}: {error}"))
+                .await;
+            return StepEnd::NoStatus;
+        }
+    };
+    let Some(group) = child.id().and_then(ProcessGroup::of_leader) else {
+        // A freshly spawned, unwaited child always has a pid > 1; this is a
+        // bug, reported instead of signalling a wrong group.
+        tracing::error!(%step, pid = ?child.id(), "spawned step has no usable process group id");
+        if let Err(error) = child.start_kill() {
+            tracing::error!(%step, %error, "cannot kill step");
+        }
+        sink.line(&format!(
+            "jobz: internal error: the {step} step has no usable process group"
+        ))
+        .await;
+        return StepEnd::NoStatus;
+    };
+    tracing::debug!(%step, program, pgid = group.id(), "step started");
+
+    let guard = KillOnDrop::arm(group);
+    let (drain_deadline, drain_deadline_receiver) = oneshot::channel();
+    // One task, two futures: a receiver that is slow to take output (or a
+    // full log disk) can delay the copy, but never the timeout or the cancel.
+    let (end, ()) = tokio::join!(
+        supervise(&mut child, group, limits, drain_deadline),
+        copy_output(reader, sink, drain_deadline_receiver),
+    );
+    guard.disarm();
+    tracing::debug!(%step, pgid = group.id(), ?end, "step ended");
+    end
+}
+
+/// Waits for the step's main process, the deadline or the cancel, stops the
+/// process group, and then tells the output copy how long it may still read.
+async fn supervise(
+    child: &mut Child,
+    group: ProcessGroup,
+    limits: StepLimits<'_>,
+    drain_deadline: oneshot::Sender<Instant>,
+) -> StepEnd {
+    let timed_out = async {
+        match limits.deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    };
+    let cancelled = async {
+        match limits.cancel {
+            Some(cancel) => cancel.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let stop_reason = tokio::select! {
+        waited = child.wait() => Err(waited),
+        () = timed_out => Ok(StopReason::TimedOut),
+        () = cancelled => Ok(StopReason::Cancelled),
+    };
+    let end = match stop_reason {
+        Err(Ok(status)) => {
+            // The job is over when its main process exits: whatever it left
+            // running in its group is stopped too.
+            let grace = limits.kill_grace.min(limits::LEFTOVER_KILL_GRACE);
+            group::stop(group, None, grace).await;
+            StepEnd::Exited(status)
+        }
+        Err(Err(error)) => {
+            tracing::error!(pgid = group.id(), %error, "cannot wait for step; stopping it");
+            group::stop(group, Some(child), limits.kill_grace).await;
+            StepEnd::NoStatus
+        }
+        Ok(reason) => {
+            tracing::info!(pgid = group.id(), ?reason, "stopping step");
+            let status = group::stop(group, Some(child), limits.kill_grace).await;
+            StepEnd::Stopped { reason, status }
+        }
+    };
+    // An error means the copy already ended at EOF and needs no deadline.
+    let _ = drain_deadline.send(Instant::now() + limits::OUTPUT_DRAIN_TIMEOUT);
+    end
+}
+
+/// Copies the pipe to the sink until EOF, or until the drain deadline passes
+/// (a process that left the process group can hold the pipe open forever).
+async fn copy_output(
+    mut reader: pipe::Receiver,
+    sink: &mut Sink,
+    drain_deadline: oneshot::Receiver<Instant>,
+) {
+    let mut buffer = vec![0; limits::OUTPUT_CHUNK_BYTES];
+    let drain_over = async {
+        match drain_deadline.await {
+            Ok(deadline) => tokio::time::sleep_until(deadline).await,
+            // The supervisor is gone without a deadline: only EOF ends the copy.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::pin!(drain_over);
+    let mut held_open = false;
+    loop {
+        let copied = tokio::select! {
+            // Checked first, so that a writer that never pauses cannot keep
+            // the copy going past its deadline.
+            biased;
+            () = &mut drain_over => {
+                held_open = true;
+                break;
+            }
+            copied = copy_chunk(&mut reader, &mut buffer, sink) => copied,
+        };
+        match copied {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(error) => {
+                tracing::error!(%error, "cannot read step output");
+                sink.line(&format!("jobz: cannot read output: {error}"))
+                    .await;
+                break;
+            }
+        }
+    }
+    if held_open {
+        tracing::warn!(
+            timeout = ?limits::OUTPUT_DRAIN_TIMEOUT,
+            "output still open after the process group was stopped; a process left the group"
+        );
+        sink.line(
+            "jobz: stopped reading output: a process that left the job's process group holds it open",
+        )
+        .await;
+    }
+}
+
+/// Reads one chunk and writes it to the sink; false at EOF.
+async fn copy_chunk(
+    reader: &mut pipe::Receiver,
+    buffer: &mut [u8],
+    sink: &mut Sink,
+) -> io::Result<bool> {
+    let read = reader.read(buffer).await?;
+    if read == 0 {
+        return Ok(false);
+    }
+    sink.write(&buffer[..read]).await;
+    Ok(true)
+}
+
+/// One pipe for both stdout and stderr, so the output interleaves as it would
+/// on a terminal. Returns the write end twice (for stdout and stderr) and the
+/// read end. Both ends are close-on-exec, so no other child the worker spawns
+/// meanwhile inherits them and holds the pipe open.
+fn output_pipe() -> io::Result<(OwnedFd, OwnedFd, pipe::Receiver)> {
+    let (sender, receiver) = pipe::pipe()?;
+    // The child writes with ordinary blocking writes.
+    let stdout = sender.into_blocking_fd()?;
+    let stderr = stdout.try_clone()?;
+    Ok((stdout, stderr, receiver))
+}
+
+/// Checks that `cwd` is a directory we may enter.
+fn check_cwd(cwd: &Path) -> io::Result<()> {
+    let metadata = std::fs::metadata(cwd)?;
+    if !metadata.is_dir() {
+        return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+    }
+    let path = CString::new(cwd.as_os_str().as_bytes())?;
+    // SAFETY: `path` is a valid NUL-terminated string that lives until after
+    // the call; `access` only reads it.
+    if unsafe { libc::access(path.as_ptr(), libc::X_OK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
