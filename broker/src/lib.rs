@@ -1,1 +1,10 @@
-//! broker
+//! The broker: durable store, queues per job name, dispatch to workers over
+//! ZeroMQ with fenced leases, follow-ups, and the HTTP front door.
+
+pub mod core;
+pub mod limits;
+pub mod metrics;
+pub mod handle;
+pub mod http;
+pub mod model;
+pub mod store;

@@ -11,5 +11,7 @@ pub mod gates;
 pub mod job;
 pub mod limits;
 pub mod pipeline;
+pub mod protocol;
+pub mod transport;
 
 pub use job::{Status, StatusParseError};

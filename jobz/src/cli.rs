@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use crate::mesh_cmd::{BrokerArgs, WorkerArgs};
+
 /// A job or command did not succeed.
 pub const EXIT_FAILURE: u8 = 1;
 /// Bad usage, a bad job file or a bad param: nothing ran.
@@ -37,6 +39,17 @@ pub struct ClientArgs {
     pub json: bool,
 }
 
+/// Broker settings beyond SPEC's flags, with safe defaults.
+#[derive(Debug, Args, Clone)]
+pub struct BrokerTuning {
+    /// A worker silent this long loses its jobs to other workers
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub lease_timeout: String,
+    /// Finished jobs and their logs are kept this long
+    #[arg(long, default_value = "7d", value_name = "DURATION")]
+    pub retention: String,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Broker, HTTP front door, N local workers and a semaphore in one process
@@ -52,6 +65,8 @@ pub enum Command {
         /// Local workers [default: number of cores]
         #[arg(long, value_name = "N")]
         workers: Option<usize>,
+        #[command(flatten)]
+        tuning: BrokerTuning,
     },
     /// Broker, HTTP front door, durable store and scheduler
     Broker {
@@ -66,6 +81,8 @@ pub enum Command {
         /// Dispatch to workers whose definition of a job differs from the broker's
         #[arg(long)]
         allow_drift: bool,
+        #[command(flatten)]
+        tuning: BrokerTuning,
     },
     /// Connects out to the broker and runs the jobs it serves
     Worker {
@@ -185,9 +202,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { name, params, config } => crate::eager_cmd::run(&config, &name, &params),
-        Command::Up { .. } => not_built("up"),
-        Command::Broker { .. } => not_built("broker"),
-        Command::Worker { .. } => not_built("worker"),
+        Command::Up { config, http, bind, data, workers, tuning } => {
+            crate::mesh_cmd::up(BrokerArgs { config, http, bind, data, allow_drift: false, tuning }, workers)
+        }
+        Command::Broker { config, http, bind, data, allow_drift, tuning } => {
+            crate::mesh_cmd::broker(BrokerArgs { config, http, bind, data, allow_drift, tuning })
+        }
+        Command::Worker { broker, config, topics, concurrency, name, exit_when_idle } => {
+            crate::mesh_cmd::worker(WorkerArgs { broker, config, topics, concurrency, name, exit_when_idle })
+        }
         Command::Semaphore { .. } => not_built("semaphore"),
         Command::Start { .. } => not_built("start"),
         Command::Status { .. } => not_built("status"),

@@ -6,6 +6,8 @@
 
 mod cli;
 mod eager_cmd;
+mod limits;
+mod mesh_cmd;
 
 use std::process::ExitCode;
 

@@ -6,4 +6,5 @@
 
 pub mod eager;
 pub mod limits;
+pub mod mesh;
 pub mod runner;

@@ -48,3 +48,31 @@ pub const GROUP_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// sleep (a hung NFS mount) may not die; the runner then gives up waiting and
 /// reports no exit status rather than hang the worker.
 pub const REAP_AFTER_KILL_TIMEOUT: Duration = Duration::from_secs(5);
+
+// --- The worker's session with the broker (`mesh.rs`).
+
+/// How often the worker sends a heartbeat when it has sent nothing else; the broker's Welcome overrides it.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Heartbeats the broker may miss before the worker reconnects (Paranoid Pirate's liveness).
+pub const HEARTBEAT_LIVENESS: u32 = 3;
+/// How long the broker may stay silent before the worker reconnects, until Welcome says otherwise.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(3);
+/// The broker timeout never drops below this, however short the heartbeat.
+pub const BROKER_TIMEOUT_MIN: Duration = Duration::from_millis(500);
+/// How often the worker's loop looks at its timers.
+pub const WORKER_TICK: Duration = Duration::from_millis(100);
+/// The first wait before reconnecting to a lost broker; it doubles up to the maximum.
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// Unacknowledged results are sent again this often.
+pub const RESULT_RESEND: Duration = Duration::from_secs(2);
+/// An unanswered Hello is sent again this often.
+pub const HELLO_RESEND: Duration = Duration::from_secs(1);
+/// Results held for acknowledgement at most; beyond that the oldest is given up.
+pub const UNACKED_RESULTS_MAX: usize = 10_000;
+/// Start, output and end events of attempts waiting for the worker's loop.
+pub const ATTEMPT_EVENTS: usize = 1024;
+/// On shutdown, running jobs get this long to finish (`--grace`).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// On shutdown, how long the worker waits for its last results to be acknowledged.
+pub const RESULT_ACK_WAIT: Duration = Duration::from_secs(5);

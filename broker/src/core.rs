@@ -1,0 +1,1152 @@
+//! The broker's loop: queues per job name, dispatch to workers with credit,
+//! fenced leases, results, retries and follow-ups.
+//!
+//! One task owns all dispatch state and handles one closed [`Event`] at a time
+//! (every input is visible in one place). The store is the durable truth; the
+//! loop's memory (queues, running attempts, workers) is rebuilt from it at
+//! start. Starts from the front door are stored by the caller first, so a 202
+//! never waits on this loop; results are acknowledged to workers only after
+//! they are committed, so a worker holds a result until it is durable.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use config::JobFile;
+use jobz_core::pipeline::{self, AttemptEnd, Decision, JobFacts, NewJob, Origin};
+use jobz_core::protocol::{self, Dispatch, Held, Hello, LeaseRef, ResultReport, ToBroker, ToWorker, Welcome};
+use jobz_core::transport::{Incoming, PeerId, Router};
+use jobz_core::Status;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::handle::{ApiError, BrokerHandle, ServedJob, StartRequest, Started, Waited, WorkerView};
+use crate::limits;
+use crate::metrics::Metrics;
+use crate::model::{AttemptRecord, Change, JobFilter, JobRecord, Progress};
+use crate::store::{SqliteStore, Store, StoreError};
+
+/// How the broker runs.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub file: Arc<JobFile>,
+    /// Holds `logs/` (each job's output); the store lives beside it.
+    pub data_dir: PathBuf,
+    /// Dispatch to workers whose definition of a job differs from the broker's.
+    pub allow_drift: bool,
+    /// The front door's URL, given to jobs as `JOBZ_URL`.
+    pub url: Option<String>,
+    /// How often the broker and workers send heartbeats.
+    pub heartbeat: Duration,
+    /// A worker silent for this long is gone; its attempts go to other workers.
+    pub lease_timeout: Duration,
+    /// Finished jobs and their logs are pruned after this long.
+    pub retention: Duration,
+}
+
+impl BrokerConfig {
+    pub fn new(file: Arc<JobFile>, data_dir: PathBuf) -> BrokerConfig {
+        BrokerConfig {
+            file,
+            data_dir,
+            allow_drift: false,
+            url: None,
+            heartbeat: limits::HEARTBEAT_INTERVAL,
+            lease_timeout: limits::LEASE_TIMEOUT,
+            retention: limits::RETENTION,
+        }
+    }
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot create {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("recovering jobs from the store: {0}")]
+    Recover(#[source] StoreError),
+}
+
+/// State shared between the broker's loop and its handles.
+pub struct Shared {
+    pub(crate) config: BrokerConfig,
+    pub(crate) store: SqliteStore,
+    events: mpsc::Sender<Event>,
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    snapshot: Mutex<Snapshot>,
+    pub(crate) metrics: Metrics,
+    bound: AtomicBool,
+}
+
+/// What the loop publishes for readers: workers and queue figures.
+#[derive(Debug, Default, Clone)]
+struct Snapshot {
+    workers: Vec<WorkerView>,
+    /// Queued and running jobs per job name.
+    depth: BTreeMap<String, (u64, u64)>,
+}
+
+/// Everything that can happen to the broker's loop.
+enum Event {
+    /// Jobs committed as queued (new starts, retries by hand): queue them.
+    Enqueue(Vec<Queued>),
+    /// A message (or garbage) from a worker.
+    Net(Incoming),
+    /// A batch the loop handed to the store is committed (or not).
+    Committed { batch: Batch, result: Result<(), StoreError> },
+    /// Cancel a queued or running job; the answer says whether the loop knew it.
+    Cancel { id: String, reply: oneshot::Sender<bool> },
+    Tick,
+}
+
+/// A job waiting in a queue (or for its retry time).
+#[derive(Debug, Clone)]
+struct Queued {
+    id: String,
+    job_name: String,
+    params: BTreeMap<String, String>,
+    run_id: String,
+    parent_id: Option<String>,
+    /// Attempts started so far.
+    attempts: u32,
+    priority: i32,
+    /// When it entered its queue, for the dispatch latency metric.
+    queued_at: DateTime<Utc>,
+    not_before: Option<DateTime<Utc>>,
+}
+
+impl Queued {
+    fn from_record(r: &JobRecord) -> Queued {
+        Queued {
+            id: r.id.clone(),
+            job_name: r.job_name.clone(),
+            params: r.params.clone(),
+            run_id: r.run_id.clone(),
+            parent_id: r.parent_id.clone(),
+            attempts: r.attempts,
+            priority: r.priority,
+            queued_at: r.queued_at.unwrap_or(r.created_at),
+            not_before: r.not_before,
+        }
+    }
+}
+
+/// An attempt handed to a worker.
+struct Running {
+    job: Queued,
+    lease: u64,
+    worker: String,
+    /// `None` while the worker is not connected (after a broker restart, until it says Hello).
+    peer: Option<PeerId>,
+    /// For attempts without a connected worker: when they go back to the queue.
+    orphaned_until: Option<Instant>,
+}
+
+struct Worker {
+    name: String,
+    host: String,
+    concurrency: u32,
+    credit: u32,
+    /// Job names this worker may be given (known to the broker, same definition or drift allowed).
+    dispatchable: Vec<String>,
+    jobs: Vec<ServedJob>,
+    running: HashSet<String>,
+    last_seen: Instant,
+    last_heartbeat: DateTime<Utc>,
+    connected_at: DateTime<Utc>,
+    /// Where the round-robin over `dispatchable` resumes.
+    next_name: usize,
+}
+
+/// A change set the loop is committing, with what to do once it is durable.
+struct Batch {
+    changes: Vec<Change>,
+    /// Results to acknowledge to their workers.
+    acks: Vec<(PeerId, String, u64)>,
+    /// Jobs to queue (follow-ups, requeued attempts, retries at their time).
+    enqueue: Vec<Queued>,
+    /// Jobs that reached a final status: wake their waiters.
+    finished: Vec<String>,
+    /// Attempts to put back if the commit fails, so the worker's resend is not taken as stale.
+    restore: Vec<Running>,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch { changes: Vec::new(), acks: Vec::new(), enqueue: Vec::new(), finished: Vec::new(), restore: Vec::new() }
+    }
+}
+
+/// Where a job sits in its queue: highest priority first, then first in, first out.
+type QueueKey = (std::cmp::Reverse<i32>, u64);
+type Queue = BTreeMap<QueueKey, Queued>;
+
+struct State {
+    shared: Arc<Shared>,
+    router: Router,
+    queues: HashMap<String, Queue>,
+    /// Where each queued job sits, for cancel.
+    queued_keys: HashMap<String, (String, QueueKey)>,
+    /// Retries waiting for their time, by time.
+    delayed: BTreeMap<(DateTime<Utc>, String), Queued>,
+    running: HashMap<String, Running>,
+    workers: HashMap<PeerId, Worker>,
+    /// Results already committed, so a resend (lost ack) is acknowledged again, not recorded as stale.
+    recently_done: VecDeque<(String, u64)>,
+    recently_done_set: HashSet<(String, u64)>,
+    /// The broker's digest of each job definition, for drift detection.
+    digests: HashMap<String, String>,
+    seq: u64,
+    next_lease: u64,
+    last_heartbeat_sent: Instant,
+    last_prune: Instant,
+    bad_frames: RateLimitedLog,
+}
+
+/// Starts the broker's loop on `router` with the jobs recovered from `store`.
+pub async fn start(
+    config: BrokerConfig,
+    store: SqliteStore,
+    router: Router,
+    shutdown: CancellationToken,
+) -> Result<(BrokerHandle, tokio::task::JoinHandle<()>), BrokerError> {
+    let logs = config.data_dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|source| BrokerError::Io { path: logs.display().to_string(), source })?;
+    let unfinished = store.unfinished().await.map_err(BrokerError::Recover)?;
+    let (events, rx) = mpsc::channel(limits::EVENT_QUEUE);
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        events,
+        waiters: Mutex::new(HashMap::new()),
+        snapshot: Mutex::new(Snapshot::default()),
+        metrics: Metrics::default(),
+        bound: AtomicBool::new(true),
+    });
+    let digests =
+        shared.config.file.jobs.iter().map(|(name, def)| (name.clone(), protocol::digest(&def.canonical))).collect();
+    let now = Instant::now();
+    let mut state = State {
+        shared: shared.clone(),
+        router,
+        queues: HashMap::new(),
+        queued_keys: HashMap::new(),
+        delayed: BTreeMap::new(),
+        running: HashMap::new(),
+        workers: HashMap::new(),
+        recently_done: VecDeque::new(),
+        recently_done_set: HashSet::new(),
+        digests,
+        seq: 0,
+        next_lease: lease_seed(),
+        last_heartbeat_sent: now,
+        last_prune: now,
+        bad_frames: RateLimitedLog::default(),
+    };
+    state.recover(unfinished);
+    state.publish();
+    let handle = BrokerHandle { inner: shared };
+    let task = tokio::spawn(state.run(rx, shutdown));
+    Ok((handle, task))
+}
+
+/// Leases only need to differ from every earlier lease of the same job, also
+/// across restarts: start from the clock in microseconds and count up.
+fn lease_seed() -> u64 {
+    u64::try_from(Utc::now().timestamp_micros()).unwrap_or(1).max(1)
+}
+
+impl State {
+    async fn run(mut self, mut events: mpsc::Receiver<Event>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(limits::TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(event) = events.recv() => event,
+                Some(incoming) = self.router.recv() => Event::Net(incoming),
+                _ = tick.tick() => Event::Tick,
+            };
+            self.handle(event);
+            self.dispatch();
+            self.publish();
+        }
+        self.shared.bound.store(false, Ordering::Relaxed);
+        tracing::info!("broker loop stopped");
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Enqueue(jobs) => {
+                for job in jobs {
+                    self.enqueue(job);
+                }
+            }
+            Event::Net(incoming) => self.on_net(incoming),
+            Event::Committed { batch, result } => self.on_committed(batch, result),
+            Event::Cancel { id, reply } => {
+                let known = self.cancel(&id);
+                // The caller may have gone away (client hung up); the cancel stands regardless.
+                let _ = reply.send(known);
+            }
+            Event::Tick => self.on_tick(),
+        }
+    }
+
+    /// Rebuilds memory from the store: queued jobs go back in their queues,
+    /// running ones wait one lease for their worker to come back and claim them.
+    fn recover(&mut self, unfinished: Vec<JobRecord>) {
+        let (mut queued, mut running) = (0usize, 0usize);
+        let mut batch = Batch::new();
+        let now = Utc::now();
+        for record in unfinished {
+            if !self.shared.config.file.jobs.contains_key(&record.job_name) {
+                batch.changes.push(Change::Finish {
+                    id: record.id.clone(),
+                    lease: record.lease.unwrap_or(0),
+                    status: Status::Failed,
+                    exit_code: None,
+                    signal: None,
+                    at: now,
+                    output_tail: String::new(),
+                    error: Some(format!("job {:?} is no longer in the broker's job file", record.job_name)),
+                });
+                batch.finished.push(record.id.clone());
+                continue;
+            }
+            match (record.status, record.lease) {
+                (Status::Running, Some(lease)) => {
+                    running += 1;
+                    self.running.insert(
+                        record.id.clone(),
+                        Running {
+                            job: Queued::from_record(&record),
+                            lease,
+                            worker: record.worker.clone().unwrap_or_default(),
+                            peer: None,
+                            orphaned_until: Some(Instant::now() + self.shared.config.lease_timeout),
+                        },
+                    );
+                }
+                _ => {
+                    queued += 1;
+                    self.enqueue(Queued::from_record(&record));
+                }
+            }
+        }
+        if !batch.changes.is_empty() {
+            self.commit(batch);
+        }
+        tracing::info!(queued, running, "recovered unfinished jobs from the store");
+    }
+
+    fn enqueue(&mut self, job: Queued) {
+        if let Some(at) = job.not_before.filter(|t| *t > Utc::now()) {
+            self.delayed.insert((at, job.id.clone()), job);
+            return;
+        }
+        self.seq += 1;
+        let key = (std::cmp::Reverse(job.priority), self.seq);
+        self.queued_keys.insert(job.id.clone(), (job.job_name.clone(), key));
+        self.queues.entry(job.job_name.clone()).or_default().insert(key, job);
+    }
+
+    fn pop(&mut self, name: &str) -> Option<Queued> {
+        let (_, job) = self.queues.get_mut(name)?.pop_first()?;
+        self.queued_keys.remove(&job.id);
+        Some(job)
+    }
+
+    /// Hands queued jobs to workers that have credit, round-robin over the
+    /// names each serves. Each hand-over is O(log n) in the backlog.
+    fn dispatch(&mut self) {
+        let peers: Vec<PeerId> = self.workers.iter().filter(|(_, w)| w.credit > 0).map(|(p, _)| p.clone()).collect();
+        for peer in peers {
+            while let Some(name) = self.next_name_for(&peer) {
+                let Some(job) = self.pop(&name) else { break };
+                if !self.send_job(&peer, job) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The next name with queued jobs that `peer` serves, if it has credit; advances its round-robin.
+    fn next_name_for(&mut self, peer: &PeerId) -> Option<String> {
+        let queues = &self.queues;
+        let worker = self.workers.get_mut(peer)?;
+        if worker.credit == 0 || worker.dispatchable.is_empty() {
+            return None;
+        }
+        let count = worker.dispatchable.len();
+        let found = (0..count)
+            .map(|i| (worker.next_name + i) % count)
+            .find(|&i| queues.get(&worker.dispatchable[i]).is_some_and(|q| !q.is_empty()))?;
+        worker.next_name = (found + 1) % count;
+        Some(worker.dispatchable[found].clone())
+    }
+
+    /// Sends `job` to `peer` under a fresh lease; false (and the job back in
+    /// its queue) when the worker cannot be reached.
+    fn send_job(&mut self, peer: &PeerId, mut job: Queued) -> bool {
+        let Some(worker) = self.workers.get_mut(peer) else {
+            self.enqueue(job);
+            return false;
+        };
+        self.next_lease += 1;
+        let lease = self.next_lease;
+        let now = Utc::now();
+        let message = ToWorker::Dispatch(Dispatch {
+            job_id: job.id.clone(),
+            job_name: job.job_name.clone(),
+            params: job.params.clone(),
+            run_id: job.run_id.clone(),
+            parent_id: job.parent_id.clone(),
+            attempt: job.attempts + 1,
+            lease,
+        });
+        if let Err(e) = self.router.send(peer, &message) {
+            tracing::warn!(worker = %worker.name, error = %e, "cannot reach the worker; it gets no more jobs until it is heard from");
+            worker.credit = 0;
+            self.enqueue(job);
+            return false;
+        }
+        job.attempts += 1;
+        worker.credit -= 1;
+        worker.running.insert(job.id.clone());
+        let queued_for = (now - job.queued_at).to_std().unwrap_or_default();
+        self.shared.metrics.dispatched(&job.job_name, queued_for);
+        let change = Change::Dispatch { id: job.id.clone(), attempt: job.attempts, worker: worker.name.clone(), lease, at: now };
+        if let Err(e) = self.shared.store.commit_later(vec![change]) {
+            tracing::warn!(error = %e, job = %job.id, "recording a dispatch failed; the job still runs");
+        }
+        let worker = worker.name.clone();
+        self.running.insert(job.id.clone(), Running { job, lease, worker, peer: Some(peer.clone()), orphaned_until: None });
+        true
+    }
+
+    fn on_net(&mut self, incoming: Incoming) {
+        let peer = incoming.peer;
+        let message = match incoming.message {
+            Ok(m) => m,
+            Err(e) => {
+                self.shared.metrics.bad_frame();
+                if self.bad_frames.allow() {
+                    let suppressed = self.bad_frames.take_suppressed();
+                    tracing::warn!(peer = ?peer, error = %e, suppressed, "dropped a bad message");
+                }
+                // Tell the peer where it can be told; a garbage sender may not listen, and that is fine.
+                let _ = self.router.send(&peer, &ToWorker::Error(protocol::ErrorReply { message: e.to_string() }));
+                return;
+            }
+        };
+        if let Some(worker) = self.workers.get_mut(&peer) {
+            worker.last_seen = Instant::now();
+            worker.last_heartbeat = Utc::now();
+        }
+        match message {
+            ToBroker::Hello(hello) => self.on_hello(peer, hello),
+            _ if !self.workers.contains_key(&peer) => {
+                // Typically a worker that outlived a broker restart: it must register again.
+                let _ = self.router.send(&peer, &ToWorker::Reconnect);
+            }
+            ToBroker::Credit(protocol::Credit { n }) => {
+                if let Some(w) = self.workers.get_mut(&peer) {
+                    let free = w.concurrency.saturating_sub(w.running.len() as u32);
+                    w.credit = w.credit.saturating_add(n).min(free);
+                }
+            }
+            ToBroker::Heartbeat => {}
+            ToBroker::Started(protocol::Started { job_id, lease, at }) => {
+                if let Some(r) = self.running.get(&job_id).filter(|r| r.lease == lease) {
+                    let latency = (at - r.job.queued_at).to_std().unwrap_or_default();
+                    self.shared.metrics.started(latency);
+                }
+            }
+            ToBroker::Output(protocol::Output { job_id, lease, offset, data }) => {
+                self.on_output(&job_id, lease, offset, &data)
+            }
+            ToBroker::Progress(protocol::Progress { job_id, lease, percent, message }) => {
+                if self.running.get(&job_id).is_some_and(|r| r.lease == lease) && (0.0..=100.0).contains(&percent) {
+                    let change = Change::Progress { id: job_id, progress: Progress { percent, message } };
+                    if let Err(e) = self.shared.store.commit_later(vec![change]) {
+                        tracing::debug!(error = %e, "progress not recorded");
+                    }
+                }
+            }
+            ToBroker::Result(result) => self.on_result(peer, result),
+            ToBroker::Goodbye(goodbye) => self.on_goodbye(&peer, goodbye.hand_back),
+        }
+    }
+
+    fn on_hello(&mut self, peer: PeerId, hello: Hello) {
+        let Hello { role: _, name, host, pid: _, concurrency, credit, jobs, holding } = hello;
+        // The same worker under a new connection (or a restarted process) replaces the old entry;
+        // what it no longer holds goes back to the queue.
+        let previous: Vec<PeerId> =
+            self.workers.iter().filter(|(p, w)| w.name == name && **p != peer).map(|(p, _)| p.clone()).collect();
+        for old in previous {
+            self.drop_worker(&old, "reconnected under a new connection", &holding);
+        }
+        let file = self.shared.config.file.clone();
+        let mut served = Vec::new();
+        let mut dispatchable = Vec::new();
+        let mut drift = Vec::new();
+        for job in jobs {
+            let matches = self.digests.get(&job.name).is_some_and(|d| *d == job.digest);
+            if file.jobs.contains_key(&job.name) && (matches || self.shared.config.allow_drift) {
+                dispatchable.push(job.name.clone());
+            }
+            if !matches {
+                drift.push(job.name.clone());
+            }
+            served.push(ServedJob { name: job.name, matches });
+        }
+        if !drift.is_empty() {
+            tracing::warn!(worker = %name, jobs = ?drift, allow_drift = self.shared.config.allow_drift, "the worker's job definitions differ from the broker's");
+        }
+        let mut running = self.workers.get(&peer).map(|w| w.running.clone()).unwrap_or_default();
+        for held in &holding {
+            self.adopt(&peer, &name, held, &mut running);
+        }
+        let welcome = ToWorker::Welcome(Welcome {
+            heartbeat_ms: self.shared.config.heartbeat.as_millis() as u64,
+            lease_timeout_ms: self.shared.config.lease_timeout.as_millis() as u64,
+            drift,
+            url: self.shared.config.url.clone(),
+        });
+        if let Err(e) = self.router.send(&peer, &welcome) {
+            tracing::warn!(worker = %name, error = %e, "cannot answer Hello");
+            return;
+        }
+        let now = Utc::now();
+        let rejoined = self.workers.contains_key(&peer);
+        if !rejoined {
+            tracing::info!(worker = %name, host = %host, concurrency, jobs = served.len(), holding = holding.len(), "worker joined");
+        }
+        let connected_at = self.workers.get(&peer).map(|w| w.connected_at).unwrap_or(now);
+        let credit = credit.min(concurrency.saturating_sub(running.len() as u32));
+        self.workers.insert(
+            peer,
+            Worker {
+                name,
+                host,
+                concurrency,
+                credit,
+                dispatchable,
+                jobs: served,
+                running,
+                last_seen: Instant::now(),
+                last_heartbeat: now,
+                connected_at,
+                next_name: 0,
+            },
+        );
+    }
+
+    /// A registering worker claims an attempt it holds: it keeps it if the
+    /// lease is current; otherwise the attempt was superseded or cancelled and
+    /// the worker must stop it (its result will be recorded as stale).
+    fn adopt(&mut self, peer: &PeerId, name: &str, held: &Held, running: &mut HashSet<String>) {
+        match self.running.get_mut(&held.job_id) {
+            Some(r) if r.lease == held.lease => {
+                r.peer = Some(peer.clone());
+                r.worker = name.to_string();
+                r.orphaned_until = None;
+                running.insert(held.job_id.clone());
+            }
+            _ if held.done => {}
+            _ => {
+                let cancel = ToWorker::Cancel(LeaseRef { job_id: held.job_id.clone(), lease: held.lease });
+                let _ = self.router.send(peer, &cancel);
+            }
+        }
+    }
+
+    /// Forgets a worker; its attempts go back to the queue unless `holding`
+    /// (the same worker's new connection) claims them.
+    fn drop_worker(&mut self, peer: &PeerId, why: &str, holding: &[Held]) {
+        let Some(worker) = self.workers.remove(peer) else { return };
+        tracing::warn!(worker = %worker.name, why, running = worker.running.len(), "worker left");
+        let mut batch = Batch::new();
+        let now = Utc::now();
+        for job_id in worker.running {
+            if holding.iter().any(|h| h.job_id == job_id) {
+                continue;
+            }
+            if let Some(r) = self.running.remove(&job_id) {
+                batch.changes.push(Change::Requeue { id: job_id.clone(), at: now, not_before: None });
+                let mut job = r.job;
+                job.queued_at = now;
+                job.not_before = None;
+                batch.enqueue.push(job);
+            }
+        }
+        if !batch.changes.is_empty() {
+            self.commit(batch);
+        }
+    }
+
+    fn on_output(&mut self, job_id: &str, lease: u64, offset: u64, data: &[u8]) {
+        if !valid_id(job_id) || !self.running.get(job_id).is_some_and(|r| r.lease == lease) {
+            return;
+        }
+        let path = self.shared.config.data_dir.join("logs").join(format!("{job_id}.log"));
+        if let Err(e) = append_at(&path, offset, data) {
+            tracing::warn!(job = job_id, error = %e, "cannot write the job's log");
+        }
+    }
+
+    fn on_result(&mut self, peer: PeerId, result: ResultReport) {
+        let key = (result.job_id.clone(), result.lease);
+        if self.recently_done_set.contains(&key) {
+            // A resend after a lost ack: already durable, acknowledge again.
+            let _ = self.router.send(&peer, &ToWorker::ResultAck(LeaseRef { job_id: result.job_id, lease: result.lease }));
+            return;
+        }
+        if !self.running.get(&result.job_id).is_some_and(|r| r.lease == result.lease) {
+            self.record_stale(peer, result);
+            return;
+        }
+        let Some(running) = self.running.remove(&result.job_id) else { return };
+        if let Some(w) = self.workers.get_mut(&peer) {
+            w.running.remove(&result.job_id);
+        }
+        let status = Status::from(result.status);
+        let now = Utc::now();
+        let run_time = (result.finished_at - result.started_at).to_std().unwrap_or_default();
+        self.shared.metrics.finished(&running.job.job_name, status, run_time);
+        let mut batch = Batch::new();
+        batch.changes.push(Change::Finish {
+            id: result.job_id.clone(),
+            lease: result.lease,
+            status,
+            exit_code: result.exit_code,
+            signal: result.signal,
+            at: now,
+            output_tail: String::from_utf8_lossy(&result.output).into_owned(),
+            error: result.error.clone(),
+        });
+        batch.acks.push((peer, result.job_id.clone(), result.lease));
+        let file = self.shared.config.file.clone();
+        let facts = JobFacts {
+            id: running.job.id.clone(),
+            job_name: running.job.job_name.clone(),
+            params: running.job.params.clone(),
+            run_id: running.job.run_id.clone(),
+            attempt: running.job.attempts,
+        };
+        match file.jobs.get(&facts.job_name) {
+            Some(def) => {
+                let end = AttemptEnd { status, exit_code: result.exit_code };
+                match pipeline::decide(&file, def, &facts, end, jitter(&facts)) {
+                    Decision::Retry { delay, .. } => {
+                        let not_before = now + chrono::Duration::from_std(delay).unwrap_or_default();
+                        batch.changes.push(Change::Retry { id: facts.id.clone(), at: now, not_before: Some(not_before) });
+                        let mut job = running.job.clone();
+                        job.not_before = Some(not_before);
+                        job.queued_at = now;
+                        batch.enqueue.push(job);
+                    }
+                    Decision::Finish { follow_ups, rejected, .. } => {
+                        for e in rejected {
+                            tracing::warn!(job = %facts.id, error = %e, "follow-up not started");
+                        }
+                        for new in follow_ups {
+                            let record = new_record(&new, now, None, &file);
+                            batch.enqueue.push(Queued::from_record(&record));
+                            batch.changes.push(Change::Insert(record));
+                        }
+                        batch.finished.push(facts.id.clone());
+                    }
+                }
+            }
+            None => batch.finished.push(facts.id.clone()),
+        }
+        batch.restore.push(running);
+        self.commit(batch);
+    }
+
+    fn record_stale(&mut self, peer: PeerId, result: ResultReport) {
+        let worker = self.workers.get(&peer).map(|w| w.name.clone()).unwrap_or_default();
+        tracing::info!(job = %result.job_id, lease = result.lease, worker = %worker, "stale result recorded; it changes nothing");
+        self.shared.metrics.stale();
+        let mut batch = Batch::new();
+        batch.changes.push(Change::Stale {
+            id: result.job_id.clone(),
+            lease: result.lease,
+            worker,
+            status: Status::from(result.status),
+            exit_code: result.exit_code,
+            at: Utc::now(),
+        });
+        batch.acks.push((peer, result.job_id, result.lease));
+        self.commit(batch);
+    }
+
+    fn on_goodbye(&mut self, peer: &PeerId, hand_back: Vec<LeaseRef>) {
+        if !hand_back.is_empty() {
+            tracing::info!(jobs = hand_back.len(), "a draining worker handed jobs back");
+        }
+        // Everything the worker still ran is handed back: drop_worker requeues it all.
+        self.drop_worker(peer, "said goodbye", &[]);
+    }
+
+    /// Sends `batch` to the store; the loop goes on and learns the outcome as an event.
+    fn commit(&mut self, batch: Batch) {
+        let store = self.shared.store.clone();
+        let events = self.shared.events.clone();
+        tokio::spawn(async move {
+            let result = store.commit(batch.changes.clone()).await;
+            // The loop is gone only at shutdown, when nothing is left to acknowledge.
+            let _ = events.send(Event::Committed { batch, result }).await;
+        });
+    }
+
+    fn on_committed(&mut self, batch: Batch, result: Result<(), StoreError>) {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "store commit failed; the results stay unacknowledged and will be resent");
+            for r in batch.restore {
+                self.running.insert(r.job.id.clone(), r);
+            }
+            return;
+        }
+        for (peer, job_id, lease) in batch.acks {
+            self.remember_done(job_id.clone(), lease);
+            let _ = self.router.send(&peer, &ToWorker::ResultAck(LeaseRef { job_id, lease }));
+        }
+        for job in batch.enqueue {
+            self.enqueue(job);
+        }
+        self.shared.wake(&batch.finished);
+    }
+
+    fn remember_done(&mut self, job_id: String, lease: u64) {
+        if self.recently_done_set.insert((job_id.clone(), lease)) {
+            self.recently_done.push_back((job_id, lease));
+        }
+        while self.recently_done.len() > limits::RECENT_RESULTS {
+            if let Some(old) = self.recently_done.pop_front() {
+                self.recently_done_set.remove(&old);
+            }
+        }
+    }
+
+    /// Takes a queued, waiting or running job out of the loop and records the
+    /// cancel; false when the loop does not know the job (it has ended).
+    fn cancel(&mut self, id: &str) -> bool {
+        if let Some((name, key)) = self.queued_keys.remove(id) {
+            if let Some(q) = self.queues.get_mut(&name) {
+                q.remove(&key);
+            }
+        } else if let Some(key) = self.delayed.keys().find(|(_, j)| j == id).cloned() {
+            self.delayed.remove(&key);
+        } else if let Some(r) = self.running.remove(id) {
+            if let Some(peer) = &r.peer {
+                let _ = self.router.send(peer, &ToWorker::Cancel(LeaseRef { job_id: id.to_string(), lease: r.lease }));
+                if let Some(w) = self.workers.get_mut(peer) {
+                    w.running.remove(id);
+                }
+            }
+            // The worker's result for this attempt comes back as cancelled; acknowledge it quietly.
+            // A worker that is away now gets the Cancel when it registers again holding this lease.
+            self.remember_done(id.to_string(), r.lease);
+        } else {
+            return false;
+        }
+        let mut batch = Batch::new();
+        batch.changes.push(Change::Cancel { id: id.to_string(), at: Utc::now() });
+        batch.finished.push(id.to_string());
+        self.commit(batch);
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let lease_timeout = self.shared.config.lease_timeout;
+        let silent: Vec<PeerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.duration_since(w.last_seen) > lease_timeout)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for peer in silent {
+            self.drop_worker(&peer, "silent past its lease", &[]);
+        }
+        let orphans: Vec<String> =
+            self.running.iter().filter(|(_, r)| r.orphaned_until.is_some_and(|t| now >= t)).map(|(id, _)| id.clone()).collect();
+        if !orphans.is_empty() {
+            let mut batch = Batch::new();
+            let at = Utc::now();
+            for id in orphans {
+                if let Some(r) = self.running.remove(&id) {
+                    tracing::warn!(job = %id, worker = %r.worker, "no worker claimed the attempt after the restart; queued again");
+                    batch.changes.push(Change::Requeue { id: id.clone(), at, not_before: None });
+                    let mut job = r.job;
+                    job.queued_at = at;
+                    job.not_before = None;
+                    batch.enqueue.push(job);
+                }
+            }
+            self.commit(batch);
+        }
+        let wall = Utc::now();
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > wall {
+                break;
+            }
+            let mut job = entry.remove();
+            job.not_before = None;
+            self.enqueue(job);
+        }
+        if now.duration_since(self.last_heartbeat_sent) >= self.shared.config.heartbeat {
+            self.last_heartbeat_sent = now;
+            for peer in self.workers.keys() {
+                // A worker that cannot be reached is dropped by its lease, not here.
+                let _ = self.router.send(peer, &ToWorker::Heartbeat);
+            }
+        }
+        if now.duration_since(self.last_prune) >= limits::PRUNE_INTERVAL {
+            self.last_prune = now;
+            self.prune();
+        }
+    }
+
+    fn prune(&self) {
+        let Ok(retention) = chrono::Duration::from_std(self.shared.config.retention) else { return };
+        let cutoff = Utc::now() - retention;
+        let store = self.shared.store.clone();
+        let logs = self.shared.config.data_dir.join("logs");
+        tokio::spawn(async move {
+            match store.prune(cutoff, limits::PRUNE_BATCH).await {
+                Ok(ids) => {
+                    for id in &ids {
+                        // A job without output has no log file; nothing to remove then.
+                        let _ = std::fs::remove_file(logs.join(format!("{id}.log")));
+                    }
+                    if !ids.is_empty() {
+                        tracing::info!(pruned = ids.len(), "pruned finished jobs past their retention");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "pruning failed"),
+            }
+        });
+    }
+
+    /// Publishes what readers (front door, metrics) need, without sharing the loop's state.
+    fn publish(&self) {
+        let mut depth: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (name, q) in &self.queues {
+            depth.entry(name.clone()).or_default().0 += q.len() as u64;
+        }
+        for job in self.delayed.values() {
+            depth.entry(job.job_name.clone()).or_default().0 += 1;
+        }
+        for r in self.running.values() {
+            depth.entry(r.job.job_name.clone()).or_default().1 += 1;
+        }
+        let workers = self
+            .workers
+            .values()
+            .map(|w| WorkerView {
+                name: w.name.clone(),
+                host: w.host.clone(),
+                jobs: w.jobs.clone(),
+                running: w.running.len(),
+                concurrency: w.concurrency as usize,
+                last_heartbeat: w.last_heartbeat,
+                connected_at: w.connected_at,
+            })
+            .collect();
+        if let Ok(mut snapshot) = self.shared.snapshot.lock() {
+            *snapshot = Snapshot { workers, depth };
+        }
+    }
+}
+
+/// Appends `data` to the log at byte `offset`, skipping what the file already holds (a resend).
+fn append_at(path: &std::path::Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let len = file.metadata()?.len();
+    let skip = len.saturating_sub(offset).min(data.len() as u64) as usize;
+    file.write_all(&data[skip..])
+}
+
+/// Job ids become file names: only the characters of a UUID are allowed.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// A jitter value in `[0, 1)` for a retry's backoff.
+fn jitter(job: &JobFacts) -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write(job.id.as_bytes());
+    hasher.write_u32(job.attempt);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A new job id: a UUID v7, so ids sort by creation time.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// The record of a new job about to be stored as queued.
+fn new_record(new: &NewJob, now: DateTime<Utc>, priority: Option<i32>, file: &JobFile) -> JobRecord {
+    let id = new_id();
+    let priority = priority.or_else(|| file.jobs.get(&new.job_name).map(|d| d.priority)).unwrap_or(0);
+    JobRecord {
+        run_id: new.run_id.clone().unwrap_or_else(|| id.clone()),
+        id,
+        job_name: new.job_name.clone(),
+        params: new.params.clone(),
+        status: Status::Queued,
+        attempts: 0,
+        parent_id: new.parent_id.clone(),
+        origin: new.origin.clone(),
+        priority,
+        worker: None,
+        lease: None,
+        exit_code: None,
+        signal: None,
+        created_at: now,
+        queued_at: Some(now),
+        started_at: None,
+        finished_at: None,
+        cancelled_at: None,
+        not_before: None,
+        output_tail: String::new(),
+        progress: None,
+        error: None,
+    }
+}
+
+impl Shared {
+    fn wake(&self, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        let Ok(mut waiters) = self.waiters.lock() else { return };
+        for id in ids {
+            for tx in waiters.remove(id).unwrap_or_default() {
+                // A waiter that gave up has dropped its receiver; nothing to tell it.
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// Logs at most one line per second for a noisy source, counting the rest.
+#[derive(Default)]
+struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            self.suppressed += 1;
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+
+    fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.suppressed)
+    }
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Busy => ApiError::Busy,
+        other => ApiError::Unavailable(other.to_string()),
+    }
+}
+
+pub(crate) async fn start_job(b: &BrokerHandle, request: StartRequest) -> Result<Started, ApiError> {
+    let shared = &b.inner;
+    let file = &shared.config.file;
+    let def = file
+        .jobs
+        .get(&request.job_name)
+        .ok_or_else(|| ApiError::NotFound(format!("no job named {:?}", request.job_name)))?;
+    let params = config::params::validate(def, &request.params).map_err(ApiError::BadParams)?;
+    let priority = request.priority.unwrap_or(def.priority);
+    if !(limits::PRIORITY_MIN..=limits::PRIORITY_MAX).contains(&priority) {
+        return Err(ApiError::BadRequest(format!(
+            "priority {priority} is out of range {}..={}",
+            limits::PRIORITY_MIN,
+            limits::PRIORITY_MAX
+        )));
+    }
+    let (run_id, parent_id) = match &request.parent_id {
+        Some(parent) => {
+            let record = shared
+                .store
+                .job(parent)
+                .await
+                .map_err(store_error)?
+                .ok_or_else(|| ApiError::BadRequest(format!("parent job {parent:?} does not exist")))?;
+            (Some(record.run_id), Some(record.id))
+        }
+        None => (None, None),
+    };
+    let new = NewJob { job_name: request.job_name.clone(), params, run_id, parent_id, origin: Origin::Start };
+    let record = new_record(&new, Utc::now(), Some(priority), file);
+    shared.store.commit(vec![Change::Insert(record.clone())]).await.map_err(store_error)?;
+    shared.metrics.accepted();
+    // Stored: from here on the job is safe. If the loop is gone (shutdown), the next start recovers it.
+    let _ = shared.events.send(Event::Enqueue(vec![Queued::from_record(&record)])).await;
+    Ok(Started { job: record, deduplicated: false })
+}
+
+pub(crate) async fn job(b: &BrokerHandle, id: &str) -> Result<JobRecord, ApiError> {
+    b.inner.store.job(id).await.map_err(store_error)?.ok_or_else(|| ApiError::NotFound(format!("no job with id {id:?}")))
+}
+
+pub(crate) async fn attempts(b: &BrokerHandle, id: &str) -> Result<Vec<AttemptRecord>, ApiError> {
+    job(b, id).await?;
+    b.inner.store.attempts(id).await.map_err(store_error)
+}
+
+pub(crate) async fn jobs(b: &BrokerHandle, filter: JobFilter) -> Result<Vec<JobRecord>, ApiError> {
+    b.inner.store.jobs(filter).await.map_err(store_error)
+}
+
+pub(crate) async fn wait(b: &BrokerHandle, id: &str, limit: Duration) -> Result<Waited, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    if let Ok(mut waiters) = b.inner.waiters.lock() {
+        waiters.entry(id.to_string()).or_default().push(tx);
+    }
+    // Registered before reading, so an end between the read and the wait is not missed.
+    let record = job(b, id).await?;
+    if record.status.is_final() {
+        return Ok(Waited::Ended(record));
+    }
+    // Either the job ended or the time is up; both end in reading the job again.
+    let _ = tokio::time::timeout(limit, rx).await;
+    let record = job(b, id).await?;
+    Ok(if record.status.is_final() { Waited::Ended(record) } else { Waited::StillOpen(record) })
+}
+
+pub(crate) async fn log_path(b: &BrokerHandle, id: &str) -> Result<PathBuf, ApiError> {
+    job(b, id).await?;
+    if !valid_id(id) {
+        return Err(ApiError::NotFound(format!("no job with id {id:?}")));
+    }
+    Ok(b.inner.config.data_dir.join("logs").join(format!("{id}.log")))
+}
+
+pub(crate) async fn cancel(b: &BrokerHandle, id: &str) -> Result<JobRecord, ApiError> {
+    let record = job(b, id).await?;
+    if record.status.is_final() {
+        return Err(ApiError::Conflict(format!("job {id} is already {}", record.status)));
+    }
+    let (tx, rx) = oneshot::channel();
+    let gone = || ApiError::Unavailable("the broker is shutting down".into());
+    b.inner.events.send(Event::Cancel { id: id.to_string(), reply: tx }).await.map_err(|_| gone())?;
+    if !rx.await.map_err(|_| gone())? {
+        let record = job(b, id).await?;
+        return Err(ApiError::Conflict(format!("job {id} is already {}", record.status)));
+    }
+    match wait(b, id, limits::CANCEL_COMMIT_WAIT).await? {
+        Waited::Ended(r) | Waited::StillOpen(r) => Ok(r),
+    }
+}
+
+pub(crate) async fn cancel_run(b: &BrokerHandle, run_id: &str) -> Result<Vec<JobRecord>, ApiError> {
+    let filter = JobFilter { run_id: Some(run_id.to_string()), limit: limits::RUN_JOBS_MAX, ..JobFilter::default() };
+    let jobs = jobs(b, filter).await?;
+    if jobs.is_empty() {
+        return Err(ApiError::NotFound(format!("no run with id {run_id:?}")));
+    }
+    let mut cancelled = Vec::new();
+    for j in jobs.into_iter().filter(|j| !j.status.is_final()) {
+        match cancel(b, &j.id).await {
+            Ok(r) => cancelled.push(r),
+            // It ended meanwhile: nothing to cancel.
+            Err(ApiError::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(cancelled)
+}
+
+pub(crate) async fn retry(b: &BrokerHandle, id: &str) -> Result<JobRecord, ApiError> {
+    let record = job(b, id).await?;
+    if !matches!(record.status, Status::Failed | Status::TimedOut | Status::Cancelled) {
+        return Err(ApiError::Conflict(format!(
+            "job {id} is {}; only failed, timed-out or cancelled jobs can be retried",
+            record.status
+        )));
+    }
+    let change = Change::Retry { id: id.to_string(), at: Utc::now(), not_before: None };
+    b.inner.store.commit(vec![change]).await.map_err(store_error)?;
+    let record = job(b, id).await?;
+    // Stored as queued: if the loop is gone (shutdown), recovery queues it at the next start.
+    let _ = b.inner.events.send(Event::Enqueue(vec![Queued::from_record(&record)])).await;
+    Ok(record)
+}
+
+pub(crate) async fn progress(b: &BrokerHandle, id: &str, percent: f64, message: Option<String>) -> Result<(), ApiError> {
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(ApiError::BadRequest(format!("percent {percent} is not between 0 and 100")));
+    }
+    let record = job(b, id).await?;
+    if record.status != Status::Running {
+        return Err(ApiError::Conflict(format!("job {id} is {}, not running", record.status)));
+    }
+    let change = Change::Progress { id: id.to_string(), progress: Progress { percent, message } };
+    b.inner.store.commit(vec![change]).await.map_err(store_error)
+}
+
+pub(crate) async fn workers(b: &BrokerHandle) -> Vec<WorkerView> {
+    b.inner.snapshot.lock().map(|s| s.workers.clone()).unwrap_or_default()
+}
+
+pub(crate) async fn metrics(b: &BrokerHandle) -> String {
+    let snapshot = b.inner.snapshot.lock().map(|s| s.clone()).unwrap_or_default();
+    let counts = b.inner.store.counts().await.unwrap_or_default();
+    b.inner.metrics.render(&counts, &snapshot.depth, snapshot.workers.len())
+}
+
+pub(crate) async fn healthy(b: &BrokerHandle) -> bool {
+    b.inner.bound.load(Ordering::Relaxed) && b.inner.store.ping().await
+}
+
+pub(crate) async fn gates(b: &BrokerHandle) -> serde_json::Value {
+    let gates: Vec<serde_json::Value> = b
+        .inner
+        .config
+        .file
+        .gates
+        .values()
+        .map(|g| {
+            serde_json::json!({
+                "name": g.name, "after": g.after, "then": g.then.job,
+                "open": [], "fired": [], "timed_out": [], "failed": []
+            })
+        })
+        .collect();
+    serde_json::Value::Array(gates)
+}
+
+pub(crate) async fn schedules(b: &BrokerHandle) -> serde_json::Value {
+    let mut list = Vec::new();
+    for (name, def) in &b.inner.config.file.jobs {
+        for s in &def.schedules {
+            list.push(serde_json::json!({
+                "job_name": name, "cron": s.cron.source, "timezone": s.timezone.name(),
+                "next": null, "last_fired": null
+            }));
+        }
+    }
+    serde_json::Value::Array(list)
+}

@@ -1,0 +1,209 @@
+//! [`serve`]: the accept loop, one tracked task per connection, and the
+//! shutdown order (stop accepting, let in-flight requests finish within the
+//! grace, then drop what is left).
+//!
+//! Connections are driven with hyper's `http1::Builder` directly rather than
+//! `axum::serve`, because the limits against slow and greedy clients (header
+//! read timeout, head size, header count) are only reachable there.
+
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::api::Api;
+use super::limits::{ACCEPT_ERROR_PAUSE, READ_BUFFER_BYTES_MIN, SHUTDOWN_ABORT_WAIT};
+use super::routes::{self, Shared};
+use super::{HttpError, HttpOptions};
+
+/// Consecutive accept errors (one per [`ACCEPT_ERROR_PAUSE`], so about a minute)
+/// after which the listener is taken to be broken for good and `serve` returns.
+const ACCEPT_ERRORS_MAX: u32 = 600;
+
+/// Serves the HTTP API on `listener` until `shutdown` is cancelled, then stops
+/// accepting, lets in-flight requests finish within `options.shutdown_grace`
+/// (held `wait=` answers return at once with the job as it stands), drops the
+/// connections still open and returns.
+///
+/// Returns an error only for bad options or a listener that keeps failing; a
+/// failing connection is logged and closed, never fatal.
+pub async fn serve<A: Api>(
+    listener: TcpListener,
+    api: A,
+    options: HttpOptions,
+    shutdown: CancellationToken,
+) -> Result<(), HttpError> {
+    check(&options)?;
+    let address = listener.local_addr().map_or_else(|_| "an unknown address".to_owned(), |a| a.to_string());
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .half_close(false)
+        .header_read_timeout(options.header_read_timeout)
+        .max_header_size(options.header_bytes_max)
+        .max_buf_size(read_buffer_bytes(options.header_bytes_max))
+        .max_headers(options.headers_max);
+    // `stop` rather than `shutdown` itself, so that a broken listener also winds the connections down.
+    let stop = shutdown.child_token();
+    let grace = options.shutdown_grace;
+    let permits = Arc::new(Semaphore::new(options.connections_max));
+    let router = routes::router(Arc::new(Shared { api, options, shutdown: stop.clone() }));
+    let connections = Connections { builder: Arc::new(builder), router, stop: stop.clone(), abort: CancellationToken::new() };
+    let tracker = TaskTracker::new();
+    tracing::info!(%address, "HTTP front door listening");
+
+    let result = accept_loop(&listener, &address, &permits, &tracker, &connections).await;
+
+    // Stop accepting first: new clients are refused by the kernel, not left hanging.
+    drop(listener);
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(connections = tracker.len(), "HTTP requests still in flight after the shutdown grace; dropping them");
+        connections.abort.cancel();
+        if tokio::time::timeout(SHUTDOWN_ABORT_WAIT, tracker.wait()).await.is_err() {
+            tracing::warn!(connections = tracker.len(), "HTTP connections did not unwind; leaving them");
+        }
+    }
+    tracing::info!(%address, "HTTP front door stopped");
+    result
+}
+
+/// hyper's read buffer: twice the head limit, so that a head somewhat over the limit is
+/// read whole and answered 431 cleanly; a larger one fills the buffer, is also answered
+/// 431, and the connection closes with the rest unread.
+fn read_buffer_bytes(header_bytes_max: usize) -> usize {
+    header_bytes_max.saturating_mul(2).max(READ_BUFFER_BYTES_MIN)
+}
+
+fn check(options: &HttpOptions) -> Result<(), HttpError> {
+    let bad = |option, problem: &str| Err(HttpError::Options { option, problem: problem.to_owned() });
+    if options.connections_max == 0 {
+        return bad("connections_max", "must be at least 1");
+    }
+    if options.header_bytes_max < 1024 {
+        return bad("header_bytes_max", "must be at least 1024 bytes");
+    }
+    if options.headers_max == 0 {
+        return bad("headers_max", "must be at least 1");
+    }
+    if options.header_read_timeout.is_zero() || options.body_read_timeout.is_zero() || options.request_timeout.is_zero() {
+        return bad("timeouts", "header_read_timeout, body_read_timeout and request_timeout must be above zero");
+    }
+    Ok(())
+}
+
+/// What every connection task needs.
+struct Connections {
+    builder: Arc<http1::Builder>,
+    router: axum::Router,
+    /// Cancelled when shutdown begins: finish the request in flight, then close.
+    stop: CancellationToken,
+    /// Cancelled when the grace has passed: drop the connection now.
+    abort: CancellationToken,
+}
+
+/// Accepts until `stop` is cancelled or the listener is broken for good.
+async fn accept_loop(
+    listener: &TcpListener,
+    address: &str,
+    permits: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    connections: &Connections,
+) -> Result<(), HttpError> {
+    let mut errors_in_a_row = 0u32;
+    loop {
+        // Waiting for a permit before accepting leaves clients over the limit in the
+        // kernel's backlog, where they are served as soon as a connection closes.
+        let permit = tokio::select! {
+            biased;
+            () = connections.stop.cancelled() => return Ok(()),
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // The semaphore is never closed; if it were, no connection could be served.
+                Err(_) => return Ok(()),
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            () = connections.stop.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                errors_in_a_row = 0;
+                tracker.spawn(connection(stream, peer, permit, connections.task_parts()));
+            }
+            Err(e) => {
+                // Mostly transient: a peer that reset before we accepted, or out of file
+                // descriptors until a connection closes. Pause rather than spin.
+                errors_in_a_row += 1;
+                tracing::warn!(%address, error = %e, "accepting an HTTP connection failed");
+                if errors_in_a_row >= ACCEPT_ERRORS_MAX {
+                    return Err(HttpError::Accept { address: address.to_owned(), source: e });
+                }
+                tokio::select! {
+                    () = connections.stop.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The owned parts one connection task takes with it.
+struct TaskParts {
+    builder: Arc<http1::Builder>,
+    router: axum::Router,
+    stop: CancellationToken,
+    abort: CancellationToken,
+}
+
+impl Connections {
+    fn task_parts(&self) -> TaskParts {
+        TaskParts {
+            builder: self.builder.clone(),
+            router: self.router.clone(),
+            stop: self.stop.clone(),
+            abort: self.abort.clone(),
+        }
+    }
+}
+
+/// Serves one connection: requests one after another (keep-alive) until the client
+/// closes, a limit is hit, or shutdown. The permit is held until the task ends.
+async fn connection(stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit, parts: TaskParts) {
+    let _permit = permit;
+    // Answers are small and written whole; don't let Nagle delay them.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+    }
+    let service = TowerToHyperService::new(parts.router);
+    let mut conn = pin!(parts.builder.serve_connection(TokioIo::new(stream), service));
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = parts.stop.cancelled() => {
+            // Finish the request in flight (if any), then close; an idle connection closes now.
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = parts.abort.cancelled() => {
+                    tracing::debug!(%peer, "HTTP connection dropped at the end of the shutdown grace");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        // Slow or vanished clients end up here; they are the client's problem, not ours.
+        tracing::debug!(%peer, error = %e, timeout = e.is_timeout(), "HTTP connection ended with an error");
+    }
+}

@@ -1,0 +1,27 @@
+//! Every bound the broker applies, in one place.
+
+use std::time::Duration;
+
+/// Events waiting for the broker's loop; senders wait when it is full.
+pub const EVENT_QUEUE: usize = 4096;
+/// How often the loop checks leases, retry times and heartbeats.
+pub const TICK: Duration = Duration::from_millis(100);
+/// How often the broker and workers send heartbeats.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// A worker silent for this long is gone; its attempts are handed to other workers.
+pub const LEASE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Finished jobs and their logs are kept this long.
+pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often finished jobs past their retention are pruned.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// Jobs pruned in one go, so pruning never holds the store for long.
+pub const PRUNE_BATCH: usize = 10_000;
+/// Results remembered after their commit, so a resend after a lost ack is acknowledged, not taken as stale.
+pub const RECENT_RESULTS: usize = 65_536;
+/// Jobs of one run that `POST /runs/{id}/cancel` looks at.
+pub const RUN_JOBS_MAX: usize = 10_000;
+/// How long a cancel waits for its change to be committed before answering.
+pub const CANCEL_COMMIT_WAIT: Duration = Duration::from_secs(5);
+/// The range of `priority`.
+pub const PRIORITY_MIN: i32 = -1000;
+pub const PRIORITY_MAX: i32 = 1000;

@@ -1,0 +1,107 @@
+//! The broker's records of jobs and attempts, as the store keeps them and the
+//! front door shows them.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use jobz_core::pipeline::Origin;
+use jobz_core::Status;
+
+/// One job: its identity, params, where it stands and its timestamps (SPEC `GET /jobs/{id}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub id: String,
+    pub job_name: String,
+    pub params: BTreeMap<String, String>,
+    pub status: Status,
+    /// Attempts started so far (0 while the first one is queued).
+    pub attempts: u32,
+    pub run_id: String,
+    pub parent_id: Option<String>,
+    pub origin: Origin,
+    /// Higher runs first; equal priorities are first-in, first-out.
+    pub priority: i32,
+    /// The worker of the current or last attempt.
+    pub worker: Option<String>,
+    /// The fencing token of the current attempt: a result carrying another token is stale.
+    pub lease: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub created_at: DateTime<Utc>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub cancelled_at: Option<DateTime<Utc>>,
+    /// A queued retry waits until then.
+    pub not_before: Option<DateTime<Utc>>,
+    /// The last bytes of the output (SPEC "output").
+    pub output_tail: String,
+    pub progress: Option<Progress>,
+    /// Why the job failed without a process result, e.g. the worker does not know the job.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub percent: f64,
+    pub message: Option<String>,
+}
+
+/// One attempt of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    pub job_id: String,
+    /// 1-based.
+    pub attempt: u32,
+    pub worker: String,
+    pub lease: u64,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// `None` while it runs.
+    pub status: Option<Status>,
+    pub exit_code: Option<i32>,
+    /// A result that came back after the attempt was handed to another worker:
+    /// recorded here for the record, it changed nothing.
+    pub stale: bool,
+}
+
+/// Everything that changes a job, as one durable step. The store applies a
+/// batch of changes in one transaction (group commit).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A new job, queued.
+    Insert(JobRecord),
+    /// Queued → running: attempt `attempt` handed to `worker` under `lease`.
+    Dispatch { id: String, attempt: u32, worker: String, lease: u64, at: DateTime<Utc> },
+    /// Running → a final status, for the attempt holding `lease`.
+    Finish {
+        id: String,
+        lease: u64,
+        status: Status,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        at: DateTime<Utc>,
+        output_tail: String,
+        error: Option<String>,
+    },
+    /// Running → queued: the lease was lost (worker gone) or a retry is due at `not_before`.
+    Requeue { id: String, at: DateTime<Utc>, not_before: Option<DateTime<Utc>> },
+    /// Queued or running → cancelled.
+    Cancel { id: String, at: DateTime<Utc> },
+    /// A final status → queued, as a new attempt: a failed job started again by
+    /// hand (`not_before: None`), or an automatic retry after a failed attempt
+    /// (following that attempt's `Finish` in the same batch) that waits until `not_before`.
+    Retry { id: String, at: DateTime<Utc>, not_before: Option<DateTime<Utc>> },
+    Progress { id: String, progress: Progress },
+    /// A result for a superseded attempt: recorded on the attempt, the job is untouched.
+    Stale { id: String, lease: u64, worker: String, status: Status, exit_code: Option<i32>, at: DateTime<Utc> },
+}
+
+/// A listing query (SPEC `GET /jobs?status=&job_name=&run_id=&limit=`), newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobFilter {
+    pub status: Option<Status>,
+    pub job_name: Option<String>,
+    pub run_id: Option<String>,
+    pub limit: usize,
+}

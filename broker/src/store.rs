@@ -1,0 +1,247 @@
+//! The broker's durable store: every job and attempt, kept so that a job
+//! answered 202 survives a `kill -9` of the broker (SPEC "Durable").
+//!
+//! Dispatch code talks to the narrow [`Store`] trait only, so a PostgreSQL
+//! store for several brokers sharing one database can be added later without
+//! touching dispatch. The one implementation today is [`SqliteStore`]: one
+//! SQLite file in WAL mode with `synchronous=FULL`, written by one dedicated
+//! thread that group-commits (many callers' changes in one transaction, one
+//! fsync), and read through a small pool of read-only connections that run
+//! beside the writer.
+//!
+//! What a change does to the rows is documented on [`Change`]; the store
+//! applies it conditionally on the state it expects (a `Finish` only moves the
+//! running attempt holding its lease), so it is the last line of defence
+//! against a stale or doubled change, and a change for a job that no longer
+//! exists (pruned) is a no-op rather than an error.
+//!
+//! Times are stored as integer Unix microseconds: sub-microsecond digits are
+//! dropped on the way in (see [`to_store_precision`]), so a record read back
+//! equals the record written once its times are at microsecond precision.
+
+mod codec;
+mod schema;
+mod sqlite;
+mod writer;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use jobz_core::Status;
+
+use crate::model::{AttemptRecord, Change, JobFilter, JobRecord};
+
+pub use codec::to_store_precision;
+pub use sqlite::{SqliteStore, WritesPaused};
+
+// ---- Limits and settings, in one place (STYLE 6) ----
+
+/// The database file inside the data directory.
+pub const DB_FILE_NAME: &str = "jobz.sqlite3";
+
+/// Commit requests (of any number of changes each) the writer's queue holds;
+/// beyond that `commit` fails fast with [`StoreError::Busy`] (HTTP 429) instead
+/// of queueing without bound.
+pub const WRITE_QUEUE_CAPACITY: usize = 4096;
+
+/// Changes applied in one transaction at most. The writer stops draining the
+/// queue when the next request would go beyond it; a single request larger
+/// than this is still applied whole, in a transaction of its own.
+pub const BATCH_CHANGES_MAX: usize = 1024;
+
+/// How long a statement waits for a lock held by another connection (another
+/// process with the file open, or a checkpoint) before failing.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Read-only connections serving `job`, `jobs`, `attempts` and the like.
+pub const READ_CONNECTIONS: usize = 4;
+
+/// Prepared statements each connection keeps compiled.
+pub const STATEMENT_CACHE_CAPACITY: usize = 64;
+
+/// The WAL is checkpointed into the database file once it holds this many
+/// pages (SQLite's default, set explicitly).
+pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 1000;
+
+/// After a checkpoint the WAL file is truncated to at most this size, so one
+/// burst does not leave a large file behind for good.
+pub const JOURNAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+
+/// `jobs()` with `limit: 0` returns this many jobs.
+pub const LIST_LIMIT_DEFAULT: usize = 100;
+
+/// `jobs()` never returns more than this many jobs, whatever the limit asked.
+pub const LIST_LIMIT_MAX: usize = 10_000;
+
+/// `prune()` deletes at most this many jobs per call, whatever the limit asked,
+/// so one call never holds the writer for long.
+pub const PRUNE_BATCH_MAX: usize = 10_000;
+
+/// The durable store as the broker's dispatch code sees it.
+///
+/// Writes go through [`Store::commit`] (the caller waits until the changes are
+/// durable) or [`Store::commit_later`] (it does not). Changes are applied in
+/// the order they were queued, and one call's changes are all-or-nothing.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Applies `changes` in order, durably: returns only after they are
+    /// committed (fsync'd). On error nothing of them was applied.
+    ///
+    /// Fails fast with [`StoreError::Busy`] when the write queue is full,
+    /// [`StoreError::Rejected`] when a change breaks a rule of the schema (the
+    /// changes of other callers committed in the same transaction are not
+    /// affected), and [`StoreError::Sqlite`] when the storage failed (disk
+    /// full, I/O error): then nothing of the whole transaction was applied.
+    fn commit(&self, changes: Vec<Change>) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Like [`Store::commit`], but the caller does not wait (dispatch
+    /// bookkeeping); a failure to apply is logged. Only fails when the queue is
+    /// full ([`StoreError::Busy`], back-pressure) or the store is closed.
+    /// Reads see the changes once the writer has committed them.
+    fn commit_later(&self, changes: Vec<Change>) -> Result<(), StoreError>;
+
+    /// The job `id`, or `None` when there is no such job.
+    fn job(&self, id: &str) -> impl Future<Output = Result<Option<JobRecord>, StoreError>> + Send;
+
+    /// The attempts of job `id`, in attempt order (empty for an unknown job).
+    fn attempts(&self, id: &str) -> impl Future<Output = Result<Vec<AttemptRecord>, StoreError>> + Send;
+
+    /// Jobs matching `filter`, newest first (by `created_at`, then `id`).
+    /// `limit: 0` means [`LIST_LIMIT_DEFAULT`]; no answer exceeds [`LIST_LIMIT_MAX`].
+    fn jobs(&self, filter: JobFilter) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send;
+
+    /// The queued and running jobs, for recovery at start, in queue order:
+    /// higher priority first, then first queued first (by `queued_at`, then
+    /// insertion order).
+    fn unfinished(&self) -> impl Future<Output = Result<Vec<JobRecord>, StoreError>> + Send;
+
+    /// Deletes at most `limit` (and at most [`PRUNE_BATCH_MAX`]) finished jobs
+    /// whose `finished_at` is before `finished_before`, oldest first, with their
+    /// attempts, in one transaction. Returns the deleted jobs' ids, so the
+    /// caller can delete their log files; fewer than `limit` means there is
+    /// nothing more to prune for now.
+    fn prune(
+        &self,
+        finished_before: DateTime<Utc>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// The number of jobs by name and status, for metrics. Pairs with no job
+    /// are left out.
+    fn counts(&self) -> impl Future<Output = Result<Vec<(String, Status, u64)>, StoreError>> + Send;
+
+    /// True when the store can read and its writer is running and its last
+    /// transaction (if any) committed. For `/healthz`.
+    fn ping(&self) -> impl Future<Output = bool> + Send;
+
+    /// Stops taking changes, applies everything already queued and waits until
+    /// it is committed (SPEC: "the broker flushes its store" on SIGTERM).
+    /// Later commits fail with [`StoreError::Closed`]; reads keep working.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Knobs of a [`SqliteStore`]; [`StoreOptions::default`] takes the named constants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Commit requests queued for the writer before `commit` answers Busy.
+    pub queue_capacity: usize,
+    /// Changes applied in one transaction at most.
+    pub batch_changes_max: usize,
+    pub busy_timeout: Duration,
+    pub read_connections: usize,
+    /// Caps the database at this many pages (SQLite `max_page_count`); a write
+    /// beyond it fails as on a full disk. `None` keeps SQLite's own cap.
+    pub max_page_count: Option<u32>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions {
+            queue_capacity: WRITE_QUEUE_CAPACITY,
+            batch_changes_max: BATCH_CHANGES_MAX,
+            busy_timeout: BUSY_TIMEOUT,
+            read_connections: READ_CONNECTIONS,
+            max_page_count: None,
+        }
+    }
+}
+
+/// Counters of the writer since the store was opened, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Transactions committed (each one fsync), prunes included.
+    pub commits: u64,
+    /// Changes in committed transactions, skipped ones included.
+    pub changes: u64,
+    /// Committed changes that matched no row in the state they expect (unknown
+    /// or pruned job, stale lease, job already finished): applied as no-ops.
+    pub skipped: u64,
+    /// Commit requests refused for breaking a rule of the schema.
+    pub rejected: u64,
+    /// Transactions rolled back because the storage failed.
+    pub failed_batches: u64,
+    /// The most changes one transaction held.
+    pub largest_batch: u64,
+    /// Requests waiting in the writer's queue right now.
+    pub queued: u64,
+}
+
+/// Why the store could not do what was asked.
+///
+/// Cheap to clone, because the writer hands one error to every waiter of a
+/// failed transaction.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The write queue is full: back-pressure, try again later (HTTP 429).
+    #[error("the store's write queue is full; try again later")]
+    Busy,
+    /// The store was closed or its writer stopped.
+    #[error("the store is closed")]
+    Closed,
+    #[error("{context} {}: {error}", path.display())]
+    Io { context: &'static str, path: PathBuf, error: Arc<std::io::Error> },
+    /// The storage failed (disk full, I/O error, lock timeout). Nothing of the
+    /// transaction it happened in was applied.
+    #[error("{context}: {error}")]
+    Sqlite { context: String, error: Arc<rusqlite::Error> },
+    /// A change broke a rule of the schema (duplicate id, a state the schema
+    /// forbids, a value that cannot be stored): a bug in the caller. Nothing of
+    /// this commit was applied; other callers' commits were not affected.
+    #[error("{context} was refused, nothing of the commit was stored: {reason}")]
+    Rejected { context: String, reason: String, code: Option<rusqlite::ErrorCode> },
+    /// A stored row could not be read back into a record.
+    #[error("job {id:?} in the store is unreadable: column {column}: {reason}")]
+    Corrupt { id: String, column: &'static str, reason: String },
+    /// The database was written by a newer jobz.
+    #[error(
+        "{} has schema version {found}, newer than the {supported} this jobz understands; upgrade jobz",
+        path.display()
+    )]
+    SchemaTooNew { path: PathBuf, found: i64, supported: i64 },
+    /// The database cannot be set up as the store needs it (e.g. no WAL on this file system).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A read task died (a bug); the store itself is unaffected.
+    #[error("a store read failed unexpectedly: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// The SQLite result code behind this error, if any (e.g. `DiskFull`,
+    /// `ConstraintViolation`).
+    pub fn sqlite_code(&self) -> Option<rusqlite::ErrorCode> {
+        match self {
+            StoreError::Sqlite { error, .. } => error.sqlite_error_code(),
+            StoreError::Rejected { code, .. } => *code,
+            _ => None,
+        }
+    }
+
+    /// A closure for `map_err` that wraps a SQLite error with what was being done.
+    /// The context is a `&'static str` so the success path allocates nothing.
+    pub(crate) fn sqlite(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+        move |error| StoreError::Sqlite { context: context.to_string(), error: Arc::new(error) }
+    }
+}

@@ -1,0 +1,189 @@
+//! The SQLite schema, its migrations (tracked in `PRAGMA user_version`) and
+//! the settings every connection gets.
+//!
+//! The CHECK constraints state the invariants of a job row, so a change that
+//! would break one is refused by SQLite itself, whatever code sent it:
+//! `finished_at` is set exactly when the status is final, a running job holds a
+//! lease, a worker and a start time, and only gate-started jobs have gate
+//! columns. Tables are STRICT, so a value of the wrong type is refused too.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use super::{
+    StoreError, StoreOptions, JOURNAL_SIZE_LIMIT_BYTES, STATEMENT_CACHE_CAPACITY, WAL_AUTOCHECKPOINT_PAGES,
+};
+
+/// Migration `i` takes the schema from version `i` to version `i + 1`. Append
+/// only: a released migration never changes.
+const MIGRATIONS: &[&str] = &[
+    // Version 1.
+    "
+    CREATE TABLE jobs (
+        -- Insertion order: the first-in, first-out tie-break of the queue.
+        seq              INTEGER PRIMARY KEY,
+        id               TEXT NOT NULL UNIQUE,
+        job_name         TEXT NOT NULL,
+        -- A JSON object of strings.
+        params           TEXT NOT NULL,
+        status           TEXT NOT NULL
+            CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'timed_out', 'cancelled')),
+        attempts         INTEGER NOT NULL CHECK (attempts >= 0),
+        run_id           TEXT NOT NULL,
+        parent_id        TEXT,
+        origin_kind      TEXT NOT NULL
+            CHECK (origin_kind IN ('start', 'on_success', 'on_failure', 'gate', 'schedule')),
+        origin_gate      TEXT,
+        origin_key       TEXT,
+        origin_reason    TEXT CHECK (origin_reason IN ('then', 'timeout', 'failure')),
+        priority         INTEGER NOT NULL,
+        worker           TEXT,
+        -- A u64 fencing token stored bit for bit.
+        lease            INTEGER,
+        exit_code        INTEGER,
+        signal           INTEGER,
+        -- Times: Unix microseconds, UTC.
+        created_at       INTEGER NOT NULL,
+        queued_at        INTEGER,
+        started_at       INTEGER,
+        finished_at      INTEGER,
+        cancelled_at     INTEGER,
+        not_before       INTEGER,
+        output_tail      TEXT NOT NULL,
+        progress_percent REAL,
+        progress_message TEXT,
+        error            TEXT,
+        CHECK (CASE WHEN origin_kind = 'gate'
+                    THEN origin_gate IS NOT NULL AND origin_key IS NOT NULL AND origin_reason IS NOT NULL
+                    ELSE origin_gate IS NULL AND origin_key IS NULL AND origin_reason IS NULL END),
+        CHECK ((status IN ('queued', 'running')) = (finished_at IS NULL)),
+        CHECK (status <> 'running' OR (lease IS NOT NULL AND worker IS NOT NULL AND started_at IS NOT NULL)),
+        CHECK (progress_message IS NULL OR progress_percent IS NOT NULL)
+    ) STRICT;
+
+    -- Recovery and dispatch: the unfinished jobs in queue order. Partial, so
+    -- it holds only the few open jobs, not the finished history.
+    CREATE INDEX jobs_queue ON jobs (priority DESC, queued_at, seq)
+        WHERE status IN ('queued', 'running');
+    -- Listings, newest first (scanned backwards), unfiltered and per filter.
+    CREATE INDEX jobs_newest ON jobs (created_at, id);
+    CREATE INDEX jobs_by_name ON jobs (job_name, created_at, id);
+    CREATE INDEX jobs_by_run ON jobs (run_id, created_at, id);
+    CREATE INDEX jobs_by_status ON jobs (status, created_at, id);
+    -- Pruning, oldest finished first.
+    CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+    -- Metrics: counts by name and status from the index alone.
+    CREATE INDEX jobs_counts ON jobs (job_name, status);
+
+    CREATE TABLE attempts (
+        job_id      TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        -- Each dispatch has its own lease, and results name their lease.
+        lease       INTEGER NOT NULL,
+        attempt     INTEGER NOT NULL CHECK (attempt >= 1),
+        worker      TEXT NOT NULL,
+        started_at  INTEGER NOT NULL,
+        finished_at INTEGER,
+        -- NULL while it runs, or when it ended without a result (lease lost).
+        status      TEXT CHECK (status IN ('succeeded', 'failed', 'timed_out', 'cancelled')),
+        exit_code   INTEGER,
+        stale       INTEGER NOT NULL DEFAULT 0 CHECK (stale IN (0, 1)),
+        PRIMARY KEY (job_id, lease)
+    ) STRICT, WITHOUT ROWID;
+    ",
+];
+
+/// The schema version this build writes and understands.
+pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Opens the one read-write connection, sets it up for durable group commits
+/// and brings the schema up to date.
+pub(super) fn open_writer(path: &Path, options: &StoreOptions) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(StoreError::sqlite("open the database"))?;
+    conn.busy_timeout(options.busy_timeout).map_err(StoreError::sqlite("set busy_timeout"))?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(StoreError::sqlite("set journal_mode=WAL"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unsupported(format!(
+            "{}: SQLite refused WAL mode (got {mode:?}); is it on a network file system?",
+            path.display()
+        )));
+    }
+    // FULL: every commit fsyncs the WAL, so a job answered 202 survives a
+    // power loss, not only a crash of the process.
+    set_and_check(&conn, "synchronous", 2, "synchronous=FULL")?;
+    set_and_check(&conn, "foreign_keys", 1, "foreign_keys=ON")?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
+        .map_err(StoreError::sqlite("set wal_autocheckpoint"))?;
+    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES)
+        .map_err(StoreError::sqlite("set journal_size_limit"))?;
+    // Savepoints spill their undo records to a temp file otherwise.
+    conn.pragma_update(None, "temp_store", "MEMORY").map_err(StoreError::sqlite("set temp_store"))?;
+    if let Some(pages) = options.max_page_count {
+        conn.pragma_update(None, "max_page_count", pages).map_err(StoreError::sqlite("set max_page_count"))?;
+    }
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+/// Opens a read-only connection; WAL lets it read beside the writer.
+pub(super) fn open_reader(path: &Path, options: &StoreOptions) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(StoreError::sqlite("open a read connection"))?;
+    conn.busy_timeout(options.busy_timeout).map_err(StoreError::sqlite("set busy_timeout"))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    let version = user_version(&conn)?;
+    if version != SCHEMA_VERSION {
+        return Err(StoreError::Unsupported(format!(
+            "{}: a read connection sees schema version {version}, expected {SCHEMA_VERSION}",
+            path.display()
+        )));
+    }
+    Ok(conn)
+}
+
+fn set_and_check(conn: &Connection, pragma: &'static str, value: i64, context: &'static str) -> Result<(), StoreError> {
+    conn.pragma_update(None, pragma, value).map_err(StoreError::sqlite(context))?;
+    let now: i64 = conn.pragma_query_value(None, pragma, |row| row.get(0)).map_err(StoreError::sqlite(context))?;
+    if now != value {
+        return Err(StoreError::Unsupported(format!("SQLite kept {pragma}={now} when asked for {value}")));
+    }
+    Ok(())
+}
+
+fn user_version(conn: &Connection) -> Result<i64, StoreError> {
+    conn.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(StoreError::sqlite("read user_version"))
+}
+
+/// Applies the missing migrations, each in its own transaction together with
+/// its version bump. The version is read inside the transaction, so two
+/// processes opening one new file at once cannot both migrate it.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(StoreError::sqlite("begin a migration"))?;
+        let version = user_version(&tx)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew { path: path.to_owned(), found: version, supported: SCHEMA_VERSION });
+        }
+        let Some(migration) = usize::try_from(version).ok().and_then(|v| MIGRATIONS.get(v)) else {
+            // Up to date (a negative version would have no migration either; it
+            // is caught by the equality check below).
+            if version != SCHEMA_VERSION {
+                return Err(StoreError::Unsupported(format!(
+                    "{}: unknown schema version {version}",
+                    path.display()
+                )));
+            }
+            return Ok(());
+        };
+        tx.execute_batch(migration).map_err(StoreError::sqlite("migrate the schema"))?;
+        tx.pragma_update(None, "user_version", version + 1).map_err(StoreError::sqlite("bump user_version"))?;
+        tx.commit().map_err(StoreError::sqlite("commit a migration"))?;
+        tracing::info!(path = %path.display(), version = version + 1, "store schema migrated");
+    }
+}

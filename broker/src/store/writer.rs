@@ -1,0 +1,577 @@
+//! The writer thread: the only code that writes the database, on its own
+//! connection, with group commit.
+//!
+//! It blocks for the first request, drains whatever else is already queued (up
+//! to the batch limit), applies all of it in one transaction and commits once,
+//! so one fsync covers many callers, and then answers every waiter. Each
+//! caller's changes run inside their own savepoint: a change that breaks a rule
+//! of the schema (a caller's bug) rolls back only that caller's changes, while
+//! a storage failure (disk full, I/O error) rolls back the whole transaction
+//! and every waiter gets the error. Nothing is answered before the commit
+//! returned, so no 202 is ever sent for a job that is not on disk.
+//!
+//! It is a `std::thread`, not a tokio task, because every SQLite call blocks.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, ErrorCode};
+use tokio::sync::oneshot;
+use tracing::{debug, error, warn};
+
+use super::codec::{lease_to_sql, opt_time_to_sql, origin_to_sql, params_to_sql, time_to_sql};
+use super::{StoreError, StoreStats, PRUNE_BATCH_MAX};
+use crate::model::{Change, JobRecord};
+
+/// The answer to one request.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// What the store's handles ask of the writer, in one bounded queue so that
+/// every write (and a pause or close) is ordered with every other.
+pub(super) enum Request {
+    /// `reply` is `None` for `commit_later`.
+    Commit { changes: Vec<Change>, reply: Option<Reply<()>> },
+    Prune { finished_before: DateTime<Utc>, limit: usize, reply: Reply<Vec<String>> },
+    /// Stop after the transaction in flight until `resume`'s sender is dropped.
+    Pause { paused: oneshot::Sender<()>, resume: std::sync::mpsc::Receiver<()> },
+    /// Commit what came before, then stop.
+    Close { done: oneshot::Sender<()> },
+}
+
+/// Counters and flags shared between the writer and the store's handles.
+#[derive(Default)]
+pub(super) struct Shared {
+    commits: AtomicU64,
+    changes: AtomicU64,
+    skipped: AtomicU64,
+    rejected: AtomicU64,
+    failed_batches: AtomicU64,
+    largest_batch: AtomicU64,
+    /// Requests in the queue: incremented by senders, decremented on receipt.
+    pub(super) queued: AtomicU64,
+    pub(super) writer_running: AtomicBool,
+    pub(super) last_batch_failed: AtomicBool,
+}
+
+impl Shared {
+    pub(super) fn stats(&self) -> StoreStats {
+        StoreStats {
+            commits: self.commits.load(Ordering::Relaxed),
+            changes: self.changes.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            failed_batches: self.failed_batches.load(Ordering::Relaxed),
+            largest_batch: self.largest_batch.load(Ordering::Relaxed),
+            queued: self.queued.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Clears `writer_running` when the thread ends, however it ends (a panic included).
+struct RunningFlag(Arc<Shared>);
+
+impl Drop for RunningFlag {
+    fn drop(&mut self) {
+        self.0.writer_running.store(false, Ordering::Release);
+    }
+}
+
+/// One caller's changes and where its answer goes.
+struct Pending {
+    changes: Vec<Change>,
+    reply: Option<Reply<()>>,
+}
+
+/// Why a change could not be applied.
+enum Failure {
+    /// The change broke a rule of the schema: roll back this caller's changes only.
+    Rejected(StoreError),
+    /// The storage failed: roll back the whole transaction.
+    Storage(StoreError),
+}
+
+pub(super) struct Writer {
+    conn: Connection,
+    shared: Arc<Shared>,
+    batch_changes_max: usize,
+}
+
+impl Writer {
+    /// Starts the writer thread; it runs until the queue's senders are all
+    /// dropped (after draining it) or a [`Request::Close`] arrives.
+    pub(super) fn spawn(
+        conn: Connection,
+        shared: Arc<Shared>,
+        batch_changes_max: usize,
+        requests: Receiver<Request>,
+    ) -> std::io::Result<JoinHandle<()>> {
+        shared.writer_running.store(true, Ordering::Release);
+        let flag = RunningFlag(shared.clone());
+        let writer = Writer { conn, shared, batch_changes_max: batch_changes_max.max(1) };
+        std::thread::Builder::new().name("jobz-store-writer".into()).spawn(move || {
+            let _flag = flag;
+            writer.run(requests);
+        })
+    }
+
+    fn run(mut self, requests: Receiver<Request>) {
+        // A request drained that did not fit the batch: it opens the next one.
+        let mut carried: Option<Request> = None;
+        loop {
+            let request = match carried.take() {
+                Some(request) => request,
+                None => match requests.recv() {
+                    Ok(request) => {
+                        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                        request
+                    }
+                    // Every handle is gone and the queue is empty.
+                    Err(_) => break,
+                },
+            };
+            match request {
+                Request::Commit { changes, reply } => {
+                    let mut total = changes.len();
+                    let mut batch = vec![Pending { changes, reply }];
+                    while total < self.batch_changes_max {
+                        match requests.try_recv() {
+                            Ok(next) => {
+                                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                                match next {
+                                    Request::Commit { changes, reply }
+                                        if total + changes.len() <= self.batch_changes_max =>
+                                    {
+                                        total += changes.len();
+                                        batch.push(Pending { changes, reply });
+                                    }
+                                    other => {
+                                        carried = Some(other);
+                                        break;
+                                    }
+                                }
+                            }
+                            Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                        }
+                    }
+                    self.commit_batch(batch, total);
+                }
+                Request::Prune { finished_before, limit, reply } => {
+                    let result = self.prune(finished_before, limit);
+                    // The caller may have given up waiting; the prune stands either way.
+                    let _ = reply.send(result);
+                }
+                Request::Pause { paused, resume } => {
+                    // The caller may have given up waiting; we pause regardless
+                    // until it drops its guard.
+                    let _ = paused.send(());
+                    // Err means the guard was dropped: resume.
+                    let _ = resume.recv();
+                }
+                Request::Close { done } => {
+                    self.finish();
+                    // The closer may have given up waiting; the store is closed regardless.
+                    let _ = done.send(());
+                    return;
+                }
+            }
+        }
+        self.finish();
+    }
+
+    /// Last words before the thread ends.
+    fn finish(&self) {
+        // Lets SQLite refresh its query planner statistics, as its docs advise
+        // before closing; a failure costs only planning quality.
+        if let Err(e) = self.conn.execute_batch("PRAGMA optimize") {
+            debug!(error = %e, "PRAGMA optimize failed");
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Pending>, total: usize) {
+        match self.apply_batch(&batch) {
+            Ok((outcomes, skipped)) => {
+                let applied: usize = batch.iter().zip(&outcomes).filter(|(_, o)| o.is_ok()).map(|(p, _)| p.changes.len()).sum();
+                let rejected = outcomes.iter().filter(|o| o.is_err()).count();
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.shared.changes.fetch_add(applied as u64, Ordering::Relaxed);
+                self.shared.skipped.fetch_add(skipped, Ordering::Relaxed);
+                self.shared.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
+                self.shared.largest_batch.fetch_max(total as u64, Ordering::Relaxed);
+                self.shared.last_batch_failed.store(false, Ordering::Relaxed);
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    answer(pending.reply, outcome);
+                }
+            }
+            Err(e) => {
+                self.rollback();
+                self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
+                self.shared.last_batch_failed.store(true, Ordering::Relaxed);
+                error!(error = %e, requests = batch.len(), changes = total, "store transaction failed; rolled back");
+                for pending in batch {
+                    answer(pending.reply, Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Applies every caller's changes in one transaction and commits. Returns
+    /// each caller's outcome and the number of skipped changes, or the storage
+    /// failure that aborted the transaction (the caller rolls back).
+    fn apply_batch(&mut self, batch: &[Pending]) -> Result<(Vec<Result<(), StoreError>>, u64), StoreError> {
+        self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut skipped_total = 0;
+        for pending in batch {
+            self.exec("SAVEPOINT request", "open a savepoint")?;
+            let mut skipped = 0;
+            let mut outcome = Ok(());
+            for change in &pending.changes {
+                match self.apply(change) {
+                    Ok(true) => {}
+                    Ok(false) => skipped += 1,
+                    Err(Failure::Rejected(e)) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                    Err(Failure::Storage(e)) => return Err(e),
+                }
+            }
+            if let Err(e) = &outcome {
+                warn!(error = %e, "store refused a commit; its changes were rolled back");
+                self.exec("ROLLBACK TO request", "roll back to a savepoint")?;
+            } else {
+                skipped_total += skipped;
+            }
+            self.exec("RELEASE request", "release a savepoint")?;
+            outcomes.push(outcome);
+        }
+        self.exec("COMMIT", "commit")?;
+        Ok((outcomes, skipped_total))
+    }
+
+    fn exec(&self, sql: &'static str, context: &'static str) -> Result<(), StoreError> {
+        let mut statement = self.conn.prepare_cached(sql).map_err(StoreError::sqlite(context))?;
+        statement.execute([]).map_err(StoreError::sqlite(context))?;
+        Ok(())
+    }
+
+    fn rollback(&self) {
+        // SQLite may already have rolled back by itself (it does on some I/O
+        // errors); a second ROLLBACK would be an error.
+        if self.conn.is_autocommit() {
+            return;
+        }
+        if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+            error!(error = %e, "store rollback failed");
+        }
+    }
+
+    /// Applies one change. `Ok(false)` when it matched no row in the state it
+    /// expects: a no-op, logged.
+    fn apply(&self, change: &Change) -> Result<bool, Failure> {
+        let changed = match change {
+            Change::Insert(job) => {
+                self.insert(job)?;
+                true
+            }
+            Change::Dispatch { id, attempt, worker, lease, at } => {
+                let changed = self.execute(
+                    change,
+                    "UPDATE jobs SET status = 'running', attempts = ?2, worker = ?3, lease = ?4, started_at = ?5,
+                         not_before = NULL, progress_percent = NULL, progress_message = NULL
+                     WHERE id = ?1 AND status = 'queued'",
+                    params![id, attempt, worker, lease_to_sql(*lease), time_to_sql(*at)],
+                )?;
+                if changed {
+                    self.execute(
+                        change,
+                        "INSERT INTO attempts (job_id, lease, attempt, worker, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![id, lease_to_sql(*lease), attempt, worker, time_to_sql(*at)],
+                    )?;
+                }
+                changed
+            }
+            Change::Finish { id, lease, status, exit_code, signal, at, output_tail, error } => {
+                // Conditional on the lease and on `running`: a result for an
+                // attempt that was superseded, cancelled or already finished
+                // changes nothing.
+                let changed = self.execute(
+                    change,
+                    "UPDATE jobs SET status = ?3, finished_at = ?4, exit_code = ?5, signal = ?6, output_tail = ?7,
+                         error = ?8
+                     WHERE id = ?1 AND lease = ?2 AND status = 'running'",
+                    params![
+                        id,
+                        lease_to_sql(*lease),
+                        status.as_str(),
+                        time_to_sql(*at),
+                        exit_code,
+                        signal,
+                        output_tail,
+                        error
+                    ],
+                )?;
+                if changed {
+                    self.execute(
+                        change,
+                        "UPDATE attempts SET status = ?3, finished_at = ?4, exit_code = ?5 WHERE job_id = ?1 AND lease = ?2",
+                        params![id, lease_to_sql(*lease), status.as_str(), time_to_sql(*at), exit_code],
+                    )?;
+                }
+                changed
+            }
+            Change::Requeue { id, at, not_before } => {
+                // The attempt that held the lease ended without a result; close
+                // it before the job lets go of the lease.
+                self.execute(
+                    change,
+                    "UPDATE attempts SET finished_at = ?2
+                     WHERE job_id = ?1 AND finished_at IS NULL
+                       AND lease = (SELECT lease FROM jobs WHERE id = ?1 AND status = 'running')",
+                    params![id, time_to_sql(*at)],
+                )?;
+                self.execute(
+                    change,
+                    "UPDATE jobs SET status = 'queued', lease = NULL, queued_at = ?2, not_before = ?3,
+                         progress_percent = NULL, progress_message = NULL
+                     WHERE id = ?1 AND status = 'running'",
+                    params![id, time_to_sql(*at), opt_time_to_sql(*not_before)],
+                )?
+            }
+            Change::Cancel { id, at } => {
+                self.execute(
+                    change,
+                    "UPDATE attempts SET finished_at = ?2, status = 'cancelled'
+                     WHERE job_id = ?1 AND finished_at IS NULL
+                       AND lease = (SELECT lease FROM jobs WHERE id = ?1 AND status = 'running')",
+                    params![id, time_to_sql(*at)],
+                )?;
+                self.execute(
+                    change,
+                    "UPDATE jobs SET status = 'cancelled', cancelled_at = ?2, finished_at = ?2
+                     WHERE id = ?1 AND status IN ('queued', 'running')",
+                    params![id, time_to_sql(*at)],
+                )?
+            }
+            Change::Retry { id, at, not_before } => self.execute(
+                change,
+                "UPDATE jobs SET status = 'queued', queued_at = ?2, not_before = ?3, finished_at = NULL,
+                     cancelled_at = NULL, exit_code = NULL, signal = NULL, output_tail = '', error = NULL,
+                     lease = NULL, progress_percent = NULL, progress_message = NULL
+                 WHERE id = ?1 AND status IN ('succeeded', 'failed', 'timed_out', 'cancelled')",
+                params![id, time_to_sql(*at), opt_time_to_sql(*not_before)],
+            )?,
+            Change::Progress { id, progress } => {
+                check_percent(change, progress.percent)?;
+                self.execute(
+                    change,
+                    "UPDATE jobs SET progress_percent = ?2, progress_message = ?3 WHERE id = ?1 AND status = 'running'",
+                    params![id, progress.percent, progress.message],
+                )?
+            }
+            Change::Stale { id, lease, worker, status, exit_code, at } => self.execute(
+                change,
+                "UPDATE attempts SET stale = 1, status = ?4, exit_code = ?5, finished_at = ?6
+                 WHERE job_id = ?1 AND lease = ?2 AND worker = ?3",
+                params![id, lease_to_sql(*lease), worker, status.as_str(), exit_code, time_to_sql(*at)],
+            )?,
+        };
+        if !changed {
+            self.log_skip(change);
+        }
+        Ok(changed)
+    }
+
+    fn insert(&self, job: &JobRecord) -> Result<(), Failure> {
+        let change = || Change::Insert(job.clone());
+        let params_json = params_to_sql(&job.params).map_err(|e| {
+            Failure::Rejected(StoreError::Rejected { context: describe(&change()), reason: e.to_string(), code: None })
+        })?;
+        if let Some(progress) = &job.progress {
+            check_percent(&change(), progress.percent)?;
+        }
+        let (origin_kind, origin_gate, origin_key, origin_reason) = origin_to_sql(&job.origin);
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO jobs (id, job_name, params, status, attempts, run_id, parent_id,
+                     origin_kind, origin_gate, origin_key, origin_reason, priority, worker, lease, exit_code, signal,
+                     created_at, queued_at, started_at, finished_at, cancelled_at, not_before, output_tail,
+                     progress_percent, progress_message, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
+                     ?21, ?22, ?23, ?24, ?25, ?26)",
+            )
+            .map_err(|e| classify(&change(), e))?;
+        statement
+            .execute(params![
+                job.id,
+                job.job_name,
+                params_json,
+                job.status.as_str(),
+                job.attempts,
+                job.run_id,
+                job.parent_id,
+                origin_kind,
+                origin_gate,
+                origin_key,
+                origin_reason,
+                job.priority,
+                job.worker,
+                job.lease.map(lease_to_sql),
+                job.exit_code,
+                job.signal,
+                time_to_sql(job.created_at),
+                opt_time_to_sql(job.queued_at),
+                opt_time_to_sql(job.started_at),
+                opt_time_to_sql(job.finished_at),
+                opt_time_to_sql(job.cancelled_at),
+                opt_time_to_sql(job.not_before),
+                job.output_tail,
+                job.progress.as_ref().map(|p| p.percent),
+                job.progress.as_ref().and_then(|p| p.message.as_deref()),
+                job.error,
+            ])
+            .map_err(|e| classify(&change(), e))?;
+        Ok(())
+    }
+
+    /// Runs one cached statement for `change`; true when it changed a row.
+    fn execute(&self, change: &Change, sql: &'static str, params: &[&dyn rusqlite::ToSql]) -> Result<bool, Failure> {
+        let mut statement = self.conn.prepare_cached(sql).map_err(|e| classify(change, e))?;
+        let rows = statement.execute(params).map_err(|e| classify(change, e))?;
+        // Every statement addresses one job (or one attempt) by its key.
+        debug_assert!(rows <= 1, "{} changed {rows} rows", describe(change));
+        Ok(rows > 0)
+    }
+
+    /// Says why a change was a no-op. A result or dispatch that does not match
+    /// the stored job is a warning: the broker should have filtered it, and the
+    /// store is the last line. The rest (unknown or pruned ids, a cancel racing
+    /// a finish) is ordinary and logged at debug.
+    fn log_skip(&self, change: &Change) {
+        let (kind, id) = kind_and_id(change);
+        let state = self.conn.query_row("SELECT status, lease FROM jobs WHERE id = ?1", [id], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, Option<i64>>(1)?))
+        });
+        match state {
+            Err(rusqlite::Error::QueryReturnedNoRows) => {
+                debug!(job = id, change = kind, "store: change for an unknown (or pruned) job ignored");
+            }
+            Err(e) => debug!(job = id, change = kind, error = %e, "store: change ignored"),
+            Ok((status, lease)) => {
+                let lease = lease.map(super::codec::lease_from_sql);
+                if matches!(change, Change::Finish { .. } | Change::Dispatch { .. } | Change::Stale { .. }) {
+                    warn!(job = id, change = kind, %status, ?lease, ?change, "store: change does not match the stored job; ignored");
+                } else {
+                    debug!(job = id, change = kind, %status, ?lease, "store: change does not match the stored job; ignored");
+                }
+            }
+        }
+    }
+
+    /// Deletes a bounded batch of jobs finished before `finished_before`, in a
+    /// transaction of its own; their attempts go with them (ON DELETE CASCADE).
+    fn prune(&mut self, finished_before: DateTime<Utc>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let limit = limit.min(PRUNE_BATCH_MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let result = self.prune_in_transaction(finished_before, limit);
+        match &result {
+            Ok(ids) => {
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.shared.last_batch_failed.store(false, Ordering::Relaxed);
+                debug!(jobs = ids.len(), "store: pruned finished jobs");
+            }
+            Err(e) => {
+                self.rollback();
+                self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
+                self.shared.last_batch_failed.store(true, Ordering::Relaxed);
+                error!(error = %e, "store prune failed; rolled back");
+            }
+        }
+        result
+    }
+
+    fn prune_in_transaction(&mut self, finished_before: DateTime<Utc>, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.exec("BEGIN IMMEDIATE", "begin a prune")?;
+        let ids = {
+            let mut statement = self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM jobs WHERE seq IN (
+                         SELECT seq FROM jobs WHERE finished_at < ?1 ORDER BY finished_at LIMIT ?2)
+                     RETURNING id",
+                )
+                .map_err(StoreError::sqlite("prepare the prune"))?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = statement
+                .query_map(params![time_to_sql(finished_before), limit], |row| row.get::<_, String>(0))
+                .map_err(StoreError::sqlite("prune"))?;
+            rows.collect::<Result<Vec<String>, _>>().map_err(StoreError::sqlite("prune"))?
+        };
+        self.exec("COMMIT", "commit a prune")?;
+        Ok(ids)
+    }
+}
+
+fn answer(reply: Option<Reply<()>>, outcome: Result<(), StoreError>) {
+    match reply {
+        Some(reply) => {
+            // The caller may have stopped waiting (its client went away); what
+            // was committed stays committed.
+            let _ = reply.send(outcome);
+        }
+        None => {
+            if let Err(e) = outcome {
+                error!(error = %e, "store: a commit_later batch was not stored");
+            }
+        }
+    }
+}
+
+fn check_percent(change: &Change, percent: f64) -> Result<(), Failure> {
+    if percent.is_finite() {
+        return Ok(());
+    }
+    Err(Failure::Rejected(StoreError::Rejected {
+        context: describe(change),
+        reason: format!("progress percent {percent} is not a finite number"),
+        code: None,
+    }))
+}
+
+/// A change that broke a rule of the schema (or could not be bound) is the
+/// caller's bug and fails that caller alone; anything else SQLite reports is a
+/// storage failure that aborts the transaction.
+fn classify(change: &Change, e: rusqlite::Error) -> Failure {
+    let code = e.sqlite_error_code();
+    let storage = matches!(&e, rusqlite::Error::SqliteFailure(..))
+        && !matches!(code, Some(ErrorCode::ConstraintViolation | ErrorCode::TooBig | ErrorCode::TypeMismatch));
+    if storage {
+        Failure::Storage(StoreError::Sqlite { context: describe(change), error: Arc::new(e) })
+    } else {
+        Failure::Rejected(StoreError::Rejected { context: describe(change), reason: e.to_string(), code })
+    }
+}
+
+fn kind_and_id(change: &Change) -> (&'static str, &str) {
+    match change {
+        Change::Insert(job) => ("Insert", &job.id),
+        Change::Dispatch { id, .. } => ("Dispatch", id),
+        Change::Finish { id, .. } => ("Finish", id),
+        Change::Requeue { id, .. } => ("Requeue", id),
+        Change::Cancel { id, .. } => ("Cancel", id),
+        Change::Retry { id, .. } => ("Retry", id),
+        Change::Progress { id, .. } => ("Progress", id),
+        Change::Stale { id, .. } => ("Stale", id),
+    }
+}
+
+fn describe(change: &Change) -> String {
+    let (kind, id) = kind_and_id(change);
+    format!("{kind} of job {id:?}")
+}

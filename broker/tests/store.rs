@@ -1,0 +1,879 @@
+//! The durable store against a real SQLite file in a fresh temp dir per test:
+//! every change's effect on the rows, durability across a reopen and a
+//! `kill -9`, group commit, rollback on failure, back-pressure, and the
+//! queries recovery, listings, pruning and metrics use.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use broker::model::{AttemptRecord, Change, JobFilter, JobRecord, Progress};
+use broker::store::{SqliteStore, Store, StoreError, StoreOptions, DB_FILE_NAME};
+use chrono::{DateTime, TimeDelta, Utc};
+use jobz_core::pipeline::{GateReason, Origin};
+use jobz_core::Status;
+use rusqlite::ErrorCode;
+
+/// Every wait in these tests polls its condition for at most this long.
+const WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// A fixed instant at microsecond precision (what the store keeps), `seconds` after a base.
+fn at(seconds: i64) -> DateTime<Utc> {
+    let base = DateTime::from_timestamp(1_700_000_000, 123_456_000).expect("a valid base time");
+    base + TimeDelta::seconds(seconds)
+}
+
+fn queued(id: &str, job_name: &str, created: DateTime<Utc>) -> JobRecord {
+    JobRecord {
+        id: id.to_owned(),
+        job_name: job_name.to_owned(),
+        params: BTreeMap::from([("date".to_owned(), "2024_01_31".to_owned())]),
+        status: Status::Queued,
+        attempts: 0,
+        run_id: id.to_owned(),
+        parent_id: None,
+        origin: Origin::Start,
+        priority: 0,
+        worker: None,
+        lease: None,
+        exit_code: None,
+        signal: None,
+        created_at: created,
+        queued_at: Some(created),
+        started_at: None,
+        finished_at: None,
+        cancelled_at: None,
+        not_before: None,
+        output_tail: String::new(),
+        progress: None,
+        error: None,
+    }
+}
+
+fn open(dir: &Path) -> SqliteStore {
+    SqliteStore::open(dir, StoreOptions::default()).expect("open the store")
+}
+
+async fn job(store: &SqliteStore, id: &str) -> JobRecord {
+    store.job(id).await.expect("read").unwrap_or_else(|| panic!("job {id} is missing"))
+}
+
+/// Polls `condition` until it holds, failing the test after [`WAIT_MAX`].
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT_MAX;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Starts `count` commits of one Insert each as separate tasks and waits until
+/// all of them are queued behind a paused writer.
+async fn queue_commits(
+    store: &SqliteStore,
+    batches: Vec<Vec<Change>>,
+) -> Vec<tokio::task::JoinHandle<Result<(), StoreError>>> {
+    let before = store.stats().queued;
+    let count = batches.len() as u64;
+    let handles: Vec<_> = batches
+        .into_iter()
+        .map(|changes| {
+            let store = store.clone();
+            tokio::spawn(async move { store.commit(changes).await })
+        })
+        .collect();
+    wait_until("every commit is queued", || store.stats().queued == before + count).await;
+    handles
+}
+
+async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.expect("the commit task panicked"));
+    }
+    out
+}
+
+fn with_timeout<F: Future>(future: F) -> impl Future<Output = F::Output> {
+    async move { tokio::time::timeout(WAIT_MAX, future).await.expect("timed out") }
+}
+
+// ---- Records and changes ----
+
+#[tokio::test]
+async fn insert_round_trips_every_field_including_unicode_and_none_vs_some() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut bare = queued("bare", "import", at(0));
+    bare.queued_at = None;
+    bare.params = BTreeMap::new();
+    let full = JobRecord {
+        id: "full-ünïcødé-🚀".into(),
+        job_name: "import_category_dump".into(),
+        params: BTreeMap::from([
+            ("städte".into(), "Zürich, 東京, Кёльн 🚀".into()),
+            ("quotes".into(), "a \"b\" \\ c' {d}".into()),
+            ("empty".into(), String::new()),
+        ]),
+        status: Status::Failed,
+        attempts: 3,
+        run_id: "run-1".into(),
+        parent_id: Some("parent-1".into()),
+        origin: Origin::Gate { gate: "all_shards_done".into(), key: "2024_01_31".into(), reason: GateReason::Failure },
+        priority: -7,
+        worker: Some("worker-ä".into()),
+        lease: Some(u64::MAX),
+        exit_code: Some(-2),
+        signal: Some(9),
+        created_at: at(1),
+        queued_at: Some(at(2)),
+        started_at: Some(at(3)),
+        finished_at: Some(at(4)),
+        cancelled_at: Some(at(5)),
+        not_before: Some(at(6)),
+        output_tail: "last line ✓\n".into(),
+        progress: Some(Progress { percent: 42.5, message: Some("halfway ½".into()) }),
+        error: Some("worker does not know the job".into()),
+    };
+    let mut origins = vec![bare.clone(), full.clone()];
+    for (i, origin) in [
+        Origin::Start,
+        Origin::OnSuccess,
+        Origin::OnFailure,
+        Origin::Schedule,
+        Origin::Gate { gate: "g".into(), key: "k".into(), reason: GateReason::Then },
+        Origin::Gate { gate: "g".into(), key: "k".into(), reason: GateReason::Timeout },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut job = queued(&format!("origin-{i}"), "import", at(10 + i as i64));
+        job.origin = origin;
+        job.progress = Some(Progress { percent: 0.0, message: None });
+        origins.push(job);
+    }
+    store.commit(origins.iter().cloned().map(Change::Insert).collect()).await.unwrap();
+
+    for expected in &origins {
+        assert_eq!(&job(&store, &expected.id).await, expected);
+    }
+    let listed = store.jobs(JobFilter::default()).await.unwrap();
+    assert_eq!(listed.len(), origins.len());
+    assert!(listed.contains(&full));
+    assert_eq!(store.job("nope").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn times_are_kept_at_microsecond_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let precise = DateTime::from_timestamp(1_700_000_000, 123_456_789).unwrap();
+    store.commit(vec![Change::Insert(queued("a", "import", precise))]).await.unwrap();
+    let read = job(&store, "a").await;
+    assert_eq!(read.created_at, broker::store::to_store_precision(precise));
+    assert_eq!(read.created_at.timestamp_subsec_nanos(), 123_456_000);
+}
+
+#[tokio::test]
+async fn every_change_applies_as_documented_on_job_and_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut expected = queued("j", "import", at(0));
+    store.commit(vec![Change::Insert(expected.clone())]).await.unwrap();
+    assert_eq!(job(&store, "j").await, expected);
+    assert!(store.attempts("j").await.unwrap().is_empty());
+
+    // Dispatch: running, attempt 1 under lease 7.
+    let dispatch = |attempt, lease, worker: &str, t| Change::Dispatch {
+        id: "j".into(),
+        attempt,
+        worker: worker.into(),
+        lease,
+        at: t,
+    };
+    store.commit(vec![dispatch(1, 7, "w1", at(1))]).await.unwrap();
+    expected.status = Status::Running;
+    expected.attempts = 1;
+    expected.worker = Some("w1".into());
+    expected.lease = Some(7);
+    expected.started_at = Some(at(1));
+    assert_eq!(job(&store, "j").await, expected);
+    let mut attempt1 = AttemptRecord {
+        job_id: "j".into(),
+        attempt: 1,
+        worker: "w1".into(),
+        lease: 7,
+        started_at: at(1),
+        finished_at: None,
+        status: None,
+        exit_code: None,
+        stale: false,
+    };
+    assert_eq!(store.attempts("j").await.unwrap(), vec![attempt1.clone()]);
+
+    // Progress: only the progress columns.
+    let progress = Progress { percent: 50.0, message: Some("half ½".into()) };
+    store.commit(vec![Change::Progress { id: "j".into(), progress: progress.clone() }]).await.unwrap();
+    expected.progress = Some(progress);
+    assert_eq!(job(&store, "j").await, expected);
+
+    // Finish: the final status and result, on the job and its attempt.
+    store
+        .commit(vec![Change::Finish {
+            id: "j".into(),
+            lease: 7,
+            status: Status::Failed,
+            exit_code: Some(3),
+            signal: None,
+            at: at(2),
+            output_tail: "boom\n".into(),
+            error: None,
+        }])
+        .await
+        .unwrap();
+    expected.status = Status::Failed;
+    expected.finished_at = Some(at(2));
+    expected.exit_code = Some(3);
+    expected.output_tail = "boom\n".into();
+    assert_eq!(job(&store, "j").await, expected);
+    attempt1.finished_at = Some(at(2));
+    attempt1.status = Some(Status::Failed);
+    attempt1.exit_code = Some(3);
+    assert_eq!(store.attempts("j").await.unwrap(), vec![attempt1.clone()]);
+
+    // Retry: queued again, attempts unchanged, the finish fields cleared.
+    store.commit(vec![Change::Retry { id: "j".into(), at: at(3), not_before: Some(at(13)) }]).await.unwrap();
+    expected.status = Status::Queued;
+    expected.queued_at = Some(at(3));
+    expected.not_before = Some(at(13));
+    expected.finished_at = None;
+    expected.exit_code = None;
+    expected.output_tail = String::new();
+    expected.lease = None;
+    expected.progress = None;
+    assert_eq!(job(&store, "j").await, expected);
+
+    // Dispatch attempt 2, then the worker is lost: Requeue with a not_before.
+    store.commit(vec![dispatch(2, 8, "w2", at(4))]).await.unwrap();
+    store.commit(vec![Change::Requeue { id: "j".into(), at: at(5), not_before: Some(at(15)) }]).await.unwrap();
+    expected.attempts = 2;
+    expected.worker = Some("w2".into());
+    expected.started_at = Some(at(4));
+    expected.queued_at = Some(at(5));
+    expected.not_before = Some(at(15));
+    assert_eq!(job(&store, "j").await, expected);
+    let mut attempt2 = AttemptRecord {
+        job_id: "j".into(),
+        attempt: 2,
+        worker: "w2".into(),
+        lease: 8,
+        started_at: at(4),
+        finished_at: Some(at(5)),
+        status: None,
+        exit_code: None,
+        stale: false,
+    };
+    assert_eq!(store.attempts("j").await.unwrap(), vec![attempt1.clone(), attempt2.clone()]);
+
+    // Attempt 3 runs; attempt 2's worker comes back with a result: Stale.
+    store.commit(vec![dispatch(3, 9, "w3", at(16))]).await.unwrap();
+    store
+        .commit(vec![Change::Stale {
+            id: "j".into(),
+            lease: 8,
+            worker: "w2".into(),
+            status: Status::Succeeded,
+            exit_code: Some(0),
+            at: at(17),
+        }])
+        .await
+        .unwrap();
+    expected.attempts = 3;
+    expected.status = Status::Running;
+    expected.worker = Some("w3".into());
+    expected.lease = Some(9);
+    expected.started_at = Some(at(16));
+    expected.not_before = None;
+    assert_eq!(job(&store, "j").await, expected, "a stale result leaves the job untouched");
+    attempt2.stale = true;
+    attempt2.status = Some(Status::Succeeded);
+    attempt2.exit_code = Some(0);
+    attempt2.finished_at = Some(at(17));
+    let attempt3 = AttemptRecord {
+        job_id: "j".into(),
+        attempt: 3,
+        worker: "w3".into(),
+        lease: 9,
+        started_at: at(16),
+        finished_at: Some(at(18)),
+        status: Some(Status::Cancelled),
+        exit_code: None,
+        stale: false,
+    };
+
+    // Cancel the running attempt 3.
+    store.commit(vec![Change::Cancel { id: "j".into(), at: at(18) }]).await.unwrap();
+    expected.status = Status::Cancelled;
+    expected.cancelled_at = Some(at(18));
+    expected.finished_at = Some(at(18));
+    assert_eq!(job(&store, "j").await, expected);
+    assert_eq!(store.attempts("j").await.unwrap(), vec![attempt1, attempt2, attempt3]);
+
+    // A queued job cancels without any attempt.
+    store.commit(vec![Change::Insert(queued("q", "import", at(20)))]).await.unwrap();
+    store.commit(vec![Change::Cancel { id: "q".into(), at: at(21) }]).await.unwrap();
+    let q = job(&store, "q").await;
+    assert_eq!((q.status, q.cancelled_at, q.finished_at), (Status::Cancelled, Some(at(21)), Some(at(21))));
+    assert_eq!(store.stats().skipped, 0);
+}
+
+#[tokio::test]
+async fn finishing_with_a_wrong_lease_or_in_a_wrong_state_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.commit(vec![Change::Insert(queued("j", "import", at(0)))]).await.unwrap();
+    let finish = |lease| Change::Finish {
+        id: "j".into(),
+        lease,
+        status: Status::Succeeded,
+        exit_code: Some(0),
+        signal: None,
+        at: at(5),
+        output_tail: "done".into(),
+        error: None,
+    };
+    // Not running yet: a finish is a no-op.
+    store.commit(vec![finish(7)]).await.unwrap();
+    assert_eq!(job(&store, "j").await, queued("j", "import", at(0)));
+
+    store
+        .commit(vec![Change::Dispatch { id: "j".into(), attempt: 1, worker: "w".into(), lease: 7, at: at(1) }])
+        .await
+        .unwrap();
+    let running = job(&store, "j").await;
+    let attempts = store.attempts("j").await.unwrap();
+    let skipped = store.stats().skipped;
+
+    store.commit(vec![finish(6)]).await.unwrap();
+    assert_eq!(job(&store, "j").await, running, "a wrong lease changes nothing");
+    assert_eq!(store.attempts("j").await.unwrap(), attempts);
+    // A second dispatch of a running job, and a stale result for a lease never handed out, are no-ops too.
+    store
+        .commit(vec![
+            Change::Dispatch { id: "j".into(), attempt: 2, worker: "x".into(), lease: 8, at: at(2) },
+            Change::Stale {
+                id: "j".into(),
+                lease: 99,
+                worker: "w".into(),
+                status: Status::Failed,
+                exit_code: None,
+                at: at(2),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(job(&store, "j").await, running);
+    assert_eq!(store.attempts("j").await.unwrap(), attempts);
+    assert_eq!(store.stats().skipped, skipped + 3);
+
+    // The right lease finishes it; a second finish with the same lease is a no-op.
+    store.commit(vec![finish(7)]).await.unwrap();
+    let finished = job(&store, "j").await;
+    assert_eq!(finished.status, Status::Succeeded);
+    store.commit(vec![finish(7)]).await.unwrap();
+    assert_eq!(job(&store, "j").await, finished);
+}
+
+#[tokio::test]
+async fn changes_for_unknown_ids_are_no_ops_not_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .commit(vec![
+            Change::Cancel { id: "pruned".into(), at: at(0) },
+            Change::Insert(queued("new", "import", at(0))),
+            Change::Dispatch { id: "pruned".into(), attempt: 1, worker: "w".into(), lease: 1, at: at(0) },
+            Change::Requeue { id: "pruned".into(), at: at(0), not_before: None },
+            Change::Retry { id: "pruned".into(), at: at(0), not_before: None },
+            Change::Progress { id: "pruned".into(), progress: Progress { percent: 1.0, message: None } },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(job(&store, "new").await, queued("new", "import", at(0)));
+    assert_eq!(store.stats().skipped, 5);
+}
+
+#[tokio::test]
+async fn a_non_finite_progress_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let err = store
+        .commit(vec![
+            Change::Insert(queued("j", "import", at(0))),
+            Change::Progress { id: "j".into(), progress: Progress { percent: f64::NAN, message: None } },
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Rejected { .. }), "{err:?}");
+    assert_eq!(store.job("j").await.unwrap(), None, "nothing of the refused commit is stored");
+}
+
+// ---- Durability ----
+
+#[tokio::test]
+async fn committed_jobs_survive_dropping_the_store_and_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs: Vec<JobRecord> = (0..500).map(|i| queued(&format!("job-{i:04}"), "import", at(i))).collect();
+    {
+        let store = open(dir.path());
+        for chunk in jobs.chunks(50) {
+            store.commit(chunk.iter().cloned().map(Change::Insert).collect()).await.unwrap();
+        }
+        // Dropped without close().
+    }
+    let store = open(dir.path());
+    for expected in &jobs {
+        assert_eq!(&job(&store, &expected.id).await, expected);
+    }
+    assert_eq!(store.unfinished().await.unwrap().len(), jobs.len());
+}
+
+#[tokio::test]
+async fn a_returned_commit_is_visible_to_a_fresh_connection_while_the_store_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.commit(vec![Change::Insert(queued("seen", "import", at(0)))]).await.unwrap();
+    let raw = rusqlite::Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
+    let (status, params): (String, String) = raw
+        .query_row("SELECT status, params FROM jobs WHERE id = 'seen'", [], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap();
+    assert_eq!(status, "queued");
+    assert_eq!(params, r#"{"date":"2024_01_31"}"#);
+    let (journal_mode, version): (String, i64) = raw
+        .query_row("SELECT * FROM pragma_journal_mode, pragma_user_version", [], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap();
+    assert_eq!((journal_mode.as_str(), version), ("wal", 1));
+    drop(store);
+}
+
+/// The child half of [`a_kill_9_loses_no_acknowledged_job`]: when the
+/// parent runs this test binary with `JOBZ_STORE_KILL_DIR` set, it commits jobs
+/// from several tasks until killed, printing each id once its commit returned.
+/// Run normally, it does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_child() {
+    let Some(dir) = std::env::var_os("JOBZ_STORE_KILL_DIR") else { return };
+    let round = std::env::var("JOBZ_STORE_KILL_ROUND").unwrap();
+    let store = open(Path::new(&dir));
+    let tasks: Vec<_> = (0..8)
+        .map(|task| {
+            let store = store.clone();
+            let round = round.clone();
+            tokio::spawn(async move {
+                // Bounded so a child the parent failed to kill still ends.
+                for i in 0..100_000 {
+                    let id = format!("r{round}-t{task}-{i}");
+                    store.commit(vec![Change::Insert(queued(&id, "import", at(i)))]).await.unwrap();
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "committed {id}").unwrap();
+                    out.flush().unwrap();
+                }
+            })
+        })
+        .collect();
+    join_all(tasks).await;
+}
+
+/// SPEC "Durable": a job answered 202 survives a `kill -9` of the broker at
+/// any moment. A child process commits from several tasks and is killed with
+/// SIGKILL mid-stream; every id it printed after its commit returned must be
+/// in the store. Several rounds on one file, so each child also recovers the
+/// hot WAL the last one left, and the kill lands at different moments.
+#[tokio::test]
+async fn a_kill_9_loses_no_acknowledged_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut acknowledged = Vec::new();
+    for round in 0..4 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "kill_9_child", "--nocapture", "--test-threads=1"])
+            .env("JOBZ_STORE_KILL_DIR", dir.path())
+            .env("JOBZ_STORE_KILL_ROUND", round.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let deadline = Instant::now() + WAIT_MAX;
+        let mut seen = 0;
+        while seen < 200 + 37 * round {
+            assert!(Instant::now() < deadline, "the child committed too slowly");
+            let line = lines.next().expect("the child ended early").unwrap();
+            if let Some(id) = line.strip_prefix("committed ") {
+                acknowledged.push(id.to_owned());
+                seen += 1;
+            }
+        }
+        // SIGKILL, in the middle of its commits.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Every line it printed before dying is still in the pipe.
+        for line in lines {
+            if let Some(id) = line.unwrap().strip_prefix("committed ") {
+                acknowledged.push(id.to_owned());
+            }
+        }
+    }
+
+    let store = open(dir.path());
+    let stored: std::collections::HashSet<String> =
+        store.unfinished().await.unwrap().into_iter().map(|job| job.id).collect();
+    let lost: Vec<_> = acknowledged.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(lost.is_empty(), "{} of {} acknowledged jobs lost: {lost:?}", lost.len(), acknowledged.len());
+}
+
+// ---- Group commit, failures, back-pressure ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_share_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let before = store.stats();
+    let paused = store.pause_writes().await.unwrap();
+    let batches = (0..64).map(|i| vec![Change::Insert(queued(&format!("j{i}"), "import", at(i)))]).collect();
+    let handles = queue_commits(&store, batches).await;
+    drop(paused);
+    for result in with_timeout(join_all(handles)).await {
+        result.unwrap();
+    }
+    let after = store.stats();
+    assert_eq!(after.commits - before.commits, 1, "64 commits in one transaction");
+    assert_eq!(after.changes - before.changes, 64);
+    assert_eq!(after.largest_batch, 64);
+    assert_eq!(store.jobs(JobFilter { limit: 1000, ..JobFilter::default() }).await.unwrap().len(), 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unpaused_concurrent_commits_batch_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let handles: Vec<_> = (0..64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store.commit(vec![Change::Insert(queued(&format!("j{i}"), "import", at(i)))]).await
+            })
+        })
+        .collect();
+    for result in with_timeout(join_all(handles)).await {
+        result.unwrap();
+    }
+    let stats = store.stats();
+    assert_eq!(stats.changes, 64);
+    assert!(stats.commits < 64, "{} transactions for 64 concurrent commits", stats.commits);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_batch_limit_splits_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions { batch_changes_max: 16, ..StoreOptions::default() };
+    let store = SqliteStore::open(dir.path(), options).unwrap();
+    let paused = store.pause_writes().await.unwrap();
+    let batches = (0..64).map(|i| vec![Change::Insert(queued(&format!("j{i}"), "import", at(i)))]).collect();
+    let handles = queue_commits(&store, batches).await;
+    drop(paused);
+    for result in with_timeout(join_all(handles)).await {
+        result.unwrap();
+    }
+    assert_eq!(store.stats().commits, 4);
+    assert_eq!(store.stats().largest_batch, 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_storage_failure_rolls_back_the_whole_batch_and_the_store_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    // A database capped at 64 pages of 4 KiB: a write beyond fails like a full disk.
+    let options = StoreOptions { max_page_count: Some(64), ..StoreOptions::default() };
+    let store = SqliteStore::open(dir.path(), options).unwrap();
+    store.commit(vec![Change::Insert(queued("before", "import", at(0)))]).await.unwrap();
+
+    let paused = store.pause_writes().await.unwrap();
+    let mut huge = queued("huge", "import", at(3));
+    huge.params.insert("blob".into(), "x".repeat(1024 * 1024));
+    let mut batches: Vec<Vec<Change>> =
+        (0..6).map(|i| vec![Change::Insert(queued(&format!("small{i}"), "import", at(i)))]).collect();
+    batches.insert(3, vec![Change::Insert(huge)]);
+    let handles = queue_commits(&store, batches).await;
+    drop(paused);
+    let results = with_timeout(join_all(handles)).await;
+    assert_eq!(results.len(), 7);
+    for result in results {
+        let err = result.unwrap_err();
+        assert_eq!(err.sqlite_code(), Some(ErrorCode::DiskFull), "{err}");
+    }
+    for i in 0..6 {
+        assert_eq!(store.job(&format!("small{i}")).await.unwrap(), None, "small{i} was rolled back");
+    }
+    assert_eq!(store.stats().failed_batches, 1);
+    assert!(!store.ping().await, "unhealthy after a failed transaction");
+
+    store.commit(vec![Change::Insert(queued("after", "import", at(9)))]).await.unwrap();
+    assert!(store.job("after").await.unwrap().is_some());
+    assert!(store.job("before").await.unwrap().is_some());
+    assert!(store.ping().await, "healthy again after a committed transaction");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_breaking_the_schema_fails_alone_and_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.commit(vec![Change::Insert(queued("exists", "import", at(0)))]).await.unwrap();
+    let before = store.stats();
+
+    let paused = store.pause_writes().await.unwrap();
+    let handles = queue_commits(
+        &store,
+        vec![
+            vec![Change::Insert(queued("x", "import", at(1)))],
+            // Two inserts of one id: the second violates UNIQUE, the first must go too.
+            vec![
+                Change::Insert(queued("y", "import", at(2))),
+                Change::Insert(queued("z", "import", at(2))),
+                Change::Insert(queued("y", "import", at(2))),
+            ],
+            vec![Change::Insert(queued("exists", "import", at(3)))],
+            // A queued job with a finish time breaks a CHECK.
+            vec![Change::Insert(JobRecord { finished_at: Some(at(4)), ..queued("bad", "import", at(4)) })],
+            vec![Change::Insert(queued("w", "import", at(5)))],
+        ],
+    )
+    .await;
+    drop(paused);
+    let results = with_timeout(join_all(handles)).await;
+    assert!(results[0].is_ok());
+    for refused in &results[1..4] {
+        let err = refused.as_ref().unwrap_err();
+        assert!(matches!(err, StoreError::Rejected { .. }), "{err:?}");
+        assert_eq!(err.sqlite_code(), Some(ErrorCode::ConstraintViolation));
+    }
+    assert!(results[4].is_ok());
+    for (id, stored) in [("x", true), ("y", false), ("z", false), ("bad", false), ("w", true)] {
+        assert_eq!(store.job(id).await.unwrap().is_some(), stored, "job {id}");
+    }
+    assert_eq!(job(&store, "exists").await.created_at, at(0), "the first insert stands");
+    let after = store.stats();
+    assert_eq!(after.commits - before.commits, 1);
+    assert_eq!(after.rejected - before.rejected, 3);
+    assert!(store.ping().await, "a refused commit is not a storage failure");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_queue_answers_busy_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions { queue_capacity: 2, ..StoreOptions::default() };
+    let store = SqliteStore::open(dir.path(), options).unwrap();
+    let paused = store.pause_writes().await.unwrap();
+    store.commit_later(vec![Change::Insert(queued("a", "import", at(0)))]).unwrap();
+    store.commit_later(vec![Change::Insert(queued("b", "import", at(1)))]).unwrap();
+    let later = store.commit_later(vec![Change::Insert(queued("c", "import", at(2)))]);
+    assert!(matches!(later, Err(StoreError::Busy)), "{later:?}");
+    let now = with_timeout(store.commit(vec![Change::Insert(queued("d", "import", at(3)))])).await;
+    assert!(matches!(now, Err(StoreError::Busy)), "{now:?}");
+    assert_eq!(store.stats().queued, 2);
+
+    drop(paused);
+    let deadline = Instant::now() + WAIT_MAX;
+    while store.job("b").await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the queued commits were not applied");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(store.job("a").await.unwrap().is_some());
+    assert_eq!(store.job("c").await.unwrap(), None);
+    store.commit(vec![Change::Insert(queued("e", "import", at(4)))]).await.unwrap();
+}
+
+#[tokio::test]
+async fn close_commits_what_was_queued_then_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert!(store.ping().await);
+    for i in 0..100 {
+        store.commit_later(vec![Change::Insert(queued(&format!("j{i}"), "import", at(i)))]).unwrap();
+    }
+    with_timeout(store.close()).await;
+    let err = store.commit(vec![Change::Insert(queued("late", "import", at(0)))]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Closed), "{err:?}");
+    assert!(matches!(store.commit_later(vec![Change::Cancel { id: "j1".into(), at: at(0) }]), Err(StoreError::Closed)));
+    assert!(!store.ping().await);
+    // Reads still work, and everything queued before the close was committed.
+    assert_eq!(store.unfinished().await.unwrap().len(), 100);
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_jobz_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let raw = rusqlite::Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
+    raw.pragma_update(None, "user_version", 99).unwrap();
+    drop(raw);
+    let err = SqliteStore::open(dir.path(), StoreOptions::default()).err().expect("refused");
+    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 1, .. }), "{err:?}");
+}
+
+// ---- Queries ----
+
+#[tokio::test]
+async fn unfinished_lists_queued_and_running_jobs_in_queue_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let with_priority = |id: &str, priority, queued_at| JobRecord {
+        priority,
+        queued_at: Some(at(queued_at)),
+        ..queued(id, "import", at(0))
+    };
+    let mut changes = vec![
+        Change::Insert(with_priority("low-1", -5, 1)),
+        Change::Insert(with_priority("mid-3", 0, 3)),
+        Change::Insert(with_priority("high-2", 10, 2)),
+        Change::Insert(with_priority("mid-1", 0, 1)),
+        // Same priority and queue time: insertion order decides.
+        Change::Insert(with_priority("mid-2a", 0, 2)),
+        Change::Insert(with_priority("mid-2b", 0, 2)),
+        Change::Insert(with_priority("done", 100, 0)),
+        Change::Insert(with_priority("gone", 100, 0)),
+    ];
+    changes.push(Change::Dispatch { id: "done".into(), attempt: 1, worker: "w".into(), lease: 1, at: at(5) });
+    changes.push(Change::Finish {
+        id: "done".into(),
+        lease: 1,
+        status: Status::Succeeded,
+        exit_code: Some(0),
+        signal: None,
+        at: at(6),
+        output_tail: String::new(),
+        error: None,
+    });
+    changes.push(Change::Cancel { id: "gone".into(), at: at(6) });
+    changes.push(Change::Dispatch { id: "mid-1".into(), attempt: 1, worker: "w".into(), lease: 2, at: at(7) });
+    store.commit(changes).await.unwrap();
+
+    let order: Vec<_> = store.unfinished().await.unwrap().into_iter().map(|j| (j.id, j.status)).collect();
+    let expected = [
+        ("high-2", Status::Queued),
+        ("mid-1", Status::Running),
+        ("mid-2a", Status::Queued),
+        ("mid-2b", Status::Queued),
+        ("mid-3", Status::Queued),
+        ("low-1", Status::Queued),
+    ];
+    assert_eq!(order, expected.map(|(id, status)| (id.to_owned(), status)).to_vec());
+}
+
+#[tokio::test]
+async fn jobs_filters_newest_first_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut changes = Vec::new();
+    for i in 0..30 {
+        let name = if i % 2 == 0 { "even" } else { "odd" };
+        let mut job = queued(&format!("j{i:02}"), name, at(i / 3));
+        job.run_id = format!("run{}", i % 3);
+        changes.push(Change::Insert(job));
+    }
+    changes.push(Change::Cancel { id: "j04".into(), at: at(50) });
+    changes.push(Change::Cancel { id: "j05".into(), at: at(50) });
+    store.commit(changes).await.unwrap();
+
+    let ids = |jobs: Vec<JobRecord>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    // Newest first by created_at, then id: j27..j29 share a created_at.
+    let newest = ids(store.jobs(JobFilter { limit: 5, ..JobFilter::default() }).await.unwrap());
+    assert_eq!(newest, ["j29", "j28", "j27", "j26", "j25"]);
+    assert_eq!(store.jobs(JobFilter::default()).await.unwrap().len(), 30, "limit 0 takes the default");
+
+    let even = ids(store.jobs(JobFilter { job_name: Some("even".into()), limit: 3, ..JobFilter::default() }).await.unwrap());
+    assert_eq!(even, ["j28", "j26", "j24"]);
+    let run1 = ids(store.jobs(JobFilter { run_id: Some("run1".into()), limit: 100, ..JobFilter::default() }).await.unwrap());
+    assert_eq!(run1, ["j28", "j25", "j22", "j19", "j16", "j13", "j10", "j07", "j04", "j01"]);
+    let cancelled = ids(
+        store.jobs(JobFilter { status: Some(Status::Cancelled), limit: 100, ..JobFilter::default() }).await.unwrap(),
+    );
+    assert_eq!(cancelled, ["j05", "j04"]);
+    let all_three = JobFilter {
+        status: Some(Status::Cancelled),
+        job_name: Some("odd".into()),
+        run_id: Some("run2".into()),
+        limit: 100,
+    };
+    assert_eq!(ids(store.jobs(all_three).await.unwrap()), ["j05"]);
+    let none = JobFilter { job_name: Some("nope".into()), ..JobFilter::default() };
+    assert!(store.jobs(none).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn prune_deletes_only_finished_jobs_older_than_the_cutoff_up_to_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut changes = Vec::new();
+    for i in 0..10 {
+        let id = format!("old{i}");
+        changes.push(Change::Insert(queued(&id, "import", at(0))));
+        changes.push(Change::Dispatch { id: id.clone(), attempt: 1, worker: "w".into(), lease: i, at: at(1) });
+        changes.push(Change::Finish {
+            id,
+            lease: i,
+            status: Status::Failed,
+            exit_code: Some(1),
+            signal: None,
+            at: at(10 + i as i64),
+            output_tail: String::new(),
+            error: None,
+        });
+    }
+    changes.push(Change::Insert(queued("old-queued", "import", at(0))));
+    changes.push(Change::Insert(queued("recent", "import", at(0))));
+    changes.push(Change::Cancel { id: "recent".into(), at: at(100) });
+    store.commit(changes).await.unwrap();
+
+    // Cutoff after old0..old9 finished; at most 4 per call, oldest first.
+    let first = store.prune(at(50), 4).await.unwrap();
+    let mut sorted = first.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["old0", "old1", "old2", "old3"]);
+    assert!(store.attempts("old0").await.unwrap().is_empty(), "attempts go with their job");
+    assert_eq!(store.prune(at(50), 4).await.unwrap().len(), 4);
+    assert_eq!(store.prune(at(50), 4).await.unwrap().len(), 2);
+    assert!(store.prune(at(50), 4).await.unwrap().is_empty());
+    assert!(store.prune(at(1000), 0).await.unwrap().is_empty(), "limit 0 prunes nothing");
+    // A change for a pruned job is a no-op.
+    store.commit(vec![Change::Retry { id: "old0".into(), at: at(200), not_before: None }]).await.unwrap();
+
+    let left = store.jobs(JobFilter::default()).await.unwrap();
+    let mut left: Vec<_> = left.into_iter().map(|j| j.id).collect();
+    left.sort();
+    assert_eq!(left, ["old-queued", "recent"]);
+}
+
+#[tokio::test]
+async fn counts_are_by_name_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut changes = Vec::new();
+    for i in 0..5 {
+        changes.push(Change::Insert(queued(&format!("a{i}"), "alpha", at(i))));
+    }
+    changes.push(Change::Insert(queued("b0", "beta", at(0))));
+    changes.push(Change::Cancel { id: "a0".into(), at: at(9) });
+    changes.push(Change::Cancel { id: "a1".into(), at: at(9) });
+    store.commit(changes).await.unwrap();
+    let counts = store.counts().await.unwrap();
+    assert_eq!(
+        counts,
+        vec![
+            ("alpha".to_owned(), Status::Cancelled, 2),
+            ("alpha".to_owned(), Status::Queued, 3),
+            ("beta".to_owned(), Status::Queued, 1),
+        ]
+    );
+}

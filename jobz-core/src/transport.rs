@@ -1,0 +1,836 @@
+//! ZeroMQ sockets on their own threads, bridged to tokio.
+//!
+//! The broker binds a [`Router`]; workers and semaphores connect out with a
+//! [`Dealer`], so a peer behind a firewall needs no inbound port. Both carry the
+//! messages of [`crate::protocol`], already decoded.
+//!
+//! A zmq socket is not thread-safe and its calls block, so each network socket
+//! belongs to one thread, its *pump*. The pump waits in `zmq::poll` on two
+//! sockets at once: the network socket and an `inproc://` PULL socket. Tokio code
+//! sends through the matching PUSH socket, guarded by a `std::sync::Mutex` (a
+//! zmq socket may move between threads given a full memory barrier, which the
+//! mutex provides), so an outgoing message wakes the pump at once and nothing
+//! ever busy-polls. Each send waits for the pump's answer, so a send to a
+//! vanished peer (`ZMQ_ROUTER_MANDATORY`) or into a full queue is an error the
+//! caller sees, never a silent drop or a hang. The pump never blocks on the
+//! network (it sends and receives with `DONTWAIT` after polling), so that
+//! answer comes within microseconds.
+//!
+//! Incoming messages are decoded on the pump and go to a bounded tokio channel.
+//! When the channel is full the pump stops reading the network, so back-pressure
+//! reaches ZeroMQ's high-water mark, and the consumer's next `recv` wakes it.
+//!
+//! Each process has one `zmq::Context`, passed in by the caller, so a CURVE ZAP
+//! handler can later be bound in the same context.
+
+use std::fmt;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::protocol::{self, limits, DecodeError, EncodeError, ToBroker, ToWorker};
+
+/// Socket settings, each set explicitly on every network socket: ZeroMQ's own
+/// defaults (infinite linger, no size limit, no heartbeats) suit none of our peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// `ZMQ_LINGER`: how long unsent messages may delay closing the context.
+    /// Short, because nothing depends on it: results are resent until
+    /// acknowledged and a lost dispatch is recovered by its lease. `reconnect()`
+    /// closes the old socket with linger 0 regardless.
+    pub linger: Duration,
+    /// `ZMQ_SNDHWM`, in messages per peer: a full queue makes `send` fail with [`TransportError::Full`].
+    pub send_high_water_mark: i32,
+    /// `ZMQ_RCVHWM`, in messages per peer: where back-pressure stops a fast sender.
+    pub receive_high_water_mark: i32,
+    /// `ZMQ_MAXMSGSIZE`. libzmq checks it per frame and disconnects a peer that
+    /// exceeds it without telling anyone; it is set above the protocol's frame
+    /// limits so a slightly oversized frame reaches the decoder and is answered
+    /// with a clear error instead.
+    pub message_max_bytes: i64,
+    /// `ZMQ_HEARTBEAT_IVL`: ZMTP pings on an idle connection. These detect a dead
+    /// TCP connection (a pulled cable, a NAT that forgot us) so a dealer
+    /// reconnects and a router frees the peer; the protocol's own heartbeats
+    /// decide about leases.
+    pub heartbeat_interval: Duration,
+    /// `ZMQ_HEARTBEAT_TIMEOUT`: silence after which this side drops the connection.
+    pub heartbeat_timeout: Duration,
+    /// `ZMQ_HEARTBEAT_TTL`: asks the other side to drop the connection after this much silence.
+    pub heartbeat_ttl: Duration,
+    /// `ZMQ_RECONNECT_IVL`: first wait before a dealer reconnects by itself.
+    pub reconnect_interval: Duration,
+    /// `ZMQ_RECONNECT_IVL_MAX`: the wait doubles up to this, so a fleet of
+    /// workers does not hammer a broker that is down.
+    pub reconnect_interval_max: Duration,
+    /// `ZMQ_HANDSHAKE_IVL`: a connection must finish the ZMTP handshake within
+    /// this, so a peer that connects and says nothing does not hold a slot.
+    pub handshake_timeout: Duration,
+    /// `ZMQ_CONNECT_TIMEOUT`: one TCP connect attempt gives up after this, then
+    /// the reconnect interval applies.
+    pub connect_timeout: Duration,
+    /// `ZMQ_TCP_KEEPALIVE_IDLE` (whole seconds); `None` turns TCP keepalive off.
+    /// Keeps firewall and NAT state alive on connections that only heartbeat.
+    pub tcp_keepalive_idle: Option<Duration>,
+    /// `ZMQ_TCP_KEEPALIVE_INTVL` (whole seconds).
+    pub tcp_keepalive_interval: Duration,
+    /// `ZMQ_TCP_KEEPALIVE_CNT`.
+    pub tcp_keepalive_count: i32,
+    /// Decoded messages waiting for the tokio side; beyond this the pump stops reading.
+    pub incoming_capacity: usize,
+    /// How long a `send` or `reconnect` waits for the pump's answer.
+    pub command_timeout: Duration,
+    /// How long `shutdown` (or drop) waits for the pump thread to end.
+    pub shutdown_timeout: Duration,
+}
+
+impl SocketOptions {
+    pub const DEFAULT: SocketOptions = SocketOptions {
+        linger: Duration::from_secs(1),
+        send_high_water_mark: 1000,
+        receive_high_water_mark: 1000,
+        message_max_bytes: (limits::FRAME_MAX_BYTES + limits::PAYLOAD_MAX_BYTES + 64 * 1024) as i64,
+        heartbeat_interval: Duration::from_secs(2),
+        heartbeat_timeout: Duration::from_secs(10),
+        heartbeat_ttl: Duration::from_secs(10),
+        reconnect_interval: Duration::from_millis(100),
+        reconnect_interval_max: Duration::from_secs(5),
+        handshake_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+        tcp_keepalive_idle: Some(Duration::from_secs(60)),
+        tcp_keepalive_interval: Duration::from_secs(10),
+        tcp_keepalive_count: 6,
+        incoming_capacity: 1024,
+        command_timeout: Duration::from_secs(5),
+        shutdown_timeout: Duration::from_secs(5),
+    };
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        SocketOptions::DEFAULT
+    }
+}
+
+/// Commands queued on the inproc socket, plus wake-ups; far more than the one
+/// command in flight at a time needs.
+const COMMAND_QUEUE_MAX: i32 = 64;
+/// Answers waiting for a caller (a caller that timed out leaves one behind).
+const REPLIES_MAX: usize = 16;
+/// Messages the pump takes from one socket before it looks at the other.
+const BATCH_MAX: usize = 256;
+/// While the consumer is behind, the pump rechecks this often, in case a
+/// wake-up was missed; otherwise it sleeps until something happens.
+const STALLED_RECHECK_MS: i64 = 50;
+/// Frames kept of one incoming message: the router's peer-id frame, the
+/// protocol's frames, and one more so the decoder sees that there were too
+/// many. The rest are read and dropped, so a peer sending thousands of frames
+/// costs us nothing.
+const ROUTER_KEEP_FRAMES: usize = 1 + limits::FRAMES_MAX + 1;
+const DEALER_KEEP_FRAMES: usize = limits::FRAMES_MAX + 1;
+
+/// A peer of the router: the routing id ZeroMQ gave its connection, or the
+/// identity the dealer chose.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(Vec<u8>);
+
+impl PeerId {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Vec<u8>> for PeerId {
+    fn from(bytes: Vec<u8>) -> Self {
+        PeerId(bytes)
+    }
+}
+
+impl From<&[u8]> for PeerId {
+    fn from(bytes: &[u8]) -> Self {
+        PeerId(bytes.to_vec())
+    }
+}
+
+impl fmt::Display for PeerId {
+    /// Printable identities (worker names) as text, generated ones as hex.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.0.is_empty() && self.0.iter().all(|b| b.is_ascii_graphic()) {
+            f.write_str(&String::from_utf8_lossy(&self.0))
+        } else {
+            f.write_str("0x")?;
+            self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        }
+    }
+}
+
+impl fmt::Debug for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PeerId({self})")
+    }
+}
+
+/// A message that reached the router: garbage arrives as an `Err`, for the
+/// broker to log (rate-limited) and perhaps answer with `ToWorker::Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    pub peer: PeerId,
+    pub message: Result<ToBroker, DecodeError>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot create a ZeroMQ socket: {source}")]
+    Socket { source: zmq::Error },
+    #[error("cannot set socket option {option}: {source}")]
+    Option { option: &'static str, source: zmq::Error },
+    #[error("cannot bind {endpoint}: {source}")]
+    Bind { endpoint: String, source: zmq::Error },
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect { endpoint: String, source: zmq::Error },
+    #[error("invalid dealer identity: {reason}")]
+    Identity { reason: &'static str },
+    #[error("no connected peer {peer}")]
+    UnknownPeer { peer: PeerId },
+    #[error("the send queue is full (high-water mark reached)")]
+    Full,
+    #[error("cannot send: {source}")]
+    Send { source: zmq::Error },
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error("the transport thread has stopped")]
+    Stopped,
+    #[error("the transport thread did not answer within {waited:?}")]
+    Timeout { waited: Duration },
+    #[error("cannot start the transport thread: {source}")]
+    Thread { source: std::io::Error },
+    #[error("the transport thread panicked")]
+    Panicked,
+}
+
+// ---------------------------------------------------------------------------
+// Router
+// ---------------------------------------------------------------------------
+
+/// The broker's socket: a ROUTER bound to an endpoint, serving many peers.
+pub struct Router {
+    pump: Pump<Incoming>,
+    endpoint: String,
+}
+
+impl Router {
+    /// Binds `endpoint`; `tcp://127.0.0.1:0` picks a free port (see [`Router::local_endpoint`]).
+    pub fn bind(ctx: &zmq::Context, endpoint: &str, options: &SocketOptions) -> Result<Router, TransportError> {
+        let net = ctx.socket(zmq::ROUTER).map_err(|source| TransportError::Socket { source })?;
+        configure(&net, options)?;
+        // A send to a peer that is gone must be an error the broker sees, not a silent drop.
+        set("ZMQ_ROUTER_MANDATORY", net.set_router_mandatory(true))?;
+        // A worker that reconnects with the same identity takes over its old
+        // connection, even before the heartbeat has declared the old one dead.
+        set("ZMQ_ROUTER_HANDOVER", net.set_router_handover(true))?;
+        net.bind(endpoint).map_err(|source| TransportError::Bind { endpoint: endpoint.to_owned(), source })?;
+        let local = match net.get_last_endpoint() {
+            Ok(Ok(local)) => local,
+            _ => endpoint.to_owned(),
+        };
+        let pump = Pump::start(ctx, "jobz-router", net, options, ROUTER_KEEP_FRAMES, router_incoming, None)?;
+        Ok(Router { pump, endpoint: local })
+    }
+
+    /// The endpoint actually bound: with port 0, the port the system chose.
+    pub fn local_endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Sends `message` to `peer`; an unknown or vanished peer is
+    /// [`TransportError::UnknownPeer`], a peer whose queue is full is [`TransportError::Full`].
+    pub fn send(&self, peer: &PeerId, message: &ToWorker) -> Result<(), TransportError> {
+        let frames = protocol::try_encode(message)?;
+        let mut command = Vec::with_capacity(1 + frames.len());
+        command.push(peer.0.clone());
+        command.extend(frames);
+        self.pump.call(Tag::Send, command)
+    }
+
+    /// The next message from any peer; `None` once the transport has stopped. Cancel-safe.
+    pub async fn recv(&self) -> Option<Incoming> {
+        self.pump.recv().await
+    }
+
+    /// Stops the pump thread and joins it (within `shutdown_timeout`). Dropping does the same.
+    pub fn shutdown(mut self) -> Result<(), TransportError> {
+        self.pump.stop()
+    }
+}
+
+fn router_incoming(frames: Vec<Vec<u8>>) -> Incoming {
+    let mut frames = frames.into_iter();
+    // A ROUTER always prepends the peer's routing id, so it is never missing.
+    let peer = PeerId(frames.next().unwrap_or_default());
+    let rest: Vec<Vec<u8>> = frames.collect();
+    Incoming { peer, message: protocol::decode_to_broker(&rest) }
+}
+
+// ---------------------------------------------------------------------------
+// Dealer
+// ---------------------------------------------------------------------------
+
+/// A worker's or semaphore's socket: a DEALER connected out to the broker.
+pub struct Dealer {
+    pump: Pump<Result<ToWorker, DecodeError>>,
+    endpoint: String,
+}
+
+impl Dealer {
+    /// Connects to `endpoint`. ZeroMQ connects in the background and keeps
+    /// reconnecting, so this succeeds while the broker is down; messages sent
+    /// meanwhile wait in the queue (up to the high-water mark).
+    ///
+    /// `identity` (1 to 255 bytes, not starting with a zero byte) gives the
+    /// broker a stable [`PeerId`] across reconnects; without it ZeroMQ makes up
+    /// a new one per connection.
+    pub fn connect(
+        ctx: &zmq::Context,
+        endpoint: &str,
+        options: &SocketOptions,
+        identity: Option<Vec<u8>>,
+    ) -> Result<Dealer, TransportError> {
+        match identity.as_deref() {
+            Some([]) => return Err(TransportError::Identity { reason: "empty" }),
+            Some([0, ..]) => return Err(TransportError::Identity { reason: "starts with a zero byte" }),
+            Some(id) if id.len() > 255 => return Err(TransportError::Identity { reason: "longer than 255 bytes" }),
+            _ => {}
+        }
+        let redial = Redial { ctx: ctx.clone(), endpoint: endpoint.to_owned(), options: options.clone(), identity };
+        let net = redial.socket()?;
+        redial.connect(&net)?;
+        let pump = Pump::start(ctx, "jobz-dealer", net, options, DEALER_KEEP_FRAMES, dealer_incoming, Some(redial))?;
+        Ok(Dealer { pump, endpoint: endpoint.to_owned() })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Queues `message` for the broker; a full queue is [`TransportError::Full`].
+    pub fn send(&self, message: &ToBroker) -> Result<(), TransportError> {
+        let frames = protocol::try_encode(message)?;
+        self.pump.call(Tag::Send, frames)
+    }
+
+    /// The next message from the broker; `None` once the transport has stopped. Cancel-safe.
+    pub async fn recv(&self) -> Option<Result<ToWorker, DecodeError>> {
+        self.pump.recv().await
+    }
+
+    /// Closes the socket and connects a fresh one (Paranoid Pirate: after a
+    /// heartbeat timeout, frames queued on the old socket are stale, so they are
+    /// dropped rather than delivered late). Messages already received stay in
+    /// the channel for `recv`. Send `Hello` again afterwards.
+    pub fn reconnect(&self) -> Result<(), TransportError> {
+        self.pump.call(Tag::Reconnect, Vec::new())
+    }
+
+    /// Stops the pump thread and joins it (within `shutdown_timeout`). Dropping does the same.
+    pub fn shutdown(mut self) -> Result<(), TransportError> {
+        self.pump.stop()
+    }
+}
+
+/// What it takes to make a dealer's socket again.
+struct Redial {
+    ctx: zmq::Context,
+    endpoint: String,
+    options: SocketOptions,
+    identity: Option<Vec<u8>>,
+}
+
+impl Redial {
+    fn socket(&self) -> Result<zmq::Socket, TransportError> {
+        let net = self.ctx.socket(zmq::DEALER).map_err(|source| TransportError::Socket { source })?;
+        configure(&net, &self.options)?;
+        // Queue while the broker is unreachable, so a Hello sent right after
+        // connecting is delivered once the connection is up.
+        set("ZMQ_IMMEDIATE", net.set_immediate(false))?;
+        if let Some(id) = &self.identity {
+            set("ZMQ_ROUTING_ID", net.set_identity(id))?;
+        }
+        Ok(net)
+    }
+
+    fn connect(&self, net: &zmq::Socket) -> Result<(), TransportError> {
+        let endpoint = &self.endpoint;
+        net.connect(endpoint).map_err(|source| TransportError::Connect { endpoint: endpoint.clone(), source })
+    }
+
+    /// Closes `old` and waits (at most `wait`) until libzmq has really destroyed
+    /// it. zmq_close only hands a socket to the reaper thread; until the reaper
+    /// is done, the old socket's session may still reconnect and deliver stale
+    /// frames, or, with the same identity, take the identity over from the new
+    /// connection at the router and lose what the new one sent. libzmq reports
+    /// `MONITOR_STOPPED` when it destroys the socket, after its sessions ended.
+    fn close(&self, old: zmq::Socket, wait: Duration) {
+        let address = format!("inproc://jobz-close-{}", NEXT_PUMP.fetch_add(1, Ordering::Relaxed));
+        let stopped = zmq::SocketEvent::MONITOR_STOPPED.to_raw();
+        let watch = old.monitor(&address, i32::from(stopped)).and_then(|()| {
+            let watch = self.ctx.socket(zmq::PAIR)?;
+            watch.set_linger(0)?;
+            watch.set_rcvtimeo(ms(wait))?;
+            watch.connect(&address)?;
+            Ok(watch)
+        });
+        // Frames still queued on the old socket are stale: drop them now.
+        if let Err(e) = old.set_linger(0) {
+            tracing::debug!(error = %e, "could not shorten linger on the old socket");
+        }
+        drop(old);
+        let watch = match watch {
+            Ok(watch) => watch,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the old socket close; not waiting for it");
+                return;
+            }
+        };
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            match watch.recv_multipart(0) {
+                Ok(event) if event.first().is_some_and(|f| f.get(..2) == Some(&stopped.to_ne_bytes()[..])) => return,
+                Ok(_) | Err(zmq::Error::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+        tracing::warn!(?wait, "the old socket did not close in time; reconnecting anyway");
+    }
+}
+
+fn dealer_incoming(frames: Vec<Vec<u8>>) -> Result<ToWorker, DecodeError> {
+    protocol::decode_to_worker(&frames)
+}
+
+// ---------------------------------------------------------------------------
+// Socket options
+// ---------------------------------------------------------------------------
+
+fn set(option: &'static str, result: zmq::Result<()>) -> Result<(), TransportError> {
+    result.map_err(|source| TransportError::Option { option, source })
+}
+
+/// Milliseconds for a zmq option, saturating rather than wrapping.
+fn ms(duration: Duration) -> i32 {
+    i32::try_from(duration.as_millis()).unwrap_or(i32::MAX)
+}
+
+fn secs(duration: Duration) -> i32 {
+    i32::try_from(duration.as_secs().max(1)).unwrap_or(i32::MAX)
+}
+
+fn configure(socket: &zmq::Socket, o: &SocketOptions) -> Result<(), TransportError> {
+    set("ZMQ_LINGER", socket.set_linger(ms(o.linger)))?;
+    set("ZMQ_SNDHWM", socket.set_sndhwm(o.send_high_water_mark))?;
+    set("ZMQ_RCVHWM", socket.set_rcvhwm(o.receive_high_water_mark))?;
+    set("ZMQ_MAXMSGSIZE", socket.set_maxmsgsize(o.message_max_bytes))?;
+    // The pump only calls send and recv after zmq::poll said it may, with
+    // DONTWAIT; a zero timeout makes that explicit.
+    set("ZMQ_SNDTIMEO", socket.set_sndtimeo(0))?;
+    set("ZMQ_RCVTIMEO", socket.set_rcvtimeo(0))?;
+    set("ZMQ_HEARTBEAT_IVL", socket.set_heartbeat_ivl(ms(o.heartbeat_interval)))?;
+    set("ZMQ_HEARTBEAT_TIMEOUT", socket.set_heartbeat_timeout(ms(o.heartbeat_timeout)))?;
+    set("ZMQ_HEARTBEAT_TTL", socket.set_heartbeat_ttl(ms(o.heartbeat_ttl)))?;
+    set("ZMQ_RECONNECT_IVL", socket.set_reconnect_ivl(ms(o.reconnect_interval)))?;
+    set("ZMQ_RECONNECT_IVL_MAX", socket.set_reconnect_ivl_max(ms(o.reconnect_interval_max)))?;
+    set("ZMQ_HANDSHAKE_IVL", socket.set_handshake_ivl(ms(o.handshake_timeout)))?;
+    set("ZMQ_CONNECT_TIMEOUT", socket.set_connect_timeout(ms(o.connect_timeout)))?;
+    match o.tcp_keepalive_idle {
+        Some(idle) => {
+            set("ZMQ_TCP_KEEPALIVE", socket.set_tcp_keepalive(1))?;
+            set("ZMQ_TCP_KEEPALIVE_IDLE", socket.set_tcp_keepalive_idle(secs(idle)))?;
+            set("ZMQ_TCP_KEEPALIVE_INTVL", socket.set_tcp_keepalive_intvl(secs(o.tcp_keepalive_interval)))?;
+            set("ZMQ_TCP_KEEPALIVE_CNT", socket.set_tcp_keepalive_cnt(o.tcp_keepalive_count))?;
+        }
+        None => set("ZMQ_TCP_KEEPALIVE", socket.set_tcp_keepalive(0))?,
+    }
+    Ok(())
+}
+
+/// The inproc pair between tokio and the pump: process-local, so no heartbeats
+/// or size limits; linger 0 because the pump reads until it is told to stop.
+fn configure_inproc(socket: &zmq::Socket) -> Result<(), TransportError> {
+    set("ZMQ_LINGER", socket.set_linger(0))?;
+    set("ZMQ_SNDHWM", socket.set_sndhwm(COMMAND_QUEUE_MAX))?;
+    set("ZMQ_RCVHWM", socket.set_rcvhwm(COMMAND_QUEUE_MAX))?;
+    set("ZMQ_SNDTIMEO", socket.set_sndtimeo(0))?;
+    set("ZMQ_RCVTIMEO", socket.set_rcvtimeo(0))
+}
+
+// ---------------------------------------------------------------------------
+// The pump: one thread per network socket
+// ---------------------------------------------------------------------------
+
+/// What tokio asks of the pump. The first frame of a command is the tag and
+/// an 8-byte sequence number that its answer carries back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    /// The remaining frames go to the network as one message.
+    Send = 1,
+    /// Replace the dealer's socket with a fresh one.
+    Reconnect = 2,
+    /// The consumer made room in the incoming channel.
+    Wake = 3,
+    Stop = 4,
+}
+
+type Reply = (u64, Result<(), TransportError>);
+
+/// The tokio side of the inproc pair, with the pump's answers.
+struct Commander {
+    push: zmq::Socket,
+    replies: std_mpsc::Receiver<Reply>,
+    sequence: u64,
+}
+
+struct Pump<In> {
+    commander: Mutex<Commander>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<In>>,
+    /// Set by the pump when the incoming channel was full; the consumer wakes it.
+    stalled: Arc<AtomicBool>,
+    /// The pump thread and what tells of its end; in a mutex only because a
+    /// `Receiver` is not `Sync` and a `Router` is shared between tasks.
+    thread: Mutex<Option<(JoinHandle<()>, std_mpsc::Receiver<()>)>>,
+    command_timeout: Duration,
+    shutdown_timeout: Duration,
+}
+
+static NEXT_PUMP: AtomicU64 = AtomicU64::new(0);
+
+impl<In: Send + 'static> Pump<In> {
+    fn start(
+        ctx: &zmq::Context,
+        thread_name: &str,
+        net: zmq::Socket,
+        options: &SocketOptions,
+        keep_frames: usize,
+        decode: fn(Vec<Vec<u8>>) -> In,
+        redial: Option<Redial>,
+    ) -> Result<Pump<In>, TransportError> {
+        let address = format!("inproc://jobz-pump-{}", NEXT_PUMP.fetch_add(1, Ordering::Relaxed));
+        let pull = ctx.socket(zmq::PULL).map_err(|source| TransportError::Socket { source })?;
+        configure_inproc(&pull)?;
+        pull.bind(&address).map_err(|source| TransportError::Bind { endpoint: address.clone(), source })?;
+        let push = ctx.socket(zmq::PUSH).map_err(|source| TransportError::Socket { source })?;
+        configure_inproc(&push)?;
+        push.connect(&address).map_err(|source| TransportError::Connect { endpoint: address.clone(), source })?;
+
+        let (incoming_tx, incoming_rx) = mpsc::channel(options.incoming_capacity.max(1));
+        let (reply_tx, reply_rx) = std_mpsc::sync_channel(REPLIES_MAX);
+        // Never sent on: the pump drops it when it ends, which is what `stop` waits for.
+        let (exited_tx, exited_rx) = std_mpsc::sync_channel(0);
+        let stalled = Arc::new(AtomicBool::new(false));
+        let owner = Owner {
+            net,
+            pull,
+            incoming: incoming_tx,
+            replies: reply_tx,
+            stalled: Arc::clone(&stalled),
+            pending: None,
+            keep_frames,
+            decode,
+            redial,
+            close_wait: options.command_timeout / 2,
+            _exited: exited_tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name(thread_name.to_owned())
+            .spawn(move || owner.run())
+            .map_err(|source| TransportError::Thread { source })?;
+        Ok(Pump {
+            commander: Mutex::new(Commander { push, replies: reply_rx, sequence: 0 }),
+            incoming: tokio::sync::Mutex::new(incoming_rx),
+            stalled,
+            thread: Mutex::new(Some((handle, exited_rx))),
+            command_timeout: options.command_timeout,
+            shutdown_timeout: options.shutdown_timeout,
+        })
+    }
+}
+
+impl<In> Pump<In> {
+    /// Runs one command on the pump and waits (at most `command_timeout`) for its answer.
+    fn call(&self, tag: Tag, frames: Vec<Vec<u8>>) -> Result<(), TransportError> {
+        // A panic elsewhere while holding the lock leaves the commander intact: recover it.
+        let mut commander = self.commander.lock().unwrap_or_else(PoisonError::into_inner);
+        commander.sequence += 1;
+        let sequence = commander.sequence;
+        // Answers to calls that timed out are stale now.
+        while commander.replies.try_recv().is_ok() {}
+        let head = command_head(tag, sequence);
+        refresh(&commander.push);
+        // EAGAIN here means the pump is gone or not reading commands.
+        commander
+            .push
+            .send_multipart(std::iter::once(head).chain(frames), zmq::DONTWAIT)
+            .map_err(|_| TransportError::Stopped)?;
+        let deadline = Instant::now() + self.command_timeout;
+        loop {
+            match commander.replies.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((answered, result)) if answered == sequence => return result,
+                Ok(_) => continue,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(TransportError::Timeout { waited: self.command_timeout })
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return Err(TransportError::Stopped),
+            }
+        }
+    }
+
+    /// A command without an answer. Failing to queue it is fine: it means the
+    /// pump is gone (nothing to wake or stop) or already has commands queued
+    /// (it is awake).
+    fn signal(&self, tag: Tag) {
+        let commander = self.commander.lock().unwrap_or_else(PoisonError::into_inner);
+        refresh(&commander.push);
+        if let Err(e) = commander.push.send(command_head(tag, 0), zmq::DONTWAIT) {
+            tracing::debug!(?tag, error = %e, "transport signal not queued");
+        }
+    }
+
+    async fn recv(&self) -> Option<In> {
+        let item = self.incoming.lock().await.recv().await;
+        // Pairs with the fence in `Owner::deliver`: either the pump sees the
+        // room this recv made, or this load sees that the pump stalled.
+        fence(Ordering::SeqCst);
+        if item.is_some() && self.stalled.swap(false, Ordering::SeqCst) {
+            self.signal(Tag::Wake);
+        }
+        item
+    }
+
+    fn stop(&mut self) -> Result<(), TransportError> {
+        let thread = self.thread.get_mut().unwrap_or_else(PoisonError::into_inner).take();
+        let Some((handle, exited)) = thread else {
+            return Ok(());
+        };
+        self.signal(Tag::Stop);
+        match exited.recv_timeout(self.shutdown_timeout) {
+            Ok(()) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                handle.join().map_err(|_| TransportError::Panicked)
+            }
+            // The thread is left running, detached; better than hanging the caller.
+            Err(std_mpsc::RecvTimeoutError::Timeout) => Err(TransportError::Timeout { waited: self.shutdown_timeout }),
+        }
+    }
+}
+
+impl<In> Drop for Pump<In> {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!(error = %e, "transport thread did not stop cleanly");
+        }
+    }
+}
+
+/// Makes `socket` process its pending internal commands before a `DONTWAIT`
+/// send. libzmq learns that the reader made room in a pipe through such
+/// commands, but a send processes them at most once a millisecond; in a burst
+/// of sends the socket would see a full pipe that is in fact empty, and a
+/// send would fail with EAGAIN for nothing. Reading `ZMQ_EVENTS` processes them
+/// at once (it is cheap: a non-blocking look at the socket's mailbox).
+fn refresh(socket: &zmq::Socket) {
+    if let Err(e) = socket.get_events() {
+        tracing::debug!(error = %e, "could not refresh the socket's state");
+    }
+}
+
+fn command_head(tag: Tag, sequence: u64) -> Vec<u8> {
+    let mut head = Vec::with_capacity(9);
+    head.push(tag as u8);
+    head.extend_from_slice(&sequence.to_le_bytes());
+    head
+}
+
+fn parse_head(head: &[u8]) -> Option<(Tag, u64)> {
+    let (&tag, sequence) = head.split_first()?;
+    let tag = match tag {
+        1 => Tag::Send,
+        2 => Tag::Reconnect,
+        3 => Tag::Wake,
+        4 => Tag::Stop,
+        _ => return None,
+    };
+    Some((tag, u64::from_le_bytes(sequence.try_into().ok()?)))
+}
+
+/// The pump thread's state: it alone touches `net` and `pull`.
+struct Owner<In> {
+    net: zmq::Socket,
+    pull: zmq::Socket,
+    incoming: mpsc::Sender<In>,
+    replies: std_mpsc::SyncSender<Reply>,
+    stalled: Arc<AtomicBool>,
+    /// A decoded message the full channel did not take yet; while it waits, the
+    /// network is not read.
+    pending: Option<In>,
+    keep_frames: usize,
+    decode: fn(Vec<Vec<u8>>) -> In,
+    /// Makes a fresh network socket (dealers only).
+    redial: Option<Redial>,
+    /// How long `reconnect` waits for the old socket to be destroyed; half the
+    /// caller's wait, so the caller still gets an answer.
+    close_wait: Duration,
+    _exited: std_mpsc::SyncSender<()>,
+}
+
+impl<In> Owner<In> {
+    fn run(mut self) {
+        tracing::debug!("transport pump started");
+        loop {
+            if !self.deliver() {
+                break;
+            }
+            let listening = self.pending.is_none();
+            let (commands, network) = {
+                let network_events = if listening { zmq::POLLIN } else { zmq::PollEvents::empty() };
+                let mut items = [self.pull.as_poll_item(zmq::POLLIN), self.net.as_poll_item(network_events)];
+                match zmq::poll(&mut items, if listening { -1 } else { STALLED_RECHECK_MS }) {
+                    Ok(_) => (items[0].is_readable(), items[1].is_readable()),
+                    Err(zmq::Error::EINTR) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, "transport poll failed; stopping");
+                        break;
+                    }
+                }
+            };
+            if commands && !self.commands() {
+                break;
+            }
+            if network && !self.receive() {
+                break;
+            }
+        }
+        tracing::debug!("transport pump stopped");
+    }
+
+    /// Hands the pending message to tokio if there is room. False once nobody listens.
+    fn deliver(&mut self) -> bool {
+        let Some(item) = self.pending.take() else {
+            return true;
+        };
+        let item = match self.incoming.try_send(item) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(item)) => item,
+        };
+        // Announce the stall, then look again: the consumer may have made room
+        // before it could see the flag (see the fence in `Pump::recv`).
+        self.stalled.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        match self.incoming.try_send(item) {
+            Ok(()) => {
+                self.stalled.store(false, Ordering::SeqCst);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.pending = Some(item);
+                true
+            }
+        }
+    }
+
+    /// Runs queued commands. False on Stop or when the inproc socket fails.
+    fn commands(&mut self) -> bool {
+        for _ in 0..BATCH_MAX {
+            let mut frames = match self.pull.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => frames,
+                Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR) => return true,
+                Err(e) => {
+                    tracing::error!(error = %e, "transport command socket failed; stopping");
+                    return false;
+                }
+            };
+            if frames.is_empty() {
+                continue;
+            }
+            let Some((tag, sequence)) = parse_head(&frames.remove(0)) else {
+                tracing::error!("malformed transport command ignored (a bug)");
+                continue;
+            };
+            let result = match tag {
+                Tag::Stop => return false,
+                Tag::Wake => continue, // `deliver` at the top of the loop does the work
+                Tag::Send => self.send(frames),
+                Tag::Reconnect => self.reconnect(),
+            };
+            // A full reply queue means callers gave up on their answers long ago.
+            if self.replies.try_send((sequence, result)).is_err() {
+                tracing::debug!(sequence, "transport answer dropped; its caller timed out");
+            }
+        }
+        true
+    }
+
+    fn send(&self, frames: Vec<Vec<u8>>) -> Result<(), TransportError> {
+        // Only a router's first frame names a peer, and only a router answers EHOSTUNREACH.
+        let peer = frames.first().cloned().unwrap_or_default();
+        refresh(&self.net);
+        self.net.send_multipart(frames, zmq::DONTWAIT).map_err(|source| match source {
+            zmq::Error::EHOSTUNREACH => TransportError::UnknownPeer { peer: PeerId(peer) },
+            zmq::Error::EAGAIN => TransportError::Full,
+            source => TransportError::Send { source },
+        })
+    }
+
+    /// Paranoid Pirate: after a heartbeat timeout, a fresh socket. The old one
+    /// is destroyed before the new one connects, so nothing of it survives.
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        let Some(redial) = &self.redial else {
+            return Err(TransportError::Send { source: zmq::Error::ENOTSUP });
+        };
+        let fresh = redial.socket()?;
+        redial.close(std::mem::replace(&mut self.net, fresh), self.close_wait);
+        redial.connect(&self.net)
+    }
+
+    /// Reads what the network has, up to a batch. False once nobody listens or the socket failed.
+    fn receive(&mut self) -> bool {
+        for _ in 0..BATCH_MAX {
+            match receive_message(&self.net, self.keep_frames) {
+                Ok(Some(frames)) => {
+                    self.pending = Some((self.decode)(frames));
+                    if !self.deliver() {
+                        return false;
+                    }
+                    if self.pending.is_some() {
+                        return true; // the consumer is behind: stop reading
+                    }
+                }
+                Ok(None) | Err(zmq::Error::EINTR) => return true,
+                Err(e) => {
+                    tracing::error!(error = %e, "transport receive failed; stopping");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// One message, of which at most `keep` frames are kept; `None` if none is waiting.
+fn receive_message(socket: &zmq::Socket, keep: usize) -> Result<Option<Vec<Vec<u8>>>, zmq::Error> {
+    let mut frames = Vec::with_capacity(keep);
+    loop {
+        let message = match socket.recv_msg(zmq::DONTWAIT) {
+            Ok(message) => message,
+            // The frames of one message arrive together, so only the first can be missing.
+            Err(zmq::Error::EAGAIN) if frames.is_empty() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if frames.len() < keep {
+            frames.push(message.to_vec());
+        }
+        if !message.get_more() {
+            return Ok(Some(frames));
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! `jobz broker`, `jobz worker` and `jobz up`: the long-running processes.
+//! Each stops cleanly on SIGTERM or SIGINT: the front door stops accepting, the
+//! workers drain, the broker's store flushes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use broker::core::BrokerConfig;
+use broker::http::HttpOptions;
+use broker::store::{SqliteStore, StoreOptions};
+use jobz_core::transport::{Router, SocketOptions};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use worker::mesh::WorkerConfig;
+
+use crate::cli::{load_config, ConfigArg};
+
+/// What `jobz broker` and `jobz up` share.
+pub struct BrokerArgs {
+    pub config: ConfigArg,
+    pub http: String,
+    pub bind: String,
+    pub data: PathBuf,
+    pub allow_drift: bool,
+    pub tuning: crate::cli::BrokerTuning,
+}
+
+pub struct WorkerArgs {
+    pub broker: String,
+    pub config: ConfigArg,
+    pub topics: Vec<String>,
+    pub concurrency: Option<usize>,
+    pub name: Option<String>,
+    pub exit_when_idle: Option<String>,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")
+}
+
+/// Cancels the returned token on the first SIGTERM or SIGINT.
+fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+    });
+    Ok(token)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// A running broker: its front door's address and the tasks to wait for.
+struct RunningBroker {
+    http_addr: std::net::SocketAddr,
+    endpoint: String,
+    tasks: TaskTracker,
+}
+
+async fn start_broker(
+    file: Arc<config::JobFile>,
+    args: &BrokerArgs,
+    ctx: &zmq::Context,
+    http_shutdown: CancellationToken,
+    loop_shutdown: CancellationToken,
+) -> anyhow::Result<RunningBroker> {
+    std::fs::create_dir_all(&args.data).with_context(|| format!("creating the data directory {}", args.data.display()))?;
+    let store = SqliteStore::open(&args.data, StoreOptions::default())
+        .with_context(|| format!("opening the store in {}", args.data.display()))?;
+    let listener = tokio::net::TcpListener::bind(&args.http)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", args.http))?;
+    let http_addr = listener.local_addr().context("reading the HTTP address")?;
+    let router = Router::bind(ctx, &args.bind, &SocketOptions::default())
+        .with_context(|| format!("cannot bind the ZeroMQ endpoint {}", args.bind))?;
+    let endpoint = router.local_endpoint().to_string();
+    warn_if_plain_text(&endpoint);
+    let mut config = BrokerConfig::new(file, args.data.clone());
+    config.allow_drift = args.allow_drift;
+    config.url = Some(format!("http://{http_addr}"));
+    config.lease_timeout = duration_flag("--lease-timeout", &args.tuning.lease_timeout)?;
+    config.retention = duration_flag("--retention", &args.tuning.retention)?;
+    let (handle, loop_task) = broker::core::start(config, store, router, loop_shutdown)
+        .await
+        .context("starting the broker")?;
+    let tasks = TaskTracker::new();
+    tasks.spawn(async move {
+        // The loop only ends at shutdown; a panic inside it is logged by the runtime.
+        let _ = loop_task.await;
+    });
+    tasks.spawn(async move {
+        if let Err(e) = broker::http::serve(listener, handle, HttpOptions::default(), http_shutdown).await {
+            tracing::error!(error = %e, "the front door stopped");
+        }
+    });
+    tasks.close();
+    tracing::info!(http = %http_addr, zmq = %endpoint, "broker listening");
+    Ok(RunningBroker { http_addr, endpoint, tasks })
+}
+
+fn duration_flag(flag: &str, value: &str) -> anyhow::Result<std::time::Duration> {
+    config::duration::parse_duration(value).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+}
+
+fn warn_if_plain_text(endpoint: &str) {
+    let loopback = ["tcp://127.", "tcp://localhost:", "tcp://[::1]", "inproc://", "ipc://"];
+    if !loopback.iter().any(|p| endpoint.starts_with(p)) {
+        tracing::warn!(endpoint, "the ZeroMQ endpoint is NOT loopback and NOT encrypted: anyone who reaches it can pose as a worker");
+    }
+}
+
+pub fn broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
+    let file = match load_config(&args.config, false)? {
+        Ok(f) => Arc::new(f),
+        Err(code) => return Ok(code),
+    };
+    runtime()?.block_on(async {
+        let shutdown = shutdown_on_signals()?;
+        let ctx = zmq::Context::new();
+        let running = start_broker(file, &args, &ctx, shutdown.clone(), shutdown.clone()).await?;
+        println!("jobz broker: front door http://{} , workers connect to {}", running.http_addr, running.endpoint);
+        shutdown.cancelled().await;
+        wait_stopped(&running.tasks).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn wait_stopped(tasks: &TaskTracker) {
+    if tokio::time::timeout(crate::limits::SHUTDOWN_WAIT, tasks.wait()).await.is_err() {
+        tracing::warn!("some tasks did not stop in time");
+    }
+}
+
+fn worker_config(args: &WorkerArgs, file: Arc<config::JobFile>, broker: String, name: String) -> anyhow::Result<WorkerConfig> {
+    let concurrency = args.concurrency.unwrap_or_else(cores);
+    let mut config = WorkerConfig::new(broker, file, name, u32::try_from(concurrency).unwrap_or(u32::MAX));
+    config.topics = args.topics.clone();
+    if let Some(idle) = &args.exit_when_idle {
+        config.exit_when_idle = Some(duration_flag("--exit-when-idle", idle)?);
+    }
+    Ok(config)
+}
+
+pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let file = match load_config(&args.config, false)? {
+        Ok(f) => Arc::new(f),
+        Err(code) => return Ok(code),
+    };
+    let name = args.name.clone().unwrap_or_else(|| format!("{}-{}", worker::mesh::hostname(), std::process::id()));
+    let config = worker_config(&args, file, args.broker.clone(), name)?;
+    runtime()?.block_on(async {
+        let shutdown = shutdown_on_signals()?;
+        let ctx = zmq::Context::new();
+        worker::mesh::run(config, &ctx, shutdown).await.context("worker")?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> {
+    let file = match load_config(&args.config, true)? {
+        Ok(f) => Arc::new(f),
+        Err(code) => return Ok(code),
+    };
+    let count = workers.unwrap_or_else(cores).max(1);
+    runtime()?.block_on(async {
+        let shutdown = shutdown_on_signals()?;
+        let ctx = zmq::Context::new();
+        // The broker's loop outlives the local workers, so they can drain and hand back through it.
+        let loop_shutdown = CancellationToken::new();
+        let running = start_broker(file.clone(), &args, &ctx, shutdown.clone(), loop_shutdown.clone()).await?;
+        let worker_tasks = TaskTracker::new();
+        for i in 1..=count {
+            let name = format!("{}-up-{i}", worker::mesh::hostname());
+            let wargs = WorkerArgs {
+                broker: running.endpoint.clone(),
+                config: args.config.clone(),
+                topics: Vec::new(),
+                concurrency: Some(1),
+                name: Some(name.clone()),
+                exit_when_idle: None,
+            };
+            let config = worker_config(&wargs, file.clone(), running.endpoint.clone(), name)?;
+            let ctx = ctx.clone();
+            let stop = shutdown.clone();
+            worker_tasks.spawn(async move {
+                if let Err(e) = worker::mesh::run(config, &ctx, stop).await {
+                    tracing::error!(error = %e, "a local worker stopped");
+                }
+            });
+        }
+        worker_tasks.close();
+        let url = format!("http://{}", running.http_addr);
+        println!("jobz is up: front door {url}, {count} local worker(s), data in {}", args.data.display());
+        println!("try:  curl '{url}/job_start?job_name=hello&who=alice&wait=10s'");
+        println!("      curl '{url}/jobs'      (Ctrl-C stops jobz)");
+        shutdown.cancelled().await;
+        wait_stopped(&worker_tasks).await;
+        loop_shutdown.cancel();
+        wait_stopped(&running.tasks).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,267 @@
+//! Shared helpers for tests that start real jobz processes: free loopback
+//! ports, a temp dir per test, processes killed by PID when the test ends, a
+//! small HTTP/1.1 client, and waits that always have a deadline.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+        Ok(addr) => addr.port(),
+        Err(e) => panic!("no free port: {e}"),
+    }
+}
+
+/// A jobz process that is killed (SIGKILL, by PID) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with the PID of our own child; no memory is involved.
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit, up to `limit`.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One test's world: a temp dir, a job file, a broker's ports.
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub http_port: u16,
+    pub zmq_port: u16,
+}
+
+impl Mesh {
+    pub fn new(yaml: &str) -> Mesh {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let yaml = yaml.replace("$DIR", &dir.path().display().to_string());
+        let config = dir.path().join("jobz.yaml");
+        if let Err(e) = std::fs::write(&config, yaml) {
+            panic!("writing the job file: {e}");
+        }
+        Mesh { dir, config, http_port: free_port(), zmq_port: free_port() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.zmq_port)
+    }
+
+    fn spawn(&self, name: &str, args: &[&str]) -> Proc {
+        let log = match std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{name}.log"))) {
+            Ok(f) => f,
+            Err(e) => panic!("log file: {e}"),
+        };
+        let err = match log.try_clone() {
+            Ok(f) => f,
+            Err(e) => panic!("log file: {e}"),
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_jobz"))
+            .args(args)
+            .current_dir(self.path())
+            .env("JOBZ_LOG", "info")
+            .env("TMPDIR", self.path())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn();
+        match child {
+            Ok(child) => Proc { child, name: name.to_string() },
+            Err(e) => panic!("cannot start jobz {name}: {e}"),
+        }
+    }
+
+    /// Starts a broker (with a short lease so tests do not wait long) and waits for /healthz.
+    pub fn broker(&self, extra: &[&str]) -> Proc {
+        let http = format!("127.0.0.1:{}", self.http_port);
+        let endpoint = self.endpoint();
+        let data = self.path().join("data").display().to_string();
+        let config = self.config.display().to_string();
+        let mut args = vec!["broker", "--config", &config, "--http", &http, "--bind", &endpoint, "--data", &data];
+        args.extend_from_slice(extra);
+        let proc = self.spawn("broker", &args);
+        wait_until(Duration::from_secs(30), "the broker's /healthz", || get(&self.url(), "/healthz").0 == 200);
+        proc
+    }
+
+    pub fn worker(&self, name: &str, concurrency: u32) -> Proc {
+        let endpoint = self.endpoint();
+        let config = self.config.display().to_string();
+        let concurrency = concurrency.to_string();
+        self.spawn(name, &["worker", "--broker", &endpoint, "--config", &config, "--name", name, "--concurrency", &concurrency])
+    }
+
+    /// Waits until `n` workers are registered.
+    pub fn wait_workers(&self, n: usize) {
+        wait_until(Duration::from_secs(30), "workers to register", || {
+            json(&get(&self.url(), "/workers").1)["workers"].as_array().is_some_and(|w| w.len() >= n)
+        });
+    }
+
+    pub fn start(&self, query: &str) -> serde_json::Value {
+        let (code, body) = get(&self.url(), &format!("/job_start?{query}"));
+        assert_eq!(code, 202, "start {query}: {body}");
+        json(&body)
+    }
+
+    pub fn job(&self, id: &str) -> serde_json::Value {
+        json(&get(&self.url(), &format!("/jobs/{id}")).1)
+    }
+
+    /// Waits until job `id` has a final status and returns it.
+    pub fn wait_final(&self, id: &str, limit: Duration) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let found = wait_for(limit, || {
+            last = self.job(id);
+            let status = last["status"].as_str().unwrap_or("");
+            ["succeeded", "failed", "timed_out", "cancelled"].contains(&status).then(|| last.clone())
+        });
+        match found {
+            Some(job) => job,
+            None => panic!("job {id} did not end within {limit:?}: {last}\n{}", self.logs()),
+        }
+    }
+
+    /// Every process log of this test, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.path()) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let tail: String = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                    out.push_str(&format!("--- {}\n{tail}\n", path.display()));
+                }
+            }
+        }
+        out
+    }
+}
+
+pub fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes (then panics naming `what`).
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    if wait_for(limit, || cond().then_some(())).is_none() {
+        panic!("timed out after {limit:?} waiting for {what}");
+    }
+}
+
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn get(base: &str, path: &str) -> (u16, String) {
+    request(base, "GET", path, &[], b"")
+}
+
+pub fn post(base: &str, path: &str, body: &str) -> (u16, String) {
+    request(base, "POST", path, &[("Content-Type", "application/json")], body.as_bytes())
+}
+
+/// One HTTP/1.1 request on a fresh connection; `(0, error)` when the connection fails.
+pub fn request(base: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    let host = base.trim_start_matches("http://");
+    let mut stream = match TcpStream::connect(host) {
+        Ok(s) => s,
+        Err(e) => return (0, e.to_string()),
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    if stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(body)).is_err() {
+        return (0, "write failed".into());
+    }
+    let mut raw = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut raw) {
+        if raw.is_empty() {
+            return (0, e.to_string());
+        }
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.to_ascii_lowercase().contains("transfer-encoding: chunked") => dechunk(body),
+        Some((_, body)) => body.to_string(),
+        None => String::new(),
+    };
+    (code, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
