@@ -42,7 +42,8 @@ struct Run {
 
 fn main() -> Result<(), Box<dyn Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let base = std::env::var_os("JOBZ_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into());
+    let base =
+        std::env::var_os("JOBZ_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into());
     std::fs::create_dir_all(&base)?;
     println!("store group commit, synchronous=FULL, database under {}", base.display());
     println!("each committer awaits its own commit of one Insert; medians of {RUNS} runs\n");
@@ -92,8 +93,8 @@ async fn run(store: &SqliteStore, committers: usize, jobs: usize) -> Result<Run,
             let share = jobs / committers + usize::from(committer < jobs % committers);
             tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(share);
-                for i in 0..share {
-                    let job = job(&format!("c{committer}-{i}"));
+                for _ in 0..share {
+                    let job = job(&uuid::Uuid::now_v7().to_string());
                     let sent = Instant::now();
                     store.commit(vec![Change::Insert(job)]).await?;
                     latencies.push(sent.elapsed());
@@ -110,7 +111,7 @@ async fn run(store: &SqliteStore, committers: usize, jobs: usize) -> Result<Run,
     Ok(Run { inserts_per_second: jobs as f64 / elapsed.as_secs_f64(), latencies })
 }
 
-/// A job as the front door would insert it: a few params, queued now.
+/// A job as the front door would insert it: a time-ordered id, a few params, queued now.
 fn job(id: &str) -> JobRecord {
     let now = Utc::now();
     JobRecord {

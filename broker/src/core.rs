@@ -96,9 +96,15 @@ enum Event {
     /// A message (or garbage) from a worker.
     Net(Incoming),
     /// A batch the loop handed to the store is committed (or not).
-    Committed { batch: Batch, result: Result<(), StoreError> },
+    Committed {
+        batch: Batch,
+        result: Result<(), StoreError>,
+    },
     /// Cancel a queued or running job; the answer says whether the loop knew it.
-    Cancel { id: String, reply: oneshot::Sender<bool> },
+    Cancel {
+        id: String,
+        reply: oneshot::Sender<bool>,
+    },
     Tick,
 }
 
@@ -419,12 +425,14 @@ impl State {
         worker.running.insert(job.id.clone());
         let queued_for = (now - job.queued_at).to_std().unwrap_or_default();
         self.shared.metrics.dispatched(&job.job_name, queued_for);
-        let change = Change::Dispatch { id: job.id.clone(), attempt: job.attempts, worker: worker.name.clone(), lease, at: now };
+        let change =
+            Change::Dispatch { id: job.id.clone(), attempt: job.attempts, worker: worker.name.clone(), lease, at: now };
         if let Err(e) = self.shared.store.commit_later(vec![change]) {
             tracing::warn!(error = %e, job = %job.id, "recording a dispatch failed; the job still runs");
         }
         let worker = worker.name.clone();
-        self.running.insert(job.id.clone(), Running { job, lease, worker, peer: Some(peer.clone()), orphaned_until: None });
+        self.running
+            .insert(job.id.clone(), Running { job, lease, worker, peer: Some(peer.clone()), orphaned_until: None });
         true
     }
 
@@ -604,7 +612,8 @@ impl State {
         let key = (result.job_id.clone(), result.lease);
         if self.recently_done_set.contains(&key) {
             // A resend after a lost ack: already durable, acknowledge again.
-            let _ = self.router.send(&peer, &ToWorker::ResultAck(LeaseRef { job_id: result.job_id, lease: result.lease }));
+            let _ =
+                self.router.send(&peer, &ToWorker::ResultAck(LeaseRef { job_id: result.job_id, lease: result.lease }));
             return;
         }
         if !self.running.get(&result.job_id).is_some_and(|r| r.lease == result.lease) {
@@ -645,7 +654,11 @@ impl State {
                 match pipeline::decide(&file, def, &facts, end, jitter(&facts)) {
                     Decision::Retry { delay, .. } => {
                         let not_before = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                        batch.changes.push(Change::Retry { id: facts.id.clone(), at: now, not_before: Some(not_before) });
+                        batch.changes.push(Change::Retry {
+                            id: facts.id.clone(),
+                            at: now,
+                            not_before: Some(not_before),
+                        });
                         let mut job = running.job.clone();
                         job.not_before = Some(not_before);
                         job.queued_at = now;
@@ -776,8 +789,12 @@ impl State {
         for peer in silent {
             self.drop_worker(&peer, "silent past its lease", &[]);
         }
-        let orphans: Vec<String> =
-            self.running.iter().filter(|(_, r)| r.orphaned_until.is_some_and(|t| now >= t)).map(|(id, _)| id.clone()).collect();
+        let orphans: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.orphaned_until.is_some_and(|t| now >= t))
+            .map(|(id, _)| id.clone())
+            .collect();
         if !orphans.is_empty() {
             let mut batch = Batch::new();
             let at = Utc::now();
@@ -1008,7 +1025,12 @@ pub(crate) async fn start_job(b: &BrokerHandle, request: StartRequest) -> Result
 }
 
 pub(crate) async fn job(b: &BrokerHandle, id: &str) -> Result<JobRecord, ApiError> {
-    b.inner.store.job(id).await.map_err(store_error)?.ok_or_else(|| ApiError::NotFound(format!("no job with id {id:?}")))
+    b.inner
+        .store
+        .job(id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| ApiError::NotFound(format!("no job with id {id:?}")))
 }
 
 pub(crate) async fn attempts(b: &BrokerHandle, id: &str) -> Result<Vec<AttemptRecord>, ApiError> {
@@ -1095,7 +1117,12 @@ pub(crate) async fn retry(b: &BrokerHandle, id: &str) -> Result<JobRecord, ApiEr
     Ok(record)
 }
 
-pub(crate) async fn progress(b: &BrokerHandle, id: &str, percent: f64, message: Option<String>) -> Result<(), ApiError> {
+pub(crate) async fn progress(
+    b: &BrokerHandle,
+    id: &str,
+    percent: f64,
+    message: Option<String>,
+) -> Result<(), ApiError> {
     if !(0.0..=100.0).contains(&percent) {
         return Err(ApiError::BadRequest(format!("percent {percent} is not between 0 and 100")));
     }

@@ -2,9 +2,9 @@
 //! ZeroMQ with fenced leases, follow-ups, and the HTTP front door.
 
 pub mod core;
-pub mod limits;
-pub mod metrics;
 pub mod handle;
 pub mod http;
+pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod store;

@@ -94,13 +94,21 @@ impl Metrics {
 
     /// The whole exposition: `counts` are jobs in the store by name and status,
     /// `depth` queued and running jobs per name from the loop.
-    pub fn render(&self, counts: &[(String, Status, u64)], depth: &BTreeMap<String, (u64, u64)>, workers: usize) -> String {
+    pub fn render(
+        &self,
+        counts: &[(String, Status, u64)],
+        depth: &BTreeMap<String, (u64, u64)>,
+        workers: usize,
+    ) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP jobz_jobs Jobs in the store by job name and status.\n# TYPE jobz_jobs gauge");
         for (name, status, n) in counts {
             let _ = writeln!(out, "jobz_jobs{{job_name=\"{}\",status=\"{}\"}} {n}", escape(name), status);
         }
-        let _ = writeln!(out, "# HELP jobz_queue_depth Jobs waiting to be dispatched, by job name.\n# TYPE jobz_queue_depth gauge");
+        let _ = writeln!(
+            out,
+            "# HELP jobz_queue_depth Jobs waiting to be dispatched, by job name.\n# TYPE jobz_queue_depth gauge"
+        );
         for (name, (queued, _)) in depth {
             let _ = writeln!(out, "jobz_queue_depth{{job_name=\"{}\"}} {queued}", escape(name));
         }
@@ -108,7 +116,8 @@ impl Metrics {
         for (name, (_, running)) in depth {
             let _ = writeln!(out, "jobz_running{{job_name=\"{}\"}} {running}", escape(name));
         }
-        let _ = writeln!(out, "# HELP jobz_workers Connected workers.\n# TYPE jobz_workers gauge\njobz_workers {workers}");
+        let _ =
+            writeln!(out, "# HELP jobz_workers Connected workers.\n# TYPE jobz_workers gauge\njobz_workers {workers}");
         let _ = writeln!(
             out,
             "# HELP jobz_jobs_accepted_total Jobs accepted over HTTP.\n# TYPE jobz_jobs_accepted_total counter\njobz_jobs_accepted_total {}",
@@ -117,7 +126,11 @@ impl Metrics {
         let _ = writeln!(out, "# HELP jobz_attempts_finished_total Finished attempts by job name and status.\n# TYPE jobz_attempts_finished_total counter");
         if let Ok(map) = self.finished.lock() {
             for ((name, status), n) in map.iter() {
-                let _ = writeln!(out, "jobz_attempts_finished_total{{job_name=\"{}\",status=\"{status}\"}} {n}", escape(name));
+                let _ = writeln!(
+                    out,
+                    "jobz_attempts_finished_total{{job_name=\"{}\",status=\"{status}\"}} {n}",
+                    escape(name)
+                );
             }
         }
         let _ = writeln!(

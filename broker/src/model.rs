@@ -72,7 +72,13 @@ pub enum Change {
     /// A new job, queued.
     Insert(JobRecord),
     /// Queued → running: attempt `attempt` handed to `worker` under `lease`.
-    Dispatch { id: String, attempt: u32, worker: String, lease: u64, at: DateTime<Utc> },
+    Dispatch {
+        id: String,
+        attempt: u32,
+        worker: String,
+        lease: u64,
+        at: DateTime<Utc>,
+    },
     /// Running → a final status, for the attempt holding `lease`.
     Finish {
         id: String,
@@ -85,16 +91,37 @@ pub enum Change {
         error: Option<String>,
     },
     /// Running → queued: the lease was lost (worker gone) or a retry is due at `not_before`.
-    Requeue { id: String, at: DateTime<Utc>, not_before: Option<DateTime<Utc>> },
+    Requeue {
+        id: String,
+        at: DateTime<Utc>,
+        not_before: Option<DateTime<Utc>>,
+    },
     /// Queued or running → cancelled.
-    Cancel { id: String, at: DateTime<Utc> },
+    Cancel {
+        id: String,
+        at: DateTime<Utc>,
+    },
     /// A final status → queued, as a new attempt: a failed job started again by
     /// hand (`not_before: None`), or an automatic retry after a failed attempt
     /// (following that attempt's `Finish` in the same batch) that waits until `not_before`.
-    Retry { id: String, at: DateTime<Utc>, not_before: Option<DateTime<Utc>> },
-    Progress { id: String, progress: Progress },
+    Retry {
+        id: String,
+        at: DateTime<Utc>,
+        not_before: Option<DateTime<Utc>>,
+    },
+    Progress {
+        id: String,
+        progress: Progress,
+    },
     /// A result for a superseded attempt: recorded on the attempt, the job is untouched.
-    Stale { id: String, lease: u64, worker: String, status: Status, exit_code: Option<i32>, at: DateTime<Utc> },
+    Stale {
+        id: String,
+        lease: u64,
+        worker: String,
+        status: Status,
+        exit_code: Option<i32>,
+        at: DateTime<Utc>,
+    },
 }
 
 /// A listing query (SPEC `GET /jobs?status=&job_name=&run_id=&limit=`), newest first.

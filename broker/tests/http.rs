@@ -147,7 +147,9 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 /// Reads from `stream` until the server closes it; the bytes received.
 async fn read_until_closed(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut received = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut received)).await.expect("the server closes the connection")?;
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut received))
+        .await
+        .expect("the server closes the connection")?;
     Ok(received)
 }
 
@@ -243,7 +245,8 @@ async fn bad_start_requests_are_400_naming_the_field_and_store_nothing() {
     assert!(answer.error(StatusCode::BAD_REQUEST)["error"].as_str().unwrap().contains("colour"));
     let answer = send(server.addr, Method::POST, "/job_start", &[], Bytes::from_static(b"{not json")).await;
     answer.error(StatusCode::BAD_REQUEST);
-    let answer = send(server.addr, Method::GET, "/job_start?job_name=hello", &[("idempotency-key", "")], Bytes::new()).await;
+    let answer =
+        send(server.addr, Method::GET, "/job_start?job_name=hello", &[("idempotency-key", "")], Bytes::new()).await;
     assert_eq!(answer.error(StatusCode::BAD_REQUEST)["param"], "idempotency-key");
     // Nothing got as far as the broker except well-formed requests (none of the above).
     assert!(server.api.starts().is_empty(), "{:?}", server.api.starts());
@@ -402,7 +405,10 @@ async fn the_log_is_text_from_an_offset_with_the_next_offset_and_the_status() {
     let answer = server.get(&format!("/jobs/{id}/log?offset=99")).await;
     assert_eq!((answer.status, answer.text().as_str(), answer.header("jobz-next-offset")), (StatusCode::OK, "", "12"));
 
-    assert_eq!(server.get(&format!("/jobs/{id}/log?offset=-1")).await.error(StatusCode::BAD_REQUEST)["param"], "offset");
+    assert_eq!(
+        server.get(&format!("/jobs/{id}/log?offset=-1")).await.error(StatusCode::BAD_REQUEST)["param"],
+        "offset"
+    );
     server.stop().await;
 }
 
@@ -734,7 +740,8 @@ async fn over_the_connection_limit_a_client_waits_until_a_connection_closes() {
     let first = TcpStream::connect(server.addr).await.unwrap();
     let (mut first_sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(first)).await.unwrap();
     let first_connection = tokio::spawn(connection);
-    let answer = read(first_sender.send_request(build(Method::GET, "/healthz", &[], Bytes::new())).await.unwrap()).await;
+    let answer =
+        read(first_sender.send_request(build(Method::GET, "/healthz", &[], Bytes::new())).await.unwrap()).await;
     assert_eq!(answer.status, StatusCode::OK);
 
     let second = tokio::spawn(send(server.addr, Method::GET, "/healthz", &[], Bytes::new()));

@@ -562,9 +562,9 @@ async fn unpaused_concurrent_commits_batch_too() {
     let handles: Vec<_> = (0..64)
         .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move {
-                store.commit(vec![Change::Insert(queued(&format!("j{i}"), "import", at(i)))]).await
-            })
+            tokio::spawn(
+                async move { store.commit(vec![Change::Insert(queued(&format!("j{i}"), "import", at(i)))]).await },
+            )
         })
         .collect();
     for result in with_timeout(join_all(handles)).await {
@@ -792,13 +792,16 @@ async fn jobs_filters_newest_first_and_limits() {
     assert_eq!(newest, ["j29", "j28", "j27", "j26", "j25"]);
     assert_eq!(store.jobs(JobFilter::default()).await.unwrap().len(), 30, "limit 0 takes the default");
 
-    let even = ids(store.jobs(JobFilter { job_name: Some("even".into()), limit: 3, ..JobFilter::default() }).await.unwrap());
+    let even =
+        ids(store.jobs(JobFilter { job_name: Some("even".into()), limit: 3, ..JobFilter::default() }).await.unwrap());
     assert_eq!(even, ["j28", "j26", "j24"]);
-    let run1 = ids(store.jobs(JobFilter { run_id: Some("run1".into()), limit: 100, ..JobFilter::default() }).await.unwrap());
+    let run1 =
+        ids(store.jobs(JobFilter { run_id: Some("run1".into()), limit: 100, ..JobFilter::default() }).await.unwrap());
     assert_eq!(run1, ["j28", "j25", "j22", "j19", "j16", "j13", "j10", "j07", "j04", "j01"]);
-    let cancelled = ids(
-        store.jobs(JobFilter { status: Some(Status::Cancelled), limit: 100, ..JobFilter::default() }).await.unwrap(),
-    );
+    let cancelled = ids(store
+        .jobs(JobFilter { status: Some(Status::Cancelled), limit: 100, ..JobFilter::default() })
+        .await
+        .unwrap());
     assert_eq!(cancelled, ["j05", "j04"]);
     let all_three = JobFilter {
         status: Some(Status::Cancelled),

@@ -19,9 +19,7 @@ use crate::duration::{parse_duration, parse_rate};
 use crate::model::*;
 use crate::params::{self, RESERVED_NAMES};
 use crate::position::{NodePath, Positions};
-use crate::raw::{
-    self, dotted, key_text, OneOrMany, RawFile, RawFollowUp, RawGate, RawJob, RawParam, Scalar,
-};
+use crate::raw::{self, dotted, key_text, OneOrMany, RawFile, RawFollowUp, RawGate, RawJob, RawParam, Scalar};
 use crate::template::{CommandTemplate, Template};
 use crate::{Diagnostic, Location};
 
@@ -36,18 +34,11 @@ const UNIQUE_TTL_DEFAULT: Duration = Duration::from_secs(24 * 3600);
 const PRIORITY_RANGE: std::ops::RangeInclusive<i64> = -1000..=1000;
 
 /// Checks the parsed file and builds the model, or returns every problem found.
-pub(crate) fn build(
-    origin: &str,
-    mut value: Value,
-    positions: &Positions,
-) -> Result<JobFile, Vec<Diagnostic>> {
+pub(crate) fn build(origin: &str, mut value: Value, positions: &Positions) -> Result<JobFile, Vec<Diagnostic>> {
     let mut checker = Checker { positions, problems: positions.duplicates.clone() };
     if let Err(error) = value.apply_merge() {
-        let at =
-            positions.keys_named("<<").first().copied().unwrap_or(Location { line: 1, column: 1 });
-        checker
-            .problems
-            .push(Diagnostic { location: at, message: format!("cannot merge with `<<`: {error}") });
+        let at = positions.keys_named("<<").first().copied().unwrap_or(Location { line: 1, column: 1 });
+        checker.problems.push(Diagnostic { location: at, message: format!("cannot merge with `<<`: {error}") });
     }
     if !value.is_mapping() {
         let what = if value.is_null() { "the file is empty" } else { "the file is not a mapping" };
@@ -60,14 +51,10 @@ pub(crate) fn build(
     let jobs = checker.entries(file.jobs.as_ref(), "jobs");
     let gates = checker.entries(file.gates.as_ref(), "gates");
     if jobs.is_empty() {
-        checker.at_key(
-            &path(&[], &["jobs"]),
-            "the file defines no jobs: add at least one under `jobs:`",
-        );
+        checker.at_key(&path(&[], &["jobs"]), "the file defines no jobs: add at least one under `jobs:`");
     }
 
-    let mut model =
-        JobFile { origin: origin.to_owned(), jobs: BTreeMap::new(), gates: BTreeMap::new() };
+    let mut model = JobFile { origin: origin.to_owned(), jobs: BTreeMap::new(), gates: BTreeMap::new() };
     // Jobs that could not be read at all: references to them are not reported again.
     let mut unreadable = BTreeSet::new();
     let mut sites = Vec::new();
@@ -87,8 +74,7 @@ pub(crate) fn build(
     for (name, gate_path, node) in &gates {
         checker.check_name(gate_path, "gate", name);
         if let Some(raw) = checker.read::<RawGate>(node, gate_path) {
-            let gate =
-                checker.gate(name, gate_path, &raw, &model.jobs, &unreadable, &mut gate_sites);
+            let gate = checker.gate(name, gate_path, &raw, &model.jobs, &unreadable, &mut gate_sites);
             model.gates.insert(name.clone(), gate);
         }
     }
@@ -110,10 +96,8 @@ fn canonical(value: &Value) -> String {
     fn normalized(value: &Value) -> Value {
         match value {
             Value::Mapping(mapping) => {
-                let mut entries: Vec<(String, Value)> = mapping
-                    .iter()
-                    .map(|(k, v)| (key_text(k).unwrap_or_else(|| canonical(k)), normalized(v)))
-                    .collect();
+                let mut entries: Vec<(String, Value)> =
+                    mapping.iter().map(|(k, v)| (key_text(k).unwrap_or_else(|| canonical(k)), normalized(v))).collect();
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
                 Value::Mapping(entries.into_iter().map(|(k, v)| (Value::String(k), v)).collect())
             }
@@ -125,8 +109,7 @@ fn canonical(value: &Value) -> String {
         }
     }
     // Rendering plain values cannot fail; should it ever, the text still differs from any real definition.
-    serde_yaml::to_string(&normalized(value))
-        .unwrap_or_else(|error| format!("<unrenderable: {error}>"))
+    serde_yaml::to_string(&normalized(value)).unwrap_or_else(|error| format!("<unrenderable: {error}>"))
 }
 
 fn path(base: &[String], more: &[&str]) -> NodePath {
@@ -162,25 +145,20 @@ struct Checker<'p> {
 impl Checker<'_> {
     fn at_value(&mut self, path: &[String], message: impl Display) {
         let location = self.positions.value(path);
-        self.problems
-            .push(Diagnostic { location, message: format!("{}: {message}", dotted(path)) });
+        self.problems.push(Diagnostic { location, message: format!("{}: {message}", dotted(path)) });
     }
 
     fn at_key(&mut self, path: &[String], message: impl Display) {
         let location = self.positions.key(path);
-        self.problems
-            .push(Diagnostic { location, message: format!("{}: {message}", dotted(path)) });
+        self.problems.push(Diagnostic { location, message: format!("{}: {message}", dotted(path)) });
     }
 
     fn read<T: DeserializeOwned>(&mut self, value: &Value, base: &[String]) -> Option<T> {
         let mut found = Vec::new();
         let read = raw::read(value, base, &mut found);
         for problem in found {
-            let location = if problem.at_key {
-                self.positions.key(&problem.path)
-            } else {
-                self.positions.value(&problem.path)
-            };
+            let location =
+                if problem.at_key { self.positions.key(&problem.path) } else { self.positions.value(&problem.path) };
             self.problems.push(Diagnostic { location, message: problem.message });
         }
         read
@@ -226,18 +204,11 @@ impl Checker<'_> {
         sites: &mut Vec<Site>,
     ) -> JobDef {
         let params = self.params(job_path, raw);
-        let allowed: BTreeSet<&str> =
-            params.keys().map(String::as_str).chain(BUILTINS.iter().copied()).collect();
+        let allowed: BTreeSet<&str> = params.keys().map(String::as_str).chain(BUILTINS.iter().copied()).collect();
         let shell = raw.shell.unwrap_or(false);
         let command = self.command(&path(job_path, &["command"]), &raw.command, shell, &allowed);
-        let before = raw
-            .before
-            .as_ref()
-            .map(|src| self.command(&path(job_path, &["before"]), src, shell, &allowed));
-        let after = raw
-            .after
-            .as_ref()
-            .map(|src| self.command(&path(job_path, &["after"]), src, shell, &allowed));
+        let before = raw.before.as_ref().map(|src| self.command(&path(job_path, &["before"]), src, shell, &allowed));
+        let after = raw.after.as_ref().map(|src| self.command(&path(job_path, &["after"]), src, shell, &allowed));
 
         let mut env = BTreeMap::new();
         for (var, Scalar(value)) in raw.env.iter().flatten() {
@@ -248,10 +219,7 @@ impl Checker<'_> {
                     format!("`{var}` cannot be an environment variable name: use letters, digits and `_`"),
                 );
             } else if var.starts_with("JOBZ_") {
-                self.at_key(
-                    &var_path,
-                    format!("`{var}`: variables starting with `JOBZ_` are set by the worker"),
-                );
+                self.at_key(&var_path, format!("`{var}`: variables starting with `JOBZ_` are set by the worker"));
             }
             if let Some(template) = self.template(&var_path, value, &allowed) {
                 env.insert(var.clone(), template);
@@ -260,26 +228,19 @@ impl Checker<'_> {
 
         let cwd = raw.cwd.as_ref().map(PathBuf::from);
         if raw.cwd.as_deref() == Some("") {
-            self.at_value(
-                &path(job_path, &["cwd"]),
-                "is empty: leave `cwd` out to run in the worker's directory",
-            );
+            self.at_value(&path(job_path, &["cwd"]), "is empty: leave `cwd` out to run in the worker's directory");
         }
         let timeout = self.positive_duration(&path(job_path, &["timeout"]), raw.timeout.as_ref());
         let mut retries = RetryPolicy::default();
         if let Some(raw_retries) = &raw.retries {
             retries.max = raw_retries.max.unwrap_or(0);
-            if let Some(backoff) = self
-                .duration(&path(job_path, &["retries", "backoff"]), raw_retries.backoff.as_ref())
+            if let Some(backoff) = self.duration(&path(job_path, &["retries", "backoff"]), raw_retries.backoff.as_ref())
             {
                 retries.backoff = backoff;
             }
         }
         if raw.concurrency == Some(0) {
-            self.at_value(
-                &path(job_path, &["concurrency"]),
-                "must be at least 1 (leave it out for no limit)",
-            );
+            self.at_value(&path(job_path, &["concurrency"]), "must be at least 1 (leave it out for no limit)");
         }
         let rate = raw.rate.as_ref().and_then(|Scalar(text)| match parse_rate(text) {
             Ok(rate) => Some(rate),
@@ -296,19 +257,16 @@ impl Checker<'_> {
             );
         }
         let unique = raw.unique.as_ref().and_then(|unique| {
-            let ttl =
-                self.positive_duration(&path(job_path, &["unique", "ttl"]), unique.ttl.as_ref());
-            let key =
-                self.template(&path(job_path, &["unique", "key"]), &unique.key.0, &allowed)?;
+            let ttl = self.positive_duration(&path(job_path, &["unique", "ttl"]), unique.ttl.as_ref());
+            let key = self.template(&path(job_path, &["unique", "key"]), &unique.key.0, &allowed)?;
             Some(Unique { key, ttl: ttl.unwrap_or(UNIQUE_TTL_DEFAULT) })
         });
 
         let mut on_success = Vec::new();
         let mut on_failure = Vec::new();
-        for (kind, list, out) in [
-            ("on_success", &raw.on_success, &mut on_success),
-            ("on_failure", &raw.on_failure, &mut on_failure),
-        ] {
+        for (kind, list, out) in
+            [("on_success", &raw.on_success, &mut on_success), ("on_failure", &raw.on_failure, &mut on_failure)]
+        {
             for (item, item_path) in list.iter().flat_map(|l| l.items(&path(job_path, &[kind]))) {
                 let site = self.site(Origin::Job(name.to_owned()), kind, item_path, item);
                 out.push(site.follow_up.clone());
@@ -395,23 +353,18 @@ impl Checker<'_> {
         let Some(raw) = raw else {
             return ParamSpec::default();
         };
-        let pattern = raw.pattern.as_ref().and_then(|Scalar(source)| {
-            match regex::Regex::new(&format!("^(?:{source})$")) {
+        let pattern =
+            raw.pattern.as_ref().and_then(|Scalar(source)| match regex::Regex::new(&format!("^(?:{source})$")) {
                 Ok(regex) => Some(Pattern { source: source.clone(), regex }),
                 Err(error) => {
                     self.at_value(
                         &path(param_path, &["pattern"]),
-                        format!(
-                            "`{source}` is not a valid regular expression: {}",
-                            regex_reason(&error)
-                        ),
+                        format!("`{source}` is not a valid regular expression: {}", regex_reason(&error)),
                     );
                     None
                 }
-            }
-        });
-        let one_of =
-            raw.one_of.as_ref().map(|list| list.iter().map(|s| s.0.clone()).collect::<Vec<_>>());
+            });
+        let one_of = raw.one_of.as_ref().map(|list| list.iter().map(|s| s.0.clone()).collect::<Vec<_>>());
         if one_of.as_ref().is_some_and(Vec::is_empty) {
             self.at_value(&path(param_path, &["one_of"]), "is empty, so no value could pass");
         }
@@ -419,30 +372,15 @@ impl Checker<'_> {
             self.at_key(param_path, "has both `pattern` and `one_of`: use one of them");
         }
         let required = raw.required.unwrap_or(false);
-        let spec = ParamSpec {
-            required,
-            default: raw.default.as_ref().map(|s| s.0.clone()),
-            pattern,
-            one_of,
-        };
+        let spec = ParamSpec { required, default: raw.default.as_ref().map(|s| s.0.clone()), pattern, one_of };
         if required && spec.default.is_some() {
             self.at_value(&path(param_path, &["required"]), "`required: true` with a `default` is contradictory: a param with a default is never missing; drop one of them");
         }
         spec
     }
 
-    fn command(
-        &mut self,
-        at: &[String],
-        source: &str,
-        shell: bool,
-        allowed: &BTreeSet<&str>,
-    ) -> CommandTemplate {
-        let parsed = if shell {
-            CommandTemplate::parse_shell(source)
-        } else {
-            CommandTemplate::parse_argv(source)
-        };
+    fn command(&mut self, at: &[String], source: &str, shell: bool, allowed: &BTreeSet<&str>) -> CommandTemplate {
+        let parsed = if shell { CommandTemplate::parse_shell(source) } else { CommandTemplate::parse_argv(source) };
         match parsed {
             Ok(command) => {
                 self.placeholders(at, command.placeholders(), allowed);
@@ -456,12 +394,7 @@ impl Checker<'_> {
         }
     }
 
-    fn template(
-        &mut self,
-        at: &[String],
-        source: &str,
-        allowed: &BTreeSet<&str>,
-    ) -> Option<Template> {
+    fn template(&mut self, at: &[String], source: &str, allowed: &BTreeSet<&str>) -> Option<Template> {
         let template = self.template_unchecked(at, source)?;
         self.placeholders(at, template.placeholders().collect(), allowed);
         Some(template)
@@ -511,21 +444,13 @@ impl Checker<'_> {
         Some(duration)
     }
 
-    fn site(
-        &mut self,
-        origin: Origin,
-        kind: &'static str,
-        at: NodePath,
-        raw: &RawFollowUp,
-    ) -> Site {
+    fn site(&mut self, origin: Origin, kind: &'static str, at: NodePath, raw: &RawFollowUp) -> Site {
         let (job, job_path, params) = match raw {
             RawFollowUp::Name(job) => (job.clone(), at.clone(), BTreeMap::new()),
             RawFollowUp::Full(full) => {
                 let mut params = BTreeMap::new();
                 for (param, Scalar(value)) in full.params.iter().flatten() {
-                    if let Some(template) =
-                        self.template_unchecked(&path(&at, &["params", param]), value)
-                    {
+                    if let Some(template) = self.template_unchecked(&path(&at, &["params", param]), value) {
                         params.insert(param.clone(), template);
                     }
                 }
@@ -535,12 +460,7 @@ impl Checker<'_> {
         Site { origin, kind, path: at, job_path, follow_up: FollowUp { job, params } }
     }
 
-    fn schedules(
-        &mut self,
-        at: &[String],
-        raw: &OneOrMany<raw::RawSchedule>,
-        job: &JobDef,
-    ) -> Vec<Schedule> {
+    fn schedules(&mut self, at: &[String], raw: &OneOrMany<raw::RawSchedule>, job: &JobDef) -> Vec<Schedule> {
         let mut schedules = Vec::new();
         for (schedule, schedule_path) in raw.items(at) {
             let cron_path = path(&schedule_path, &["cron"]);
@@ -570,14 +490,12 @@ impl Checker<'_> {
                 for error in errors {
                     let param_path = path(&schedule_path, &["params", &error.param]);
                     match error.problem {
-                        params::ParamProblem::Missing => self.at_value(
-                            &schedule_path,
-                            format!("never sets the required param `{}`", error.param),
-                        ),
-                        params::ParamProblem::Undeclared => self.at_key(
-                            &param_path,
-                            format!("job `{}` has no param `{}`", job.name, error.param),
-                        ),
+                        params::ParamProblem::Missing => {
+                            self.at_value(&schedule_path, format!("never sets the required param `{}`", error.param))
+                        }
+                        params::ParamProblem::Undeclared => {
+                            self.at_key(&param_path, format!("job `{}` has no param `{}`", job.name, error.param))
+                        }
                         _ => self.at_value(&param_path, &error),
                     }
                 }
@@ -604,10 +522,7 @@ impl Checker<'_> {
     ) -> GateDef {
         let after_items = raw.after.items(&path(gate_path, &["after"]));
         if after_items.is_empty() {
-            self.at_value(
-                &path(gate_path, &["after"]),
-                "is empty: name the upstream job(s) the gate waits for",
-            );
+            self.at_value(&path(gate_path, &["after"]), "is empty: name the upstream job(s) the gate waits for");
         }
         let mut after = Vec::new();
         let mut upstream = Vec::new();
@@ -694,20 +609,14 @@ impl Checker<'_> {
         // An unknown upstream job of a gate is reported on its own; what it would pass on is unknown.
         let upstream_known = match &site.origin {
             Origin::Job(_) => true,
-            Origin::Gate(gate) => model
-                .gates
-                .get(gate)
-                .is_some_and(|g| g.after.iter().all(|j| model.jobs.contains_key(j))),
+            Origin::Gate(gate) => {
+                model.gates.get(gate).is_some_and(|g| g.after.iter().all(|j| model.jobs.contains_key(j)))
+            }
         };
-        let (source_name, inherited, builtins): (String, BTreeSet<&str>, &[&str]) = match &site
-            .origin
-        {
+        let (source_name, inherited, builtins): (String, BTreeSet<&str>, &[&str]) = match &site.origin {
             Origin::Job(job) => {
-                let params = model
-                    .jobs
-                    .get(job)
-                    .map(|j| j.params.keys().map(String::as_str).collect())
-                    .unwrap_or_default();
+                let params =
+                    model.jobs.get(job).map(|j| j.params.keys().map(String::as_str).collect()).unwrap_or_default();
                 (format!("`{job}`"), params, FOLLOW_UP_BUILTINS)
             }
             Origin::Gate(gate) => {
@@ -743,13 +652,7 @@ impl Checker<'_> {
                     if used.is_empty() {
                         // A value with no placeholder is known now: check it as the target will.
                         if let Some(problem) = value_problem(target, param, template.source()) {
-                            self.at_value(
-                                &at,
-                                format!(
-                                    "`{}` for job `{target_name}`: {problem}",
-                                    template.source()
-                                ),
-                            );
+                            self.at_value(&at, format!("`{}` for job `{target_name}`: {problem}", template.source()));
                         }
                     } else if upstream_known {
                         self.placeholders(&at, used, &allowed);
@@ -779,19 +682,13 @@ impl Checker<'_> {
         for site in sites.iter().filter(|s| matches!(s.kind, "on_success" | "then")) {
             if model.jobs.contains_key(&site.follow_up.job) {
                 let at = self.positions.value(&site.path);
-                edges
-                    .entry(site.origin.clone())
-                    .or_default()
-                    .push((Origin::Job(site.follow_up.job.clone()), at));
+                edges.entry(site.origin.clone()).or_default().push((Origin::Job(site.follow_up.job.clone()), at));
             }
         }
         for (name, gate) in &model.gates {
             let at = self.positions.value(&path(&[], &["gates", name, "after"]));
             for job in gate.after.iter().filter(|j| model.jobs.contains_key(*j)) {
-                edges
-                    .entry(Origin::Job(job.clone()))
-                    .or_default()
-                    .push((Origin::Gate(name.clone()), at));
+                edges.entry(Origin::Job(job.clone())).or_default().push((Origin::Gate(name.clone()), at));
             }
         }
         let reach: BTreeMap<&Origin, BTreeSet<&Origin>> =
@@ -808,11 +705,8 @@ impl Checker<'_> {
             if done.contains(node) || !reached.contains(node) {
                 continue;
             }
-            let component: BTreeSet<&Origin> = reached
-                .iter()
-                .copied()
-                .filter(|other| reach.get(other).is_some_and(|r| r.contains(node)))
-                .collect();
+            let component: BTreeSet<&Origin> =
+                reached.iter().copied().filter(|other| reach.get(other).is_some_and(|r| r.contains(node))).collect();
             done.extend(component.iter().copied());
             if component.len() < 2 {
                 continue;
@@ -853,10 +747,7 @@ fn node_name(node: &Origin) -> String {
 }
 
 /// Every node reachable from `start` by one or more edges.
-fn reachable<'a>(
-    start: &'a Origin,
-    edges: &'a BTreeMap<Origin, Vec<(Origin, Location)>>,
-) -> BTreeSet<&'a Origin> {
+fn reachable<'a>(start: &'a Origin, edges: &'a BTreeMap<Origin, Vec<(Origin, Location)>>) -> BTreeSet<&'a Origin> {
     let mut seen = BTreeSet::new();
     let mut stack = vec![start];
     while let Some(node) = stack.pop() {
@@ -936,11 +827,7 @@ fn regex_reason(error: &regex::Error) -> String {
 /// The candidate closest to `name` by edit distance, if close enough to be a typo.
 fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (name.chars().count() / 3).max(1);
-    candidates
-        .map(|c| (edit_distance(name, c), c))
-        .filter(|(d, _)| *d <= limit)
-        .min()
-        .map(|(_, c)| c)
+    candidates.map(|c| (edit_distance(name, c), c)).filter(|(d, _)| *d <= limit).min().map(|(_, c)| c)
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

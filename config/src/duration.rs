@@ -60,12 +60,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
             "h" => 3_600_000,
             "d" => 86_400_000,
             "" => return Err(malformed()),
-            other => {
-                return Err(DurationError::UnknownUnit {
-                    text: text.to_owned(),
-                    unit: other.to_owned(),
-                })
-            }
+            other => return Err(DurationError::UnknownUnit { text: text.to_owned(), unit: other.to_owned() }),
         };
         let part = number.checked_mul(unit_ms).ok_or_else(overflow)?;
         total_ms = total_ms.checked_add(part).ok_or_else(overflow)?;
@@ -85,9 +80,7 @@ pub fn parse_rate(text: &str) -> Result<Rate, RateError> {
     };
     let count: u32 = match count {
         "" => 1,
-        digits if digits.bytes().all(|b| b.is_ascii_digit()) => {
-            digits.parse().map_err(|_| malformed())?
-        }
+        digits if digits.bytes().all(|b| b.is_ascii_digit()) => digits.parse().map_err(|_| malformed())?,
         _ => return Err(malformed()),
     };
     if count == 0 {
@@ -116,16 +109,9 @@ mod tests {
     fn bad_durations_say_why_and_show_an_example() {
         assert_eq!(parse_duration("10"), Err(DurationError::MissingUnit { text: "10".into() }));
         assert!(parse_duration("10").unwrap_err().to_string().contains("`10s`"));
-        assert_eq!(
-            parse_duration("10y"),
-            Err(DurationError::UnknownUnit { text: "10y".into(), unit: "y".into() })
-        );
+        assert_eq!(parse_duration("10y"), Err(DurationError::UnknownUnit { text: "10y".into(), unit: "y".into() }));
         for bad in ["", "s", "h1", "1.5h", "1h 30m", "-1s", "1h30"] {
-            assert_eq!(
-                parse_duration(bad),
-                Err(DurationError::Malformed { text: bad.into() }),
-                "{bad:?}"
-            );
+            assert_eq!(parse_duration(bad), Err(DurationError::Malformed { text: bad.into() }), "{bad:?}");
         }
         assert!(parse_duration("x").unwrap_err().to_string().contains("e.g. `90s`"));
         assert_eq!(

@@ -69,8 +69,8 @@ pub enum LoadError {
 
 /// Reads and validates the job file at `path`.
 pub fn load(path: &Path) -> Result<JobFile, LoadError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
     Ok(parse(&path.display().to_string(), &text)?)
 }
 
@@ -95,17 +95,14 @@ pub fn parse(origin: &str, text: &str) -> Result<JobFile, Diagnostics> {
 
 /// A YAML syntax error, at serde_yaml's location, without the location repeated in the text.
 fn syntax_problem(error: &serde_yaml::Error) -> Diagnostic {
-    let location = error.location().map_or(Location { line: 1, column: 1 }, |l| Location {
-        line: l.line(),
-        column: l.column(),
-    });
+    let location =
+        error.location().map_or(Location { line: 1, column: 1 }, |l| Location { line: l.line(), column: l.column() });
     let text = error.to_string();
     let message = match text.split_once(" at line ") {
         Some((head, tail)) => {
             // Drop `N column M` right after " at line ", keep any explanation that follows.
-            let rest = tail
-                .split_once(" column ")
-                .map_or("", |(_, r)| r.trim_start_matches(|c: char| c.is_ascii_digit()));
+            let rest =
+                tail.split_once(" column ").map_or("", |(_, r)| r.trim_start_matches(|c: char| c.is_ascii_digit()));
             format!("{head}{rest}")
         }
         None => text,

@@ -9,17 +9,8 @@ use std::collections::BTreeMap;
 use crate::model::{JobDef, ParamSpec};
 
 /// Names that cannot be params: `job_name` and `wait` (SPEC), start options, and the built-in placeholders.
-pub const RESERVED_NAMES: &[&str] = &[
-    "job_name",
-    "wait",
-    "priority",
-    "job_id",
-    "run_id",
-    "attempt",
-    "exit_code",
-    "gate",
-    "key",
-];
+pub const RESERVED_NAMES: &[&str] =
+    &["job_name", "wait", "priority", "job_id", "run_id", "attempt", "exit_code", "gate", "key"];
 
 /// The largest value a param may have, in bytes.
 pub const VALUE_MAX_BYTES: usize = 4096;
@@ -51,10 +42,7 @@ pub enum ParamProblem {
 /// Checks `given` against `job`'s params and returns the full set: given values plus defaults.
 /// On failure returns every problem found, sorted by param name (one problem per param: the
 /// first of length, control characters, `one_of`, `pattern`).
-pub fn validate(
-    job: &JobDef,
-    given: &BTreeMap<String, String>,
-) -> Result<BTreeMap<String, String>, Vec<ParamError>> {
+pub fn validate(job: &JobDef, given: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, Vec<ParamError>> {
     let mut errors = Vec::new();
     let mut params = BTreeMap::new();
     for (name, value) in given {
@@ -63,28 +51,18 @@ pub fn validate(
             Some(spec) => check(spec, value),
         };
         match problem {
-            Some(problem) => errors.push(ParamError {
-                param: name.clone(),
-                problem,
-            }),
+            Some(problem) => errors.push(ParamError { param: name.clone(), problem }),
             None => {
                 params.insert(name.clone(), value.clone());
             }
         }
     }
-    for (name, spec) in job
-        .params
-        .iter()
-        .filter(|(name, _)| !given.contains_key(*name))
-    {
+    for (name, spec) in job.params.iter().filter(|(name, _)| !given.contains_key(*name)) {
         match (&spec.default, spec.required) {
             (Some(default), _) => {
                 params.insert(name.clone(), default.clone());
             }
-            (None, true) => errors.push(ParamError {
-                param: name.clone(),
-                problem: ParamProblem::Missing,
-            }),
+            (None, true) => errors.push(ParamError { param: name.clone(), problem: ParamProblem::Missing }),
             (None, false) => {}
         }
     }
@@ -107,31 +85,18 @@ fn check(spec: &ParamSpec, value: &str) -> Option<ParamProblem> {
     if let Some((index, _)) = value.char_indices().find(|(_, c)| c.is_control()) {
         return Some(ParamProblem::ControlCharacter { index });
     }
-    if let Some(allowed) = spec
-        .one_of
-        .as_ref()
-        .filter(|allowed| !allowed.iter().any(|a| a == value))
-    {
-        return Some(ParamProblem::NotOneOf {
-            allowed: allowed.clone(),
-        });
+    if let Some(allowed) = spec.one_of.as_ref().filter(|allowed| !allowed.iter().any(|a| a == value)) {
+        return Some(ParamProblem::NotOneOf { allowed: allowed.clone() });
     }
     match &spec.pattern {
-        Some(pattern) if !pattern.is_full_match(value) => Some(ParamProblem::PatternMismatch {
-            pattern: pattern.source.clone(),
-        }),
+        Some(pattern) if !pattern.is_full_match(value) => {
+            Some(ParamProblem::PatternMismatch { pattern: pattern.source.clone() })
+        }
         _ => None,
     }
 }
 
 /// Keeps only the params that `job` declares (a follow-up drops what its target does not declare).
-pub fn retain_declared(
-    job: &JobDef,
-    params: &BTreeMap<String, String>,
-) -> BTreeMap<String, String> {
-    params
-        .iter()
-        .filter(|(k, _)| job.params.contains_key(*k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+pub fn retain_declared(job: &JobDef, params: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    params.iter().filter(|(k, _)| job.params.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect()
 }

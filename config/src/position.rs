@@ -123,12 +123,7 @@ impl Walker<'_> {
 
     /// Walks one node (and its children), recording positions when `record` is set.
     /// Nodes under a duplicate key are walked but not recorded, so the first definition keeps its positions.
-    fn node(
-        &mut self,
-        path: &mut NodePath,
-        key: Option<Location>,
-        record: bool,
-    ) -> Result<(), Stop> {
+    fn node(&mut self, path: &mut NodePath, key: Option<Location>, record: bool) -> Result<(), Stop> {
         if self.depth >= NESTING_MAX {
             return Err(Stop);
         }
@@ -138,12 +133,7 @@ impl Walker<'_> {
         walked
     }
 
-    fn node_inner(
-        &mut self,
-        path: &mut NodePath,
-        key: Option<Location>,
-        record: bool,
-    ) -> Result<(), Stop> {
+    fn node_inner(&mut self, path: &mut NodePath, key: Option<Location>, record: bool) -> Result<(), Stop> {
         let (event, marker) = self.next()?;
         let mut value = location(&marker);
         match event {
@@ -227,9 +217,7 @@ fn duplicate_message(path: &[String], name: &str, first_line: usize, again_line:
         [gates] if gates == "gates" => format!("gate `{name}`"),
         _ => format!("key `{name}`"),
     };
-    format!(
-        "{what} is defined twice, at line {first_line} and again at line {again_line}; keep one"
-    )
+    format!("{what} is defined twice, at line {first_line} and again at line {again_line}; keep one")
 }
 
 #[cfg(test)]
@@ -249,21 +237,9 @@ mod tests {
         let text = "jobs:\n  hello:\n    command: \"echo hi\"\n    params: { who: { default: x } }\n    on_success:\n      - a\n      - job: b\n";
         let p = Positions::index(text);
         assert_eq!(p.key(&path("jobs.hello")), at(2, 3));
-        assert_eq!(
-            p.value(&path("jobs.hello")),
-            at(3, 5),
-            "a block mapping points at its first key"
-        );
-        assert_eq!(
-            p.value(&path("jobs.hello.params")),
-            at(4, 13),
-            "a flow mapping points at its brace"
-        );
-        assert_eq!(
-            p.value(&path("jobs.hello.on_success")),
-            at(6, 9),
-            "a block sequence points at its first item"
-        );
+        assert_eq!(p.value(&path("jobs.hello")), at(3, 5), "a block mapping points at its first key");
+        assert_eq!(p.value(&path("jobs.hello.params")), at(4, 13), "a flow mapping points at its brace");
+        assert_eq!(p.value(&path("jobs.hello.on_success")), at(6, 9), "a block sequence points at its first item");
         assert_eq!(p.key(&path("jobs.hello.command")), at(3, 5));
         assert_eq!(p.value(&path("jobs.hello.command")), at(3, 14));
         assert_eq!(p.key(&path("jobs.hello.params.who.default")), at(4, 22));
@@ -286,10 +262,7 @@ mod tests {
         let p = Positions::index(text);
         assert_eq!(p.duplicates.len(), 1);
         assert_eq!(p.duplicates[0].location, at(4, 3));
-        assert_eq!(
-            p.duplicates[0].message,
-            "job `a` is defined twice, at line 2 and again at line 4; keep one"
-        );
+        assert_eq!(p.duplicates[0].message, "job `a` is defined twice, at line 2 and again at line 4; keep one");
         assert_eq!(p.value(&path("jobs.a.command")), at(3, 14));
     }
 

@@ -50,10 +50,7 @@ pub(crate) struct RawJob {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a param: a mapping with `required`, `default`, `pattern` or `one_of`"
-)]
+#[serde(deny_unknown_fields, expecting = "a param: a mapping with `required`, `default`, `pattern` or `one_of`")]
 pub(crate) struct RawParam {
     pub required: Option<bool>,
     pub default: Option<Scalar>,
@@ -167,8 +164,7 @@ impl Named for String {
 }
 
 impl Named for RawFollowUp {
-    const WHAT: &'static str =
-        "a follow-up (a job name or `{ job: NAME, params: {...} }`) or a list of them";
+    const WHAT: &'static str = "a follow-up (a job name or `{ job: NAME, params: {...} }`) or a list of them";
 }
 
 impl Named for RawSchedule {
@@ -330,11 +326,7 @@ pub(crate) struct RawProblem {
 /// error the offending node is dropped (unknown key) or blanked (bad value) and the
 /// read is tried again. Returns `None` when the value cannot be repaired into a `T`
 /// (a required field is missing or wrong), after reporting why.
-pub(crate) fn read<T: DeserializeOwned>(
-    value: &Value,
-    base: &[String],
-    problems: &mut Vec<RawProblem>,
-) -> Option<T> {
+pub(crate) fn read<T: DeserializeOwned>(value: &Value, base: &[String], problems: &mut Vec<RawProblem>) -> Option<T> {
     let mut value = value.clone();
     let mut removed: Vec<NodePath> = Vec::new();
     for _ in 0..REPAIRS_MAX {
@@ -346,9 +338,7 @@ pub(crate) fn read<T: DeserializeOwned>(
         let message = error.inner().to_string();
         let mut path = base.to_vec();
         path.extend(inside.iter().cloned());
-        if message.starts_with("missing field")
-            && removed.iter().any(|r| r[..r.len() - 1] == inside[..])
-        {
+        if message.starts_with("missing field") && removed.iter().any(|r| r[..r.len() - 1] == inside[..]) {
             // The field was there under a misspelt name, already reported as unknown.
             return None;
         }
@@ -357,8 +347,7 @@ pub(crate) fn read<T: DeserializeOwned>(
         let message = format!("{}: {message}", dotted(path_to_node(&path, unknown)));
         problems.push(RawProblem { message, path, at_key: unknown || missing });
         // A missing field cannot be made up; anything else can be dropped or blanked and read again.
-        let repaired = !missing
-            && if unknown { remove(&mut value, &inside) } else { blank(&mut value, &inside) };
+        let repaired = !missing && if unknown { remove(&mut value, &inside) } else { blank(&mut value, &inside) };
         if !repaired {
             return None;
         }
@@ -409,10 +398,9 @@ pub(crate) fn key_text(key: &Value) -> Option<String> {
 
 fn child<'a>(value: &'a mut Value, segment: &str) -> Option<&'a mut Value> {
     match value {
-        Value::Mapping(mapping) => mapping
-            .iter_mut()
-            .find(|(k, _)| key_text(k).as_deref() == Some(segment))
-            .map(|(_, v)| v),
+        Value::Mapping(mapping) => {
+            mapping.iter_mut().find(|(k, _)| key_text(k).as_deref() == Some(segment)).map(|(_, v)| v)
+        }
         Value::Sequence(items) => segment.parse::<usize>().ok().and_then(|i| items.get_mut(i)),
         _ => None,
     }
@@ -429,8 +417,7 @@ fn remove(value: &mut Value, path: &[String]) -> bool {
     };
     match node(value, parent) {
         Some(Value::Mapping(mapping)) => {
-            let key =
-                mapping.keys().find(|k| key_text(k).as_deref() == Some(last.as_str())).cloned();
+            let key = mapping.keys().find(|k| key_text(k).as_deref() == Some(last.as_str())).cloned();
             key.is_some_and(|key| mapping.shift_remove(&key).is_some())
         }
         _ => false,
@@ -475,8 +462,7 @@ mod tests {
     #[test]
     fn numbers_and_booleans_read_as_text_where_text_is_wanted() {
         let mut problems = Vec::new();
-        let param: RawParam =
-            read(&yaml("default: 10\none_of: [10, 2.5, true, x]\n"), &[], &mut problems).unwrap();
+        let param: RawParam = read(&yaml("default: 10\none_of: [10, 2.5, true, x]\n"), &[], &mut problems).unwrap();
         assert!(problems.is_empty());
         assert_eq!(param.default, Some(Scalar("10".into())));
         let one_of: Vec<String> = param.one_of.unwrap().into_iter().map(|s| s.0).collect();
@@ -490,8 +476,7 @@ mod tests {
         let job: RawJob = read(&value, &path("jobs.a"), &mut problems).unwrap();
         assert_eq!(job.command, "x");
         assert_eq!(job.retries.unwrap().max, Some(2));
-        let found: Vec<(String, bool)> =
-            problems.iter().map(|p| (p.path.join("."), p.at_key)).collect();
+        let found: Vec<(String, bool)> = problems.iter().map(|p| (p.path.join("."), p.at_key)).collect();
         assert_eq!(
             found,
             [
@@ -501,11 +486,7 @@ mod tests {
                 ("jobs.a.retries.backof".to_owned(), true),
             ]
         );
-        assert!(
-            problems[0].message.starts_with("jobs.a: unknown field `comand`"),
-            "{}",
-            problems[0].message
-        );
+        assert!(problems[0].message.starts_with("jobs.a: unknown field `comand`"), "{}", problems[0].message);
         assert!(problems[1].message.starts_with("jobs.a.concurrency: invalid value: integer `-1`"));
     }
 
@@ -525,11 +506,7 @@ mod tests {
         assert!(read.is_none());
         assert_eq!(
             problems,
-            [RawProblem {
-                path: path("jobs.a"),
-                at_key: true,
-                message: "jobs.a: missing field `command`".into()
-            }]
+            [RawProblem { path: path("jobs.a"), at_key: true, message: "jobs.a: missing field `command`".into() }]
         );
     }
 

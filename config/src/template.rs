@@ -65,14 +65,8 @@ pub enum ShellPart {
 /// A command: argv words (run directly) or a shell script (run with `/bin/sh -c`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandTemplate {
-    Argv {
-        source: String,
-        words: Vec<Template>,
-    },
-    Shell {
-        source: String,
-        parts: Vec<ShellPart>,
-    },
+    Argv { source: String, words: Vec<Template> },
+    Shell { source: String, parts: Vec<ShellPart> },
 }
 
 /// Why a template could not be parsed. `offset` is a byte offset into the template text.
@@ -89,11 +83,7 @@ pub enum TemplateError {
     #[error("the command cannot be split into words: {reason}")]
     Split { reason: String },
     #[error("placeholder {{{name}}} at byte {offset} cannot be quoted safely: it {reason} (use the param's environment variable there instead)")]
-    Unsafe {
-        name: String,
-        offset: usize,
-        reason: &'static str,
-    },
+    Unsafe { name: String, offset: usize, reason: &'static str },
 }
 
 /// A placeholder that had no value when filling.
@@ -106,14 +96,8 @@ pub struct FillError {
 impl Template {
     /// Parses `{name}` placeholders and `{{`/`}}` escapes.
     pub fn parse(source: &str) -> Result<Template, TemplateError> {
-        let parts = parse_parts(source)?
-            .into_iter()
-            .map(|(_, part)| part)
-            .collect();
-        Ok(Template {
-            source: source.to_string(),
-            parts,
-        })
+        let parts = parse_parts(source)?.into_iter().map(|(_, part)| part).collect();
+        Ok(Template { source: source.to_string(), parts })
     }
 
     /// The template as written.
@@ -151,9 +135,7 @@ impl CommandTemplate {
     pub fn parse_argv(source: &str) -> Result<CommandTemplate, TemplateError> {
         // Splitting first is the whole point: quotes and spaces in the template decide the
         // words, and nothing a value holds can change them afterwards.
-        let split = shell_words::split(source).map_err(|e| TemplateError::Split {
-            reason: e.to_string(),
-        })?;
+        let split = shell_words::split(source).map_err(|e| TemplateError::Split { reason: e.to_string() })?;
         if split.is_empty() {
             return Err(TemplateError::EmptyCommand);
         }
@@ -163,10 +145,7 @@ impl CommandTemplate {
             let template = Template::parse(word).map_err(|e| relocate(e, source, index))?;
             words.push(template);
         }
-        Ok(CommandTemplate::Argv {
-            source: source.to_string(),
-            words,
-        })
+        Ok(CommandTemplate::Argv { source: source.to_string(), words })
     }
 
     /// Lexes a `/bin/sh` script, recording each placeholder's quoting context. A placeholder
@@ -186,13 +165,7 @@ impl CommandTemplate {
                     // Inside a comment the value would be ignored, unless it held a newline,
                     // which would end the comment: the text stays as written instead.
                     Ok(None) => ShellPart::Literal(format!("{{{name}}}")),
-                    Err(reason) => {
-                        return Err(TemplateError::Unsafe {
-                            name,
-                            offset,
-                            reason,
-                        })
-                    }
+                    Err(reason) => return Err(TemplateError::Unsafe { name, offset, reason }),
                 },
             };
             match (parts.last_mut(), piece) {
@@ -201,16 +174,10 @@ impl CommandTemplate {
             }
         }
         lexer.finish()?;
-        if parts
-            .iter()
-            .all(|p| matches!(p, ShellPart::Literal(t) if t.trim().is_empty()))
-        {
+        if parts.iter().all(|p| matches!(p, ShellPart::Literal(t) if t.trim().is_empty())) {
             return Err(TemplateError::EmptyCommand);
         }
-        Ok(CommandTemplate::Shell {
-            source: source.to_string(),
-            parts,
-        })
+        Ok(CommandTemplate::Shell { source: source.to_string(), parts })
     }
 
     pub fn source(&self) -> &str {
@@ -226,9 +193,7 @@ impl CommandTemplate {
     /// The names of all placeholders in the command.
     pub fn placeholders(&self) -> Vec<&str> {
         match self {
-            CommandTemplate::Argv { words, .. } => {
-                words.iter().flat_map(Template::placeholders).collect()
-            }
+            CommandTemplate::Argv { words, .. } => words.iter().flat_map(Template::placeholders).collect(),
             CommandTemplate::Shell { parts, .. } => parts
                 .iter()
                 .filter_map(|p| match p {
@@ -283,19 +248,12 @@ impl QuoteContext {
 }
 
 fn lookup<'v>(values: &'v Values, name: &str) -> Result<&'v str, FillError> {
-    values
-        .get(name)
-        .map(String::as_str)
-        .ok_or_else(|| FillError {
-            name: name.to_string(),
-        })
+    values.get(name).map(String::as_str).ok_or_else(|| FillError { name: name.to_string() })
 }
 
 fn is_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+    chars.next().is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
         && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
 }
 
@@ -315,16 +273,10 @@ fn parse_parts(source: &str) -> Result<Vec<(usize, Part)>, TemplateError> {
             }
             b'}' => return Err(TemplateError::StrayClose { offset: i }),
             b'{' => {
-                let close = source[i..]
-                    .find('}')
-                    .map(|n| i + n)
-                    .ok_or(TemplateError::Unclosed { offset: i })?;
+                let close = source[i..].find('}').map(|n| i + n).ok_or(TemplateError::Unclosed { offset: i })?;
                 let name = &source[i + 1..close];
                 if !is_name(name) {
-                    return Err(TemplateError::BadName {
-                        name: name.to_string(),
-                        offset: i,
-                    });
+                    return Err(TemplateError::BadName { name: name.to_string(), offset: i });
                 }
                 literal.push_str(&source[plain_start..i]);
                 if !literal.is_empty() {
@@ -347,17 +299,12 @@ fn parse_parts(source: &str) -> Result<Vec<(usize, Part)>, TemplateError> {
 /// Moves the offset of an error found in word `index` of `source` onto `source` itself.
 fn relocate(error: TemplateError, source: &str, index: usize) -> TemplateError {
     let at = |offset: usize| {
-        split_offsets(source)
-            .and_then(|words| words.get(index)?.get(offset).copied())
-            .unwrap_or(offset)
+        split_offsets(source).and_then(|words| words.get(index)?.get(offset).copied()).unwrap_or(offset)
     };
     match error {
         TemplateError::Unclosed { offset } => TemplateError::Unclosed { offset: at(offset) },
         TemplateError::StrayClose { offset } => TemplateError::StrayClose { offset: at(offset) },
-        TemplateError::BadName { name, offset } => TemplateError::BadName {
-            name,
-            offset: at(offset),
-        },
+        TemplateError::BadName { name, offset } => TemplateError::BadName { name, offset: at(offset) },
         other => other,
     }
 }
@@ -491,10 +438,7 @@ const ARITH_TAINT: &str = "comes after a `$((...))` the lexer cannot follow";
 impl ShellLexer {
     fn new() -> ShellLexer {
         ShellLexer {
-            frames: vec![Frame::Script {
-                subst: false,
-                parens: 0,
-            }],
+            frames: vec![Frame::Script { subst: false, parens: 0 }],
             after: After::Nothing,
             escape: None,
             token_start: true,
@@ -504,10 +448,7 @@ impl ShellLexer {
     }
 
     fn top(&self) -> Frame {
-        self.frames.last().copied().unwrap_or(Frame::Script {
-            subst: false,
-            parens: 0,
-        })
+        self.frames.last().copied().unwrap_or(Frame::Script { subst: false, parens: 0 })
     }
 
     fn set_top(&mut self, frame: Frame) {
@@ -547,16 +488,10 @@ impl ShellLexer {
                 continue;
             }
             let top = self.top();
-            let expanding = matches!(
-                top,
-                Frame::Script { .. } | Frame::Double | Frame::Arith { .. }
-            );
+            let expanding = matches!(top, Frame::Script { .. } | Frame::Double | Frame::Arith { .. });
             match (after, c) {
                 (After::Dollar, '(') if expanding => {
-                    self.frames.push(Frame::Script {
-                        subst: true,
-                        parens: 0,
-                    });
+                    self.frames.push(Frame::Script { subst: true, parens: 0 });
                     (self.after, self.token_start) = (After::SubstOpen, true);
                     continue;
                 }
@@ -569,8 +504,7 @@ impl ShellLexer {
                     return;
                 }
                 (After::Dollar, '\'') if matches!(top, Frame::Script { .. }) => {
-                    self.taint =
-                        Some("comes after a bash `$'...'` string, which the lexer cannot follow");
+                    self.taint = Some("comes after a bash `$'...'` string, which the lexer cannot follow");
                     return;
                 }
                 (After::SubstOpen, '(') => {
@@ -701,18 +635,14 @@ impl ShellLexer {
         let open = self.frames.iter().rev().find(|f| **f != Frame::Comment);
         let reason = match open {
             None | Some(Frame::Script { subst: false, .. }) => return Ok(()),
-            Some(Frame::Comment) | Some(Frame::Script { subst: true, .. }) => {
-                "a `$(` is never closed"
-            }
+            Some(Frame::Comment) | Some(Frame::Script { subst: true, .. }) => "a `$(` is never closed",
             Some(Frame::Single) => "a single quote is never closed",
             Some(Frame::Double) => "a double quote is never closed",
             Some(Frame::Backtick) => "a backquote is never closed",
             Some(Frame::Brace) => "a `${` is never closed",
             Some(Frame::Arith { .. }) => "a `$((` is never closed",
         };
-        Err(TemplateError::Split {
-            reason: reason.to_string(),
-        })
+        Err(TemplateError::Split { reason: reason.to_string() })
     }
 }
 
@@ -730,10 +660,7 @@ mod tests {
     }
 
     fn values(pairs: &[(&str, &str)]) -> Values {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     /// The contexts of a shell script's placeholders, in order.
@@ -760,18 +687,7 @@ mod tests {
     #[test]
     fn parses_placeholders_and_brace_escapes() {
         let t = Template::parse("a{b}c{{d}}{e}{{{f}}}").unwrap();
-        assert_eq!(
-            t.parts(),
-            &[
-                lit("a"),
-                ph("b"),
-                lit("c{d}"),
-                ph("e"),
-                lit("{"),
-                ph("f"),
-                lit("}")
-            ]
-        );
+        assert_eq!(t.parts(), &[lit("a"), ph("b"), lit("c{d}"), ph("e"), lit("{"), ph("f"), lit("}")]);
         assert_eq!(t.placeholders().collect::<Vec<_>>(), ["b", "e", "f"]);
         assert_eq!(Template::parse("").unwrap().parts(), &[]);
         assert_eq!(Template::parse("{_x9}").unwrap().parts(), &[ph("_x9")]);
@@ -784,47 +700,17 @@ mod tests {
         assert_eq!(err("é{"), TemplateError::Unclosed { offset: 2 });
         assert_eq!(err("a}b"), TemplateError::StrayClose { offset: 1 });
         assert_eq!(err("{a}}"), TemplateError::StrayClose { offset: 3 });
-        assert_eq!(
-            err("x{a b}"),
-            TemplateError::BadName {
-                name: "a b".into(),
-                offset: 1
-            }
-        );
-        assert_eq!(
-            err("{}"),
-            TemplateError::BadName {
-                name: "".into(),
-                offset: 0
-            }
-        );
-        assert_eq!(
-            err("{1x}"),
-            TemplateError::BadName {
-                name: "1x".into(),
-                offset: 0
-            }
-        );
-        assert_eq!(
-            err("{a-b}"),
-            TemplateError::BadName {
-                name: "a-b".into(),
-                offset: 0
-            }
-        );
+        assert_eq!(err("x{a b}"), TemplateError::BadName { name: "a b".into(), offset: 1 });
+        assert_eq!(err("{}"), TemplateError::BadName { name: "".into(), offset: 0 });
+        assert_eq!(err("{1x}"), TemplateError::BadName { name: "1x".into(), offset: 0 });
+        assert_eq!(err("{a-b}"), TemplateError::BadName { name: "a-b".into(), offset: 0 });
     }
 
     #[test]
     fn fill_inserts_values_verbatim_and_names_missing_ones() {
         let t = Template::parse("{a}-{{{b}}}").unwrap();
-        assert_eq!(
-            t.fill(&values(&[("a", "$(x) {c}"), ("b", "")])).unwrap(),
-            "$(x) {c}-{}"
-        );
-        assert_eq!(
-            t.fill(&values(&[("a", "1")])),
-            Err(FillError { name: "b".into() })
-        );
+        assert_eq!(t.fill(&values(&[("a", "$(x) {c}"), ("b", "")])).unwrap(), "$(x) {c}-{}");
+        assert_eq!(t.fill(&values(&[("a", "1")])), Err(FillError { name: "b".into() }));
     }
 
     #[test]
@@ -833,10 +719,7 @@ mod tests {
         assert_eq!(c.placeholders(), ["who", "n", "who"]);
         let argv = c.fill(&values(&[("who", "a b; c"), ("n", "")])).unwrap();
         assert_eq!(argv, ["echo", "hello a b; c", "x y", "{", "a b; c"]);
-        let empty = CommandTemplate::parse_argv("run {v}")
-            .unwrap()
-            .fill(&values(&[("v", "")]))
-            .unwrap();
+        let empty = CommandTemplate::parse_argv("run {v}").unwrap().fill(&values(&[("v", "")])).unwrap();
         assert_eq!(empty, ["run", ""]);
     }
 
@@ -849,17 +732,8 @@ mod tests {
         assert!(matches!(err("echo 'a"), TemplateError::Split { .. }));
         assert!(matches!(err("echo \"a"), TemplateError::Split { .. }));
         // Offsets point into the command as written, not into the split word.
-        assert_eq!(
-            err(r#"echo "a {b c}""#),
-            TemplateError::BadName {
-                name: "b c".into(),
-                offset: 8
-            }
-        );
-        assert_eq!(
-            err(r#"echo x 'é' "a"\{b"#),
-            TemplateError::Unclosed { offset: 16 }
-        );
+        assert_eq!(err(r#"echo "a {b c}""#), TemplateError::BadName { name: "b c".into(), offset: 8 });
+        assert_eq!(err(r#"echo x 'é' "a"\{b"#), TemplateError::Unclosed { offset: 16 });
         assert_eq!(err("echo a}"), TemplateError::StrayClose { offset: 6 });
     }
 
@@ -882,33 +756,16 @@ mod tests {
     #[test]
     fn shell_records_quote_contexts() {
         use QuoteContext::*;
-        let got =
-            contexts(r#"printf %s {a} '{b}' "{c}" x{d}y "$(echo {e} "{f}")" 'it''s {g}' # {h} '"#);
-        let want = [
-            ("a", Unquoted),
-            ("b", SingleQuoted),
-            ("c", DoubleQuoted),
-            ("d", Unquoted),
-        ];
-        let want =
-            want.into_iter()
-                .chain([("e", Unquoted), ("f", DoubleQuoted), ("g", SingleQuoted)]);
-        assert_eq!(
-            got,
-            want.map(|(n, c)| (n.to_string(), c)).collect::<Vec<_>>()
-        );
+        let got = contexts(r#"printf %s {a} '{b}' "{c}" x{d}y "$(echo {e} "{f}")" 'it''s {g}' # {h} '"#);
+        let want = [("a", Unquoted), ("b", SingleQuoted), ("c", DoubleQuoted), ("d", Unquoted)];
+        let want = want.into_iter().chain([("e", Unquoted), ("f", DoubleQuoted), ("g", SingleQuoted)]);
+        assert_eq!(got, want.map(|(n, c)| (n.to_string(), c)).collect::<Vec<_>>());
         assert_eq!(contexts(r#"echo "it's {a}""#), [("a".into(), DoubleQuoted)]);
         assert_eq!(contexts(r#"echo '"' {a}"#), [("a".into(), Unquoted)]);
-        assert_eq!(
-            contexts("echo ${{HOME}}/{a} $(( 1 + $(echo 2) )) {b}").len(),
-            2
-        );
+        assert_eq!(contexts("echo ${{HOME}}/{a} $(( 1 + $(echo 2) )) {b}").len(), 2);
         assert_eq!(contexts("echo $( (echo a) ) {a}"), [("a".into(), Unquoted)]);
         // `\` newline is removed before anything else, so `$` and `(` still meet.
-        assert_eq!(
-            contexts("echo \"$\\\n(echo {a})\""),
-            [("a".into(), Unquoted)]
-        );
+        assert_eq!(contexts("echo \"$\\\n(echo {a})\""), [("a".into(), Unquoted)]);
         assert_eq!(contexts("echo \\\n{a}"), [("a".into(), Unquoted)]);
     }
 
@@ -916,15 +773,9 @@ mod tests {
     fn shell_comments_hide_quotes_and_placeholders() {
         use QuoteContext::*;
         assert_eq!(contexts("# don't\necho {a}"), [("a".into(), Unquoted)]);
-        assert_eq!(
-            contexts("echo a;# it's\necho {a}"),
-            [("a".into(), Unquoted)]
-        );
+        assert_eq!(contexts("echo a;# it's\necho {a}"), [("a".into(), Unquoted)]);
         // A continuation joins the lines, so `#` starts a token, hence a comment.
-        assert_eq!(
-            contexts("echo a \\\n# it's\necho {a}"),
-            [("a".into(), Unquoted)]
-        );
+        assert_eq!(contexts("echo a \\\n# it's\necho {a}"), [("a".into(), Unquoted)]);
         // Inside a word `#` is no comment and `'` quotes.
         assert_eq!(contexts("echo a#'{a}'"), [("a".into(), SingleQuoted)]);
         let c = CommandTemplate::parse_shell("echo {a} # for {b}").unwrap();
@@ -951,34 +802,17 @@ mod tests {
         assert!(unsafe_reason("echo \"$(case x in y) echo {a};; esac)\"").contains("case"));
         assert!(unsafe_reason("echo $[1] {a}").contains("$["));
         let err = CommandTemplate::parse_shell("echo ok; echo ${a}").unwrap_err();
-        assert!(
-            matches!(err, TemplateError::Unsafe { ref name, offset: 15, .. } if name == "a"),
-            "{err:?}"
-        );
+        assert!(matches!(err, TemplateError::Unsafe { ref name, offset: 15, .. } if name == "a"), "{err:?}");
     }
 
     #[test]
     fn shell_errors() {
         let err = |s: &str| CommandTemplate::parse_shell(s).unwrap_err();
-        for open in [
-            "echo 'a",
-            "echo \"a",
-            "echo $(a",
-            "echo `a",
-            "echo ${{a",
-            "echo $((1",
-            "echo $(a # )",
-        ] {
+        for open in ["echo 'a", "echo \"a", "echo $(a", "echo `a", "echo ${{a", "echo $((1", "echo $(a # )"] {
             assert!(matches!(err(open), TemplateError::Split { .. }), "{open:?}");
         }
         assert_eq!(err(" \n "), TemplateError::EmptyCommand);
-        assert_eq!(
-            err("echo {a b}"),
-            TemplateError::BadName {
-                name: "a b".into(),
-                offset: 5
-            }
-        );
+        assert_eq!(err("echo {a b}"), TemplateError::BadName { name: "a b".into(), offset: 5 });
         assert!(CommandTemplate::parse_shell("echo a # it's").is_ok());
     }
 
@@ -987,10 +821,7 @@ mod tests {
         assert_eq!(QuoteContext::Unquoted.quote(""), "''");
         assert_eq!(QuoteContext::Unquoted.quote("it's"), r"'it'\''s'");
         assert_eq!(QuoteContext::SingleQuoted.quote("it's"), r"it'\''s");
-        assert_eq!(
-            QuoteContext::DoubleQuoted.quote(r#"a"$`\!'"#),
-            r#"a\"\$\`\\!'"#
-        );
+        assert_eq!(QuoteContext::DoubleQuoted.quote(r#"a"$`\!'"#), r#"a\"\$\`\\!'"#);
         let c = CommandTemplate::parse_shell(r#"p {v} '{v}' "{v}""#).unwrap();
         let argv = c.fill(&values(&[("v", "'$x'")])).unwrap();
         assert_eq!(argv[2], r#"p ''\''$x'\''' ''\''$x'\''' "'\$x'""#);

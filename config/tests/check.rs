@@ -55,11 +55,7 @@ fn unknown_key_inside_a_param_points_at_the_key() {
 
 #[test]
 fn unknown_top_level_key() {
-    assert_one(
-        "jobs:\n  a:\n    command: echo\njbos: {}\n",
-        "4:1",
-        "top level: unknown field `jbos`",
-    );
+    assert_one("jobs:\n  a:\n    command: echo\njbos: {}\n", "4:1", "top level: unknown field `jbos`");
 }
 
 #[test]
@@ -144,11 +140,7 @@ fn placeholder_naming_an_undeclared_param() {
     params:
       who: {}
 "#;
-    assert_one(
-        text,
-        "3:14",
-        "`{whom}` names no declared param nor built-in (did you mean `{who}`?)",
-    );
+    assert_one(text, "3:14", "`{whom}` names no declared param nor built-in (did you mean `{who}`?)");
 }
 
 #[test]
@@ -164,10 +156,7 @@ fn placeholders_in_env_unique_before_and_after_are_checked_too() {
     let found = problems(text);
     let at: Vec<&str> = found.iter().map(|(at, _)| at.as_str()).collect();
     assert_eq!(at, ["4:15", "5:20", "6:13", "7:12"], "{found:#?}");
-    assert!(
-        found[3].1.contains("`{exit_code}` names no declared param"),
-        "exit_code is only for follow-ups"
-    );
+    assert!(found[3].1.contains("`{exit_code}` names no declared param"), "exit_code is only for follow-ups");
 }
 
 #[test]
@@ -209,11 +198,7 @@ fn follow_up_that_never_sets_a_required_param() {
     command: echo
     on_failure: [ notify ]
 "#;
-    assert_one(
-        text,
-        "7:19",
-        "follow-up on_failure from `a` to `notify` never sets required param `what`",
-    );
+    assert_one(text, "7:19", "follow-up on_failure from `a` to `notify` never sets required param `what`");
 }
 
 #[test]
@@ -288,11 +273,7 @@ fn bad_rate() {
     command: echo
     rate: 50/day
 "#;
-    assert_one(
-        text,
-        "4:11",
-        "`50/day` is not a rate: write a count per second, minute or hour, e.g. `50/s`",
-    );
+    assert_one(text, "4:11", "`50/day` is not a rate: write a count per second, minute or hour, e.g. `50/s`");
 }
 
 #[test]
@@ -475,12 +456,9 @@ gates:
     then: b
 "#;
     let found = problems(text);
-    let summary: Vec<(&str, &str)> = found
-        .iter()
-        .map(|(at, m)| (at.as_str(), m.split_once(": ").map_or(m.as_str(), |(_, rest)| rest)))
-        .collect();
-    let expected_at =
-        ["3:14", "5:23", "6:14", "9:5", "10:11", "11:19", "14:46", "18:40", "18:52", "20:12"];
+    let summary: Vec<(&str, &str)> =
+        found.iter().map(|(at, m)| (at.as_str(), m.split_once(": ").map_or(m.as_str(), |(_, rest)| rest))).collect();
+    let expected_at = ["3:14", "5:23", "6:14", "9:5", "10:11", "11:19", "14:46", "18:40", "18:52", "20:12"];
     let at: Vec<&str> = summary.iter().map(|(at, _)| *at).collect();
     assert_eq!(at, expected_at, "{summary:#?}");
     let fragments = [
@@ -503,18 +481,13 @@ gates:
 #[test]
 fn diagnostics_display_as_file_line_column() {
     let error = parse("jobz.yaml", "jobs:\n  a:\n    command: echo\n    rate: fast\n").unwrap_err();
-    assert!(
-        error.to_string().starts_with("jobz.yaml:4:11: jobs.a.rate: `fast` is not a rate"),
-        "{error}"
-    );
+    assert!(error.to_string().starts_with("jobz.yaml:4:11: jobs.a.rate: `fast` is not a rate"), "{error}");
 }
 
 #[test]
 fn the_example_is_valid() {
     let file = parse("<embedded>", config::EXAMPLE_YAML).unwrap_or_else(|e| panic!("{e}"));
-    for job in
-        ["hello", "nightly_report", "fan_out", "shard", "merge", "publish", "flaky", "notify"]
-    {
+    for job in ["hello", "nightly_report", "fan_out", "shard", "merge", "publish", "flaky", "notify"] {
         assert!(file.jobs.contains_key(job), "the example lost `{job}`");
     }
     assert_eq!(file.jobs["fan_out"].on_success.len(), 4);
@@ -577,10 +550,7 @@ gates:
     let pattern = date.pattern.as_ref().expect("date has a pattern");
     assert!(pattern.is_full_match("2026_01_01") && !pattern.is_full_match("x2026_01_01"));
     assert_eq!(job.params["category"].default.as_deref(), Some("all"));
-    assert_eq!(
-        job.params["category"].one_of.as_deref(),
-        Some(&["all".to_owned(), "books".into(), "music".into()][..])
-    );
+    assert_eq!(job.params["category"].one_of.as_deref(), Some(&["all".to_owned(), "books".into(), "music".into()][..]));
     assert_eq!(job.params["limit"].default.as_deref(), Some("10"));
     assert!(!job.params["note"].required && job.params["note"].pattern.is_none());
 
@@ -594,10 +564,7 @@ gates:
     assert_eq!(job.rate, Some(Rate { count: 50, per: Duration::from_secs(1) }));
     assert_eq!(job.priority, -5);
     let unique = job.unique.as_ref().expect("unique");
-    assert_eq!(
-        (unique.key.source(), unique.ttl),
-        ("{date}-{category}", Duration::from_secs(86_400))
-    );
+    assert_eq!((unique.key.source(), unique.ttl), ("{date}-{category}", Duration::from_secs(86_400)));
     assert_eq!(job.before.as_ref().map(|c| c.source()), Some("/opt/etl/lock {date}"));
     assert_eq!(job.after.as_ref().map(|c| c.source()), Some("/opt/etl/unlock {date}"));
 
@@ -630,22 +597,15 @@ gates:
     assert_eq!(gate.timeout, Some(Duration::from_secs(6 * 3600)));
     assert_eq!(gate.on_timeout.as_ref().map(|f| f.job.as_str()), Some("notify"));
     assert_eq!(gate.on_timeout.as_ref().map(|f| f.params.len()), Some(1));
-    assert_eq!(
-        gate.on_failure.as_ref().map(|f| f.params["what"].source()),
-        Some("gate {gate} {key}")
-    );
+    assert_eq!(gate.on_failure.as_ref().map(|f| f.params["what"].source()), Some("gate {gate} {key}"));
 }
 
 #[test]
 fn canonical_text_ignores_key_order_layout_and_comments() {
-    let one =
-        "jobs:\n  a:\n    command: echo {x}\n    params: { x: { default: 10 } }\n    timeout: 1m\n";
+    let one = "jobs:\n  a:\n    command: echo {x}\n    params: { x: { default: 10 } }\n    timeout: 1m\n";
     let two = "jobs:\n  a:   # the same job\n    timeout: \"1m\"\n    params:\n      x:\n        default: '10'\n    command: 'echo {x}'\n";
-    let three =
-        "jobs:\n  a:\n    command: echo {x}\n    params: { x: { default: 11 } }\n    timeout: 1m\n";
-    let canonical = |text: &str| {
-        parse("t.yaml", text).unwrap_or_else(|e| panic!("{e}")).jobs["a"].canonical.clone()
-    };
+    let three = "jobs:\n  a:\n    command: echo {x}\n    params: { x: { default: 11 } }\n    timeout: 1m\n";
+    let canonical = |text: &str| parse("t.yaml", text).unwrap_or_else(|e| panic!("{e}")).jobs["a"].canonical.clone();
     assert_eq!(canonical(one), canonical(two));
     assert_ne!(canonical(one), canonical(three));
 }

@@ -12,10 +12,7 @@ fn job(params: Vec<(&str, ParamSpec)>) -> JobDef {
     JobDef {
         name: "test".into(),
         command: CommandTemplate::parse_argv("true").unwrap(),
-        params: params
-            .into_iter()
-            .map(|(n, s)| (n.to_string(), s))
-            .collect(),
+        params: params.into_iter().map(|(n, s)| (n.to_string(), s)).collect(),
         env: BTreeMap::new(),
         cwd: None,
         mode: Mode::Queue,
@@ -35,25 +32,16 @@ fn job(params: Vec<(&str, ParamSpec)>) -> JobDef {
 }
 
 fn pattern(source: &str) -> Pattern {
-    Pattern {
-        source: source.into(),
-        regex: regex::Regex::new(&format!("^(?:{source})$")).unwrap(),
-    }
+    Pattern { source: source.into(), regex: regex::Regex::new(&format!("^(?:{source})$")).unwrap() }
 }
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn problems(job: &JobDef, given: &[(&str, &str)]) -> Vec<(String, ParamProblem)> {
     match validate(job, &map(given)) {
-        Err(errors) => errors
-            .into_iter()
-            .map(|ParamError { param, problem }| (param, problem))
-            .collect(),
+        Err(errors) => errors.into_iter().map(|ParamError { param, problem }| (param, problem)).collect(),
         Ok(params) => panic!("expected errors, got {params:?}"),
     }
 }
@@ -66,14 +54,7 @@ fn one(job: &JobDef, given: &[(&str, &str)]) -> ParamProblem {
 
 fn date_job() -> JobDef {
     job(vec![
-        (
-            "date",
-            ParamSpec {
-                required: true,
-                pattern: Some(pattern(r"\d{4}_\d{2}_\d{2}")),
-                ..Default::default()
-            },
-        ),
+        ("date", ParamSpec { required: true, pattern: Some(pattern(r"\d{4}_\d{2}_\d{2}")), ..Default::default() }),
         (
             "category",
             ParamSpec {
@@ -92,52 +73,30 @@ fn valid_params_pass_and_defaults_fill_in() {
     let got = validate(&job, &map(&[("date", "2024_01_31")])).unwrap();
     // `note` is optional without a default: absent, not empty.
     assert_eq!(got, map(&[("date", "2024_01_31"), ("category", "all")]));
-    let got = validate(
-        &job,
-        &map(&[("date", "2024_01_31"), ("category", "books"), ("note", "")]),
-    )
-    .unwrap();
-    assert_eq!(
-        got,
-        map(&[("date", "2024_01_31"), ("category", "books"), ("note", "")])
-    );
+    let got = validate(&job, &map(&[("date", "2024_01_31"), ("category", "books"), ("note", "")])).unwrap();
+    assert_eq!(got, map(&[("date", "2024_01_31"), ("category", "books"), ("note", "")]));
 }
 
 #[test]
 fn undeclared_param_is_refused() {
-    assert_eq!(
-        one(&date_job(), &[("date", "2024_01_31"), ("rm", "x")]),
-        ParamProblem::Undeclared
-    );
+    assert_eq!(one(&date_job(), &[("date", "2024_01_31"), ("rm", "x")]), ParamProblem::Undeclared);
 }
 
 #[test]
 fn required_param_without_default_is_missing() {
-    assert_eq!(
-        problems(&date_job(), &[]),
-        [("date".to_string(), ParamProblem::Missing)]
-    );
+    assert_eq!(problems(&date_job(), &[]), [("date".to_string(), ParamProblem::Missing)]);
 }
 
 #[test]
 fn required_param_with_default_takes_the_default() {
-    let job = job(vec![(
-        "x",
-        ParamSpec {
-            required: true,
-            default: Some("d".into()),
-            ..Default::default()
-        },
-    )]);
+    let job = job(vec![("x", ParamSpec { required: true, default: Some("d".into()), ..Default::default() })]);
     assert_eq!(validate(&job, &map(&[])).unwrap(), map(&[("x", "d")]));
 }
 
 #[test]
 fn pattern_must_match_the_whole_value() {
     let job = date_job();
-    let mismatch = ParamProblem::PatternMismatch {
-        pattern: r"\d{4}_\d{2}_\d{2}".into(),
-    };
+    let mismatch = ParamProblem::PatternMismatch { pattern: r"\d{4}_\d{2}_\d{2}".into() };
     assert_eq!(one(&job, &[("date", "2024_01_31; rm -rf /")]), mismatch);
     assert_eq!(one(&job, &[("date", "x2024_01_31")]), mismatch);
     assert_eq!(one(&job, &[("date", "")]), mismatch);
@@ -146,35 +105,18 @@ fn pattern_must_match_the_whole_value() {
 #[test]
 fn one_of_lists_the_allowed_values() {
     let allowed = vec!["all".to_string(), "books".into(), "music".into()];
-    let got = one(
-        &date_job(),
-        &[("date", "2024_01_31"), ("category", "Books")],
-    );
+    let got = one(&date_job(), &[("date", "2024_01_31"), ("category", "Books")]);
     assert_eq!(got, ParamProblem::NotOneOf { allowed });
 }
 
 #[test]
 fn control_characters_are_refused_with_their_byte_index() {
     let job = date_job();
-    for (value, index) in [
-        ("a\0b", 1),
-        ("ab\n", 2),
-        ("\t", 0),
-        ("é\u{7f}", 2),
-        ("x\u{85}", 1),
-        ("\r\n", 0),
-    ] {
-        assert_eq!(
-            one(&job, &[("date", "2024_01_31"), ("note", value)]),
-            ParamProblem::ControlCharacter { index }
-        );
+    for (value, index) in [("a\0b", 1), ("ab\n", 2), ("\t", 0), ("é\u{7f}", 2), ("x\u{85}", 1), ("\r\n", 0)] {
+        assert_eq!(one(&job, &[("date", "2024_01_31"), ("note", value)]), ParamProblem::ControlCharacter { index });
     }
     // Spaces, quotes and shell syntax are not control characters: quoting handles them.
-    assert!(validate(
-        &job,
-        &map(&[("date", "2024_01_31"), ("note", "a b '$(x)' `y` ;|&")])
-    )
-    .is_ok());
+    assert!(validate(&job, &map(&[("date", "2024_01_31"), ("note", "a b '$(x)' `y` ;|&")])).is_ok());
 }
 
 #[test]
@@ -184,46 +126,17 @@ fn values_longer_than_the_limit_are_refused() {
     assert!(validate(&job, &map(&[("date", "2024_01_31"), ("note", &at_limit)])).is_ok());
     let over = "é".repeat(VALUE_MAX_BYTES / 2 + 1);
     let got = one(&job, &[("date", "2024_01_31"), ("note", &over)]);
-    assert_eq!(
-        got,
-        ParamProblem::TooLong {
-            len: VALUE_MAX_BYTES + 2
-        }
-    );
+    assert_eq!(got, ParamProblem::TooLong { len: VALUE_MAX_BYTES + 2 });
 }
 
 #[test]
 fn all_problems_are_reported_at_once_sorted_by_name() {
     let job = job(vec![
-        (
-            "b_missing",
-            ParamSpec {
-                required: true,
-                ..Default::default()
-            },
-        ),
-        (
-            "d_pattern",
-            ParamSpec {
-                pattern: Some(pattern("[a-z]+")),
-                ..Default::default()
-            },
-        ),
-        (
-            "c_choice",
-            ParamSpec {
-                one_of: Some(vec!["x".into()]),
-                ..Default::default()
-            },
-        ),
+        ("b_missing", ParamSpec { required: true, ..Default::default() }),
+        ("d_pattern", ParamSpec { pattern: Some(pattern("[a-z]+")), ..Default::default() }),
+        ("c_choice", ParamSpec { one_of: Some(vec!["x".into()]), ..Default::default() }),
         ("f_fine", ParamSpec::default()),
-        (
-            "z_missing",
-            ParamSpec {
-                required: true,
-                ..Default::default()
-            },
-        ),
+        ("z_missing", ParamSpec { required: true, ..Default::default() }),
     ]);
     let long = "y".repeat(VALUE_MAX_BYTES + 1);
     let given = [
@@ -238,18 +151,8 @@ fn all_problems_are_reported_at_once_sorted_by_name() {
     let want = vec![
         ("a_undeclared".to_string(), ParamProblem::Undeclared),
         ("b_missing".into(), ParamProblem::Missing),
-        (
-            "c_choice".into(),
-            ParamProblem::NotOneOf {
-                allowed: vec!["x".into()],
-            },
-        ),
-        (
-            "d_pattern".into(),
-            ParamProblem::PatternMismatch {
-                pattern: "[a-z]+".into(),
-            },
-        ),
+        ("c_choice".into(), ParamProblem::NotOneOf { allowed: vec!["x".into()] }),
+        ("d_pattern".into(), ParamProblem::PatternMismatch { pattern: "[a-z]+".into() }),
         ("e_undeclared".into(), ParamProblem::Undeclared),
         ("f_fine".into(), ParamProblem::ControlCharacter { index: 2 }),
         ("y_undeclared".into(), ParamProblem::Undeclared),
@@ -260,12 +163,6 @@ fn all_problems_are_reported_at_once_sorted_by_name() {
 
 #[test]
 fn errors_name_the_param_and_the_reason() {
-    let err = ParamError {
-        param: "date".into(),
-        problem: ParamProblem::ControlCharacter { index: 3 },
-    };
-    assert_eq!(
-        err.to_string(),
-        r#"param "date": contains a control character (byte 3)"#
-    );
+    let err = ParamError { param: "date".into(), problem: ParamProblem::ControlCharacter { index: 3 } };
+    assert_eq!(err.to_string(), r#"param "date": contains a control character (byte 3)"#);
 }

@@ -89,14 +89,8 @@ const HOSTILE: &[&str] = &[
 fn value() -> impl Strategy<Value = String> {
     prop_oneof![
         "\\PC*",
-        vec(
-            prop_oneof![
-                proptest::sample::select(FRAGMENTS).prop_map(str::to_string),
-                "\\PC{0,3}"
-            ],
-            0..10
-        )
-        .prop_map(|parts| parts.concat()),
+        vec(prop_oneof![proptest::sample::select(FRAGMENTS).prop_map(str::to_string), "\\PC{0,3}"], 0..10)
+            .prop_map(|parts| parts.concat()),
     ]
 }
 
@@ -110,16 +104,8 @@ fn values(value: &str) -> Values {
 
 /// Runs a filled argv in `dir` and returns its stdout; the program must succeed.
 fn run(argv: &[String], dir: &Path) -> Vec<u8> {
-    let out = Command::new(&argv[0])
-        .args(&argv[1..])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{argv:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(&argv[0]).args(&argv[1..]).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "{argv:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
 
@@ -137,10 +123,7 @@ fn shells(argv: &[String]) -> Vec<Vec<String>> {
 }
 
 fn assert_empty(dir: &Path, value: &str) {
-    let entries: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(entries.is_empty(), "value {value:?} created {entries:?}");
 }
 
@@ -211,19 +194,11 @@ fn scripts() -> Vec<(&'static str, Expected)> {
         (r#"printf %s "{v}""#, |v| v.to_string()),
         ("printf %s '{v}'", |v| v.to_string()),
         ("printf %s x{v}y", |v| format!("x{v}y")),
-        (r#"printf %s "a{v}b" 'c{v}d' e"{v}"'f'"#, |v| {
-            format!("a{v}bc{v}de{v}f")
-        }),
-        ("# it's a comment {v}\nprintf %s {v} # don't", |v| {
-            v.to_string()
-        }),
+        (r#"printf %s "a{v}b" 'c{v}d' e"{v}"'f'"#, |v| format!("a{v}bc{v}de{v}f")),
+        ("# it's a comment {v}\nprintf %s {v} # don't", |v| v.to_string()),
         // `$(...)` strips trailing newlines; the `.` keeps them.
-        (r#"x=$(printf %s "{v}".); printf %s "${{x%.}}""#, |v| {
-            v.to_string()
-        }),
-        (r#"printf %s "$(printf %s '{v}' {v})""#, |v| {
-            format!("{v}{v}").trim_end_matches('\n').to_string()
-        }),
+        (r#"x=$(printf %s "{v}".); printf %s "${{x%.}}""#, |v| v.to_string()),
+        (r#"printf %s "$(printf %s '{v}' {v})""#, |v| format!("{v}{v}").trim_end_matches('\n').to_string()),
     ]
 }
 
@@ -262,46 +237,21 @@ fn no_hostile_value_creates_a_file() {
 fn check_no_file_created(v: &str) {
     let dir = tempfile::tempdir().unwrap();
     let values = values(v);
-    let echo = CommandTemplate::parse_argv("echo {v}")
-        .unwrap()
-        .fill(&values)
-        .unwrap();
+    let echo = CommandTemplate::parse_argv("echo {v}").unwrap().fill(&values).unwrap();
     assert_eq!(echo.len(), 2);
     // `echo` reads options and escapes; only compare where the value cannot be one.
     if !v.starts_with('-') && !v.contains('\\') {
-        assert_eq!(
-            String::from_utf8_lossy(&run(&echo, dir.path())),
-            format!("{v}\n")
-        );
+        assert_eq!(String::from_utf8_lossy(&run(&echo, dir.path())), format!("{v}\n"));
     } else {
         run(&echo, dir.path());
     }
-    let printf = CommandTemplate::parse_argv("printf %s {v}")
-        .unwrap()
-        .fill(&values)
-        .unwrap();
+    let printf = CommandTemplate::parse_argv("printf %s {v}").unwrap().fill(&values).unwrap();
     assert_eq!(String::from_utf8_lossy(&run(&printf, dir.path())), v);
-    for script in [
-        "printf %s {v}",
-        "printf %s '{v}'",
-        r#"printf %s "{v}""#,
-        r#"printf %s "$(printf %s {v}.)""#,
-    ] {
-        let argv = CommandTemplate::parse_shell(script)
-            .unwrap()
-            .fill(&values)
-            .unwrap();
-        let expected = if script.contains('.') {
-            format!("{v}.")
-        } else {
-            v.to_string()
-        };
+    for script in ["printf %s {v}", "printf %s '{v}'", r#"printf %s "{v}""#, r#"printf %s "$(printf %s {v}.)""#] {
+        let argv = CommandTemplate::parse_shell(script).unwrap().fill(&values).unwrap();
+        let expected = if script.contains('.') { format!("{v}.") } else { v.to_string() };
         for shell in shells(&argv) {
-            assert_eq!(
-                String::from_utf8_lossy(&run(&shell, dir.path())),
-                expected,
-                "{v:?} in {shell:?}"
-            );
+            assert_eq!(String::from_utf8_lossy(&run(&shell, dir.path())), expected, "{v:?} in {shell:?}");
         }
     }
     assert_empty(dir.path(), v);
@@ -316,37 +266,12 @@ fn refused_scripts_would_have_run_the_value() {
     // The script, the context a naive lexer would see there, and a value that then runs `touch`
     // in the given shell (dash refuses the backquote one as a whole; bash runs it).
     for (shell, script, naive, value) in [
-        (
-            "/bin/sh",
-            r#"printf %s "${v}""#,
-            DoubleQuoted,
-            "(touch pwned)",
-        ),
+        ("/bin/sh", r#"printf %s "${v}""#, DoubleQuoted, "(touch pwned)"),
         ("/bin/sh", r"printf %s \{v}", Unquoted, "; touch pwned #"),
-        (
-            "/bin/sh",
-            r#"printf %s "\{v}""#,
-            DoubleQuoted,
-            "$(touch pwned)",
-        ),
-        (
-            "/bin/sh",
-            "# it's\nprintf %s {v} # '",
-            SingleQuoted,
-            "; touch pwned;",
-        ),
-        (
-            "/bin/bash",
-            "printf %s `printf %s {v}`",
-            Unquoted,
-            "x`;touch pwned;`x",
-        ),
-        (
-            "/bin/bash",
-            "printf %s $'{v}'",
-            SingleQuoted,
-            "\\'; touch pwned #",
-        ),
+        ("/bin/sh", r#"printf %s "\{v}""#, DoubleQuoted, "$(touch pwned)"),
+        ("/bin/sh", "# it's\nprintf %s {v} # '", SingleQuoted, "; touch pwned;"),
+        ("/bin/bash", "printf %s `printf %s {v}`", Unquoted, "x`;touch pwned;`x"),
+        ("/bin/bash", "printf %s $'{v}'", SingleQuoted, "\\'; touch pwned #"),
     ] {
         if !Path::new(shell).exists() {
             continue;
@@ -363,15 +288,8 @@ fn refused_scripts_would_have_run_the_value() {
         }
         let filled = script.replace("{v}", &naive.quote(value));
         // Some of these end in a syntax error after the damage is done; only the file matters.
-        let out = Command::new(shell)
-            .args(["-c", &filled])
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            dir.path().join("pwned").exists(),
-            "{filled:?} did not show the danger: {out:?}"
-        );
+        let out = Command::new(shell).args(["-c", &filled]).current_dir(dir.path()).output().unwrap();
+        assert!(dir.path().join("pwned").exists(), "{filled:?} did not show the danger: {out:?}");
         std::fs::remove_file(dir.path().join("pwned")).unwrap();
     }
 }

@@ -43,11 +43,8 @@ impl KeyState {
     /// `(done, needed)` summed over the gate's upstream jobs, e.g. `(7, 10)`.
     pub fn progress(&self, gate: &GateDef) -> (u32, u32) {
         let need = gate.count.unwrap_or(1);
-        let done = gate
-            .after
-            .iter()
-            .map(|name| self.succeeded.get(name).map_or(0, |ids| ids.len() as u32).min(need))
-            .sum();
+        let done =
+            gate.after.iter().map(|name| self.succeeded.get(name).map_or(0, |ids| ids.len() as u32).min(need)).sum();
         (done, need.saturating_mul(gate.after.len() as u32))
     }
 
@@ -68,7 +65,11 @@ pub enum GateEffect {
     Start(NewJob),
     /// The event could not be applied to this gate (e.g. the key template
     /// cannot be filled from the upstream job's params). Nothing changed.
-    KeyError { gate: String, job_id: String, message: String },
+    KeyError {
+        gate: String,
+        job_id: String,
+        message: String,
+    },
 }
 
 /// The state of every gate's keys.
@@ -166,9 +167,9 @@ impl GateBook {
 pub fn gate_key(gate: &GateDef, job: &JobFacts) -> Result<String, String> {
     match &gate.key {
         None => Ok(job.run_id.clone()),
-        Some(template) => template
-            .fill(&job.values())
-            .map_err(|e| format!("gate {:?}: key {:?} cannot be filled from job {}: {e}", gate.name, template.source(), job.id)),
+        Some(template) => template.fill(&job.values()).map_err(|e| {
+            format!("gate {:?}: key {:?} cannot be filled from job {}: {e}", gate.name, template.source(), job.id)
+        }),
     }
 }
 

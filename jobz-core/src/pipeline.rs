@@ -173,7 +173,8 @@ pub fn child(
     inherited: &BTreeMap<String, String>,
     values: &Values,
 ) -> Result<BTreeMap<String, String>, FollowUpError> {
-    let target = file.jobs.get(&follow_up.job).ok_or_else(|| FollowUpError::UnknownJob { target: follow_up.job.clone() })?;
+    let target =
+        file.jobs.get(&follow_up.job).ok_or_else(|| FollowUpError::UnknownJob { target: follow_up.job.clone() })?;
     let mut params = params::retain_declared(target, inherited);
     for (name, template) in &follow_up.params {
         let value =

@@ -512,7 +512,9 @@ impl Wire for ToBroker {
                 // A receiver computes offset + len to place the chunk; that must not overflow.
                 match m.offset.checked_add(m.data.len() as u64) {
                     Some(_) => Ok(()),
-                    None => Err(DecodeError::Invalid { what: "Output.offset", reason: "overflows with the chunk's length" }),
+                    None => {
+                        Err(DecodeError::Invalid { what: "Output.offset", reason: "overflows with the chunk's length" })
+                    }
                 }
             }
             ToBroker::Progress(m) => {

@@ -251,7 +251,13 @@ impl Router {
         let mut command = Vec::with_capacity(1 + frames.len());
         command.push(peer.0.clone());
         command.extend(frames);
-        self.pump.call(Tag::Send, command)
+        self.pump.call(Tag::Send, command).map_err(|e| match e {
+            // ROUTER_MANDATORY: the peer is not (or no longer) connected.
+            TransportError::Send { source: zmq::Error::EHOSTUNREACH } => {
+                TransportError::UnknownPeer { peer: peer.clone() }
+            }
+            e => e,
+        })
     }
 
     /// The next message from any peer; `None` once the transport has stopped. Cancel-safe.
@@ -771,11 +777,8 @@ impl<In> Owner<In> {
     }
 
     fn send(&self, frames: Vec<Vec<u8>>) -> Result<(), TransportError> {
-        // Only a router's first frame names a peer, and only a router answers EHOSTUNREACH.
-        let peer = frames.first().cloned().unwrap_or_default();
         refresh(&self.net);
         self.net.send_multipart(frames, zmq::DONTWAIT).map_err(|source| match source {
-            zmq::Error::EHOSTUNREACH => TransportError::UnknownPeer { peer: PeerId(peer) },
             zmq::Error::EAGAIN => TransportError::Full,
             source => TransportError::Send { source },
         })

@@ -82,7 +82,9 @@ fn a_failed_attempt_retries_until_the_last_then_fires_on_failure_once() {
     }
     let job2 = JobFacts { attempt: 2, ..job.clone() };
     match pipeline::decide(&file, def, &job2, failed, 0.999_999) {
-        Decision::Retry { attempt: 3, delay } => assert!(delay > Duration::from_millis(19_900) && delay <= Duration::from_secs(20)),
+        Decision::Retry { attempt: 3, delay } => {
+            assert!(delay > Duration::from_millis(19_900) && delay <= Duration::from_secs(20))
+        }
         other => panic!("attempt 2 of 3 should retry, got {other:?}"),
     }
     let job3 = JobFacts { attempt: 3, ..job };
@@ -193,7 +195,10 @@ fn a_gate_fires_once_per_key_when_its_count_is_reached() {
     assert_eq!(fired[0].job_name, "merge");
     assert_eq!(fired[0].params, params(&[("date", "d1")]));
     assert_eq!(fired[0].run_id.as_deref(), Some("run-1"));
-    assert_eq!(fired[0].origin, Origin::Gate { gate: "shards_done".into(), key: "d1".into(), reason: GateReason::Then });
+    assert_eq!(
+        fired[0].origin,
+        Origin::Gate { gate: "shards_done".into(), key: "d1".into(), reason: GateReason::Then }
+    );
     assert!(starts(&book.observe(&file, &succeeded("d", "d1"), now)).is_empty(), "fires once");
     let gate = &file.gates["shards_done"];
     let keys = book.keys("shards_done").map(|k| k.len());

@@ -117,26 +117,33 @@ fn to_broker() -> impl Strategy<Value = ToBroker> {
             (time(), time()),
             (prop::option::of(text()), bytes()),
         )
-            .prop_map(|((job_id, lease, status), (exit_code, signal), (started_at, finished_at), (error, output))| {
-                ToBroker::Result(ResultReport {
-                    job_id,
-                    lease,
-                    status,
-                    exit_code,
-                    signal,
-                    started_at,
-                    finished_at,
-                    error,
-                    output,
-                })
-            }),
+            .prop_map(
+                |((job_id, lease, status), (exit_code, signal), (started_at, finished_at), (error, output))| {
+                    ToBroker::Result(ResultReport {
+                        job_id,
+                        lease,
+                        status,
+                        exit_code,
+                        signal,
+                        started_at,
+                        finished_at,
+                        error,
+                        output,
+                    })
+                }
+            ),
         prop::collection::vec(lease_ref(), 0..5).prop_map(|hand_back| ToBroker::Goodbye(Goodbye { hand_back })),
     ]
 }
 
 fn to_worker() -> impl Strategy<Value = ToWorker> {
     prop_oneof![
-        (1..u64::MAX / 2, 0..u64::MAX / 2, prop::collection::vec(name(), 0..5), prop::option::of("https?://[a-z.:0-9]{1,30}"))
+        (
+            1..u64::MAX / 2,
+            0..u64::MAX / 2,
+            prop::collection::vec(name(), 0..5),
+            prop::option::of("https?://[a-z.:0-9]{1,30}")
+        )
             .prop_map(|(heartbeat_ms, extra, drift, url)| ToWorker::Welcome(Welcome {
                 heartbeat_ms,
                 lease_timeout_ms: heartbeat_ms + extra,
@@ -287,8 +294,16 @@ fn every_kind_byte_is_either_known_or_refused_as_unknown() {
                     assert_eq!(to_broker, Err(DecodeError::FrameCount { got: 3 }));
                     continue;
                 }
-                assert_eq!(to_broker.err() == Some(unknown.clone()), !TO_BROKER_KINDS.contains(&kind), "kind {kind:#04x} to the broker");
-                assert_eq!(to_worker.err() == Some(unknown), !TO_WORKER_KINDS.contains(&kind), "kind {kind:#04x} to a worker");
+                assert_eq!(
+                    to_broker.err() == Some(unknown.clone()),
+                    !TO_BROKER_KINDS.contains(&kind),
+                    "kind {kind:#04x} to the broker"
+                );
+                assert_eq!(
+                    to_worker.err() == Some(unknown),
+                    !TO_WORKER_KINDS.contains(&kind),
+                    "kind {kind:#04x} to a worker"
+                );
             }
         }
     }
@@ -311,7 +326,8 @@ fn the_wire_format_is_what_protocol_md_says() {
     let at = DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
     let started = encode(&ToBroker::Started(Started { job_id: "j1".into(), lease: 7, at }));
     assert_eq!(started, vec![b"JZ\x01\x04{\"job_id\":\"j1\",\"lease\":7,\"at\":1700000000123}".to_vec()]);
-    let output = encode(&ToBroker::Output(Output { job_id: "j1".into(), lease: 7, offset: 10, data: b"hi\n".to_vec() }));
+    let output =
+        encode(&ToBroker::Output(Output { job_id: "j1".into(), lease: 7, offset: 10, data: b"hi\n".to_vec() }));
     assert_eq!(output, vec![b"JZ\x01\x05{\"job_id\":\"j1\",\"lease\":7,\"offset\":10}".to_vec(), b"hi\n".to_vec()]);
     assert_eq!(encode(&ToWorker::Heartbeat), vec![b"JZ\x01\x85{}".to_vec()]);
 }
@@ -362,12 +378,8 @@ fn oversized_frames_are_refused_before_parsing_and_without_allocating_their_size
 
 #[test]
 fn a_frame_just_within_the_limit_is_parsed() {
-    let message = ToBroker::Output(Output {
-        job_id: "j".into(),
-        lease: 1,
-        offset: 0,
-        data: vec![b'x'; PAYLOAD_MAX_BYTES],
-    });
+    let message =
+        ToBroker::Output(Output { job_id: "j".into(), lease: 1, offset: 0, data: vec![b'x'; PAYLOAD_MAX_BYTES] });
     assert_eq!(decode_to_broker(&try_encode(&message).unwrap()), Ok(message));
 }
 
@@ -440,10 +452,7 @@ fn a_body_too_large_for_the_frame_is_refused_by_the_sender() {
         attempt: 1,
         lease: 1,
     });
-    assert!(matches!(
-        try_encode(&message),
-        Err(EncodeError(DecodeError::TooLarge { what: "the header frame", .. }))
-    ));
+    assert!(matches!(try_encode(&message), Err(EncodeError(DecodeError::TooLarge { what: "the header frame", .. }))));
 }
 
 #[test]

@@ -50,12 +50,16 @@ fn bind(ctx: &zmq::Context) -> Router {
 
 /// The next message the router gets, which must decode.
 async fn next_good(router: &Router) -> (PeerId, ToBroker) {
-    let incoming = within(&format!("router {} recv", router.local_endpoint()), router.recv()).await.expect("router open");
+    let incoming =
+        within(&format!("router {} recv", router.local_endpoint()), router.recv()).await.expect("router open");
     (incoming.peer, incoming.message.expect("a good message"))
 }
 
 async fn next_from_broker(dealer: &Dealer) -> ToWorker {
-    within(&format!("dealer of {} recv", dealer.endpoint()), dealer.recv()).await.expect("dealer open").expect("a good message")
+    within(&format!("dealer of {} recv", dealer.endpoint()), dealer.recv())
+        .await
+        .expect("dealer open")
+        .expect("a good message")
 }
 
 #[test]
@@ -84,14 +88,14 @@ async fn many_messages_arrive_in_order_both_ways_through_back_pressure() {
     const COUNT: u64 = 3000;
     let ctx = zmq::Context::new();
     // A tiny channel makes the router's pump stall and be woken again and again.
-    let router =
-        Router::bind(&ctx, "tcp://127.0.0.1:0", &SocketOptions { incoming_capacity: 4, ..options() }).unwrap();
+    let router = Router::bind(&ctx, "tcp://127.0.0.1:0", &SocketOptions { incoming_capacity: 4, ..options() }).unwrap();
     let dealer = std::sync::Arc::new(Dealer::connect(&ctx, router.local_endpoint(), &options(), None).unwrap());
 
     let sender = std::sync::Arc::clone(&dealer);
     let sending = tokio::task::spawn_blocking(move || {
         for offset in 0..COUNT {
-            let chunk = ToBroker::Output(Output { job_id: "j".into(), lease: 1, offset, data: offset.to_le_bytes().to_vec() });
+            let chunk =
+                ToBroker::Output(Output { job_id: "j".into(), lease: 1, offset, data: offset.to_le_bytes().to_vec() });
             // A full queue is back-pressure: try again until the deadline.
             let started = Instant::now();
             loop {
@@ -118,11 +122,16 @@ async fn many_messages_arrive_in_order_both_ways_through_back_pressure() {
 
     let peer = peer.unwrap();
     for lease in 0..COUNT {
-        if let Err(e) = router.send(&peer, &ToWorker::ResultAck(LeaseRef { job_id: "j".into(), lease })) { panic!("send {lease}: {e:?}") }
+        if let Err(e) = router.send(&peer, &ToWorker::ResultAck(LeaseRef { job_id: "j".into(), lease })) {
+            panic!("send {lease}: {e:?}")
+        }
         if lease % 500 == 499 {
             // Drain as we go so the router's queue to this peer never fills.
             for expected in lease - 499..=lease {
-                assert_eq!(next_from_broker(&dealer).await, ToWorker::ResultAck(LeaseRef { job_id: "j".into(), lease: expected }));
+                assert_eq!(
+                    next_from_broker(&dealer).await,
+                    ToWorker::ResultAck(LeaseRef { job_id: "j".into(), lease: expected })
+                );
             }
         }
     }
@@ -212,7 +221,10 @@ async fn sending_to_an_unknown_or_vanished_peer_is_an_error() {
     let router = bind(&ctx);
     let started = Instant::now();
     let result = router.send(&PeerId::from(b"nobody".as_slice()), &ToWorker::Heartbeat);
-    assert!(matches!(result, Err(TransportError::UnknownPeer { ref peer }) if peer.as_bytes() == b"nobody"), "{result:?}");
+    assert!(
+        matches!(result, Err(TransportError::UnknownPeer { ref peer }) if peer.as_bytes() == b"nobody"),
+        "{result:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(1), "answered at once, not after a timeout");
 
     // A peer that was there and left.

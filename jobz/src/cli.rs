@@ -212,16 +212,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::mesh_cmd::worker(WorkerArgs { broker, config, topics, concurrency, name, exit_when_idle })
         }
         Command::Semaphore { .. } => not_built("semaphore"),
-        Command::Start { .. } => not_built("start"),
-        Command::Status { .. } => not_built("status"),
-        Command::Logs { .. } => not_built("logs"),
-        Command::Cancel { .. } => not_built("cancel"),
-        Command::Retry { .. } => not_built("retry"),
-        Command::Ls { .. } => not_built("ls"),
-        Command::Workers { .. } => not_built("workers"),
-        Command::Gates { .. } => not_built("gates"),
-        Command::Schedules { .. } => not_built("schedules"),
-        Command::Progress { .. } => not_built("progress"),
+        Command::Start { name, params, wait, client } => {
+            crate::client::start(&client.url, &name, &params, wait, client.json)
+        }
+        Command::Status { id, client } => crate::client::status(&client.url, &id, client.json),
+        Command::Logs { id, follow, client } => crate::client::logs(&client.url, &id, follow),
+        Command::Cancel { id, client } => crate::client::cancel(&client.url, &id, client.json),
+        Command::Retry { id, client } => crate::client::retry(&client.url, &id, client.json),
+        Command::Ls { status, job, client } => {
+            crate::client::ls(&client.url, status.as_deref(), job.as_deref(), client.json)
+        }
+        Command::Workers { client } => crate::client::workers(&client.url, client.json),
+        Command::Gates { client } => crate::client::gates(&client.url, client.json),
+        Command::Schedules { client } => crate::client::schedules(&client.url, client.json),
+        Command::Progress { percent, message, client } => {
+            crate::client::progress(&client.url, percent, message.as_deref())
+        }
         Command::Keygen { .. } => not_built("keygen"),
     }
 }
@@ -259,7 +265,9 @@ pub fn load_config(arg: &ConfigArg, embedded_fallback: bool) -> anyhow::Result<R
             Err(e) => Err(e).context("loading the job file"),
         },
         ConfigSource::Missing if embedded_fallback => {
-            eprintln!("jobz: no jobz.yaml here; using the built-in example job file (`jobz check --config F` to use yours)");
+            eprintln!(
+                "jobz: no jobz.yaml here; using the built-in example job file (`jobz check --config F` to use yours)"
+            );
             match config::parse("<built-in example>", config::EXAMPLE_YAML) {
                 Ok(file) => Ok(Ok(file)),
                 Err(d) => bail!("the built-in example job file is invalid:\n{d}"),

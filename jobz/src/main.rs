@@ -5,6 +5,7 @@
 //! exit code, as ripgrep does).
 
 mod cli;
+mod client;
 mod eager_cmd;
 mod limits;
 mod mesh_cmd;
@@ -20,7 +21,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             // A closed stdout (`jobz ls | head`) is not an error worth a message.
-            if err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)) {
+            if err
+                .chain()
+                .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
+            {
                 return ExitCode::SUCCESS;
             }
             eprintln!("jobz: {err:#}");

@@ -75,7 +75,8 @@ async fn start_broker(
     http_shutdown: CancellationToken,
     loop_shutdown: CancellationToken,
 ) -> anyhow::Result<RunningBroker> {
-    std::fs::create_dir_all(&args.data).with_context(|| format!("creating the data directory {}", args.data.display()))?;
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("creating the data directory {}", args.data.display()))?;
     let store = SqliteStore::open(&args.data, StoreOptions::default())
         .with_context(|| format!("opening the store in {}", args.data.display()))?;
     let listener = tokio::net::TcpListener::bind(&args.http)
@@ -91,9 +92,8 @@ async fn start_broker(
     config.url = Some(format!("http://{http_addr}"));
     config.lease_timeout = duration_flag("--lease-timeout", &args.tuning.lease_timeout)?;
     config.retention = duration_flag("--retention", &args.tuning.retention)?;
-    let (handle, loop_task) = broker::core::start(config, store, router, loop_shutdown)
-        .await
-        .context("starting the broker")?;
+    let (handle, loop_task) =
+        broker::core::start(config, store, router, loop_shutdown).await.context("starting the broker")?;
     let tasks = TaskTracker::new();
     tasks.spawn(async move {
         // The loop only ends at shutdown; a panic inside it is logged by the runtime.
@@ -116,7 +116,10 @@ fn duration_flag(flag: &str, value: &str) -> anyhow::Result<std::time::Duration>
 fn warn_if_plain_text(endpoint: &str) {
     let loopback = ["tcp://127.", "tcp://localhost:", "tcp://[::1]", "inproc://", "ipc://"];
     if !loopback.iter().any(|p| endpoint.starts_with(p)) {
-        tracing::warn!(endpoint, "the ZeroMQ endpoint is NOT loopback and NOT encrypted: anyone who reaches it can pose as a worker");
+        tracing::warn!(
+            endpoint,
+            "the ZeroMQ endpoint is NOT loopback and NOT encrypted: anyone who reaches it can pose as a worker"
+        );
     }
 }
 
@@ -142,7 +145,12 @@ async fn wait_stopped(tasks: &TaskTracker) {
     }
 }
 
-fn worker_config(args: &WorkerArgs, file: Arc<config::JobFile>, broker: String, name: String) -> anyhow::Result<WorkerConfig> {
+fn worker_config(
+    args: &WorkerArgs,
+    file: Arc<config::JobFile>,
+    broker: String,
+    name: String,
+) -> anyhow::Result<WorkerConfig> {
     let concurrency = args.concurrency.unwrap_or_else(cores);
     let mut config = WorkerConfig::new(broker, file, name, u32::try_from(concurrency).unwrap_or(u32::MAX));
     config.topics = args.topics.clone();

@@ -31,7 +31,16 @@ fn tempdir() -> tempfile::TempDir {
 #[test]
 fn run_on_the_example_runs_the_whole_chain_through_the_gate() {
     let dir = tempdir();
-    let out = jobz(dir.path(), &["run", "nightly_report", "date=2026_03_04", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/../config/example.yaml")]);
+    let out = jobz(
+        dir.path(),
+        &[
+            "run",
+            "nightly_report",
+            "date=2026_03_04",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../config/example.yaml"),
+        ],
+    );
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "exit {:?}\n{stdout}\n{}", out.status, text(&out.stderr));
     // Every shard ran, the gate fired merge once, and publish counted the four merged lines.
@@ -65,7 +74,10 @@ fn a_failing_job_retries_then_runs_its_failure_handler_and_exits_non_zero() {
     assert!(stdout.contains("flaky  failed  2 attempts"), "{stdout}");
     assert!(stdout.contains("retrying in"), "{stdout}");
     assert_eq!(stdout.matches("notify  succeeded").count(), 1, "{stdout}");
-    assert!(stdout.contains("jobz: flaky ") && stdout.contains(" exit 1"), "the handler got the parent's name and exit code:\n{stdout}");
+    assert!(
+        stdout.contains("jobz: flaky ") && stdout.contains(" exit 1"),
+        "the handler got the parent's name and exit code:\n{stdout}"
+    );
 }
 
 #[test]
@@ -119,7 +131,10 @@ jobs:
     let located: Vec<&str> = stderr.lines().filter(|l| l.starts_with("broken.yaml:")).collect();
     assert!(located.iter().any(|l| l.starts_with("broken.yaml:3:") && l.contains("date")), "{stderr}");
     assert!(located.iter().any(|l| l.starts_with("broken.yaml:4:5:") && l.contains("colour")), "{stderr}");
-    assert!(located.iter().any(|l| l.starts_with("broken.yaml:5:") && l.contains("\"b\"") || l.contains("`b`")), "{stderr}");
+    assert!(
+        located.iter().any(|l| l.starts_with("broken.yaml:5:") && l.contains("\"b\"") || l.contains("`b`")),
+        "{stderr}"
+    );
     assert!(located.iter().any(|l| l.starts_with("broken.yaml:8:") && l.contains("soon")), "{stderr}");
     let out = jobz(dir.path(), &["check", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/../config/example.yaml")]);
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -65,11 +65,22 @@ pub struct EagerJob {
 /// What an eager run reports as it goes.
 #[derive(Debug)]
 pub enum EagerEvent<'a> {
-    AttemptStarted { job: &'a JobFacts },
-    Output { job: &'a JobFacts, chunk: &'a [u8] },
-    AttemptEnded { job: &'a JobFacts, outcome: &'a Outcome, retry_in: Option<Duration> },
+    AttemptStarted {
+        job: &'a JobFacts,
+    },
+    Output {
+        job: &'a JobFacts,
+        chunk: &'a [u8],
+    },
+    AttemptEnded {
+        job: &'a JobFacts,
+        outcome: &'a Outcome,
+        retry_in: Option<Duration>,
+    },
     /// A follow-up or gate job that could not be created, and why.
-    Problem { message: String },
+    Problem {
+        message: String,
+    },
 }
 
 /// The whole run: every job in the order it ran, and the gates' books.
@@ -111,7 +122,9 @@ pub async fn run(
     while let Some(new) = queue.pop_front() {
         if jobs.len() >= EAGER_JOBS_MAX {
             truncated = true;
-            report(EagerEvent::Problem { message: format!("stopped after {EAGER_JOBS_MAX} jobs; the rest did not run") });
+            report(EagerEvent::Problem {
+                message: format!("stopped after {EAGER_JOBS_MAX} jobs; the rest did not run"),
+            });
             break;
         }
         let (ended, follow_ups) = run_job(file, new, config, &mut report).await?;

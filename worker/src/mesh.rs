@@ -362,7 +362,8 @@ impl Worker {
         if now.duration_since(self.last_sent) >= self.heartbeat {
             self.send(&ToBroker::Heartbeat);
         }
-        if self.registered && !self.unacked.is_empty() && now.duration_since(self.last_resend) >= limits::RESULT_RESEND {
+        if self.registered && !self.unacked.is_empty() && now.duration_since(self.last_resend) >= limits::RESULT_RESEND
+        {
             self.resend_results();
         }
         if !self.registered && now.duration_since(self.last_sent) >= limits::HELLO_RESEND {
@@ -371,9 +372,9 @@ impl Worker {
     }
 
     fn idle_expired(&self) -> bool {
-        self.config.exit_when_idle.is_some_and(|idle| {
-            self.running.is_empty() && self.unacked.is_empty() && self.idle_since.elapsed() >= idle
-        })
+        self.config
+            .exit_when_idle
+            .is_some_and(|idle| self.running.is_empty() && self.unacked.is_empty() && self.idle_since.elapsed() >= idle)
     }
 
     /// Stops taking jobs, lets running ones finish until `deadline`, then kills
@@ -462,7 +463,8 @@ async fn run_attempt(
             started_at: outcome.started_at.into(),
             finished_at: outcome.finished_at.into(),
             error: None,
-            output: protocol::clip(&outcome.tail, protocol::limits::PAYLOAD_MAX_BYTES).as_bytes().to_vec(),
+            // The runner's tail is at most OUTPUT_TAIL_BYTES, well under the protocol's payload limit.
+            output: outcome.tail.into_bytes(),
         },
         Err(e) => ResultReport {
             job_id,
@@ -478,3 +480,6 @@ async fn run_attempt(
     };
     let _ = events.send(AttemptEvent::Finished(Box::new(report))).await;
 }
+
+// A result's tail travels in one frame: it must fit the protocol's payload limit.
+const _: () = assert!(limits::OUTPUT_TAIL_BYTES <= protocol::limits::PAYLOAD_MAX_BYTES);

@@ -180,22 +180,12 @@ pub async fn run(
     let started_at = SystemTime::now();
     let mut sink = Sink::open(spec.log_path.as_deref(), output, limits::OUTPUT_TAIL_BYTES).await?;
     // A timeout too large to add to now is no timeout.
-    let deadline = spec
-        .timeout
-        .and_then(|timeout| Instant::now().checked_add(timeout));
-    let job_limits = StepLimits {
-        deadline,
-        cancel: Some(&cancel),
-        kill_grace: spec.kill_grace,
-    };
+    let deadline = spec.timeout.and_then(|timeout| Instant::now().checked_add(timeout));
+    let job_limits = StepLimits { deadline, cancel: Some(&cancel), kill_grace: spec.kill_grace };
 
     let mut failure = None;
     let mut command_status = None;
-    let steps = spec
-        .before
-        .iter()
-        .map(|argv| (Step::Before, argv))
-        .chain([(Step::Command, &spec.command)]);
+    let steps = spec.before.iter().map(|argv| (Step::Before, argv)).chain([(Step::Command, &spec.command)]);
     for (step, argv) in steps {
         // A cancel or timeout that came while the previous step was ending
         // must not start the next one.
@@ -207,14 +197,8 @@ pub async fn run(
             None
         };
         if let Some((status, what)) = too_late {
-            sink.line(&format!("jobz: {what} before the {step} step started"))
-                .await;
-            failure = Some(Failure {
-                status,
-                step,
-                exit_code: None,
-                signal: None,
-            });
+            sink.line(&format!("jobz: {what} before the {step} step started")).await;
+            failure = Some(Failure { status, step, exit_code: None, signal: None });
             break;
         }
         let end = step::run(step, argv, spec, job_limits, &mut sink).await;
@@ -235,31 +219,15 @@ pub async fn run(
             kill_grace: spec.kill_grace,
         };
         let end = step::run(Step::After, argv, spec, after_limits, &mut sink).await;
-        report(
-            &mut sink,
-            Step::After,
-            &end,
-            Some(limits::AFTER_STEP_TIMEOUT),
-        )
-        .await;
+        report(&mut sink, Step::After, &end, Some(limits::AFTER_STEP_TIMEOUT)).await;
         if let Err(after_failure) = judge(Step::After, &end) {
             failure = failure.or(Some(after_failure));
         }
     }
 
     let (status, exit_code, signal, failed_step) = match failure {
-        Some(failure) => (
-            failure.status,
-            failure.exit_code,
-            failure.signal,
-            Some(failure.step),
-        ),
-        None => (
-            Ended::Succeeded,
-            command_status.and_then(|status| status.code()),
-            None,
-            None,
-        ),
+        Some(failure) => (failure.status, failure.exit_code, failure.signal, Some(failure.step)),
+        None => (Ended::Succeeded, command_status.and_then(|status| status.code()), None, None),
     };
     debug_assert!(
         status != Ended::Succeeded || (failed_step.is_none() && exit_code == Some(0)),

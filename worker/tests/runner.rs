@@ -23,11 +23,7 @@ fn sh(script: &str) -> Vec<String> {
 }
 
 fn spec_in(dir: &Path, command: Vec<String>) -> JobSpec {
-    JobSpec {
-        cwd: Some(dir.to_owned()),
-        kill_grace: Duration::from_millis(200),
-        ..JobSpec::new(command)
-    }
+    JobSpec { cwd: Some(dir.to_owned()), kill_grace: Duration::from_millis(200), ..JobSpec::new(command) }
 }
 
 async fn within<T>(what: &str, deadline: Duration, future: impl Future<Output = T>) -> T {
@@ -42,29 +38,20 @@ async fn run(spec: &JobSpec) -> Outcome {
 }
 
 async fn run_with(spec: &JobSpec, cancel: CancellationToken) -> Outcome {
-    within("run", RUN_DEADLINE, runner::run(spec, cancel, None))
-        .await
-        .expect("run")
+    within("run", RUN_DEADLINE, runner::run(spec, cancel, None)).await.expect("run")
 }
 
 /// Polls `condition` every 10 ms until it holds; panics after `deadline`.
 async fn wait_until(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) {
     let give_up = Instant::now() + deadline;
     while !condition() {
-        assert!(
-            Instant::now() < give_up,
-            "{what}: not true within {deadline:?}"
-        );
+        assert!(Instant::now() < give_up, "{what}: not true within {deadline:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 fn read_pids(path: &Path) -> Vec<i32> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| line.trim().parse().expect("pid"))
-        .collect()
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(|line| line.trim().parse().expect("pid")).collect()
 }
 
 /// A process is dead when /proc no longer has it, or it is a zombie: in a
@@ -73,19 +60,14 @@ fn is_dead(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         Ok(stat) => {
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next());
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
             matches!(state, Some('Z' | 'X'))
         }
     }
 }
 
 async fn assert_all_dead(pids: &[i32]) {
-    wait_until("all recorded processes dead", DEATH_DEADLINE, || {
-        pids.iter().all(|&pid| is_dead(pid))
-    })
-    .await;
+    wait_until("all recorded processes dead", DEATH_DEADLINE, || pids.iter().all(|&pid| is_dead(pid))).await;
 }
 
 /// Kills a process on drop, for processes a test deliberately lets escape the
@@ -112,10 +94,7 @@ async fn stdout_and_stderr_interleave_in_tail_and_log() {
     let log = dir.path().join("job.log");
     let spec = JobSpec {
         log_path: Some(log.clone()),
-        ..spec_in(
-            dir.path(),
-            sh("echo out1; echo err1 >&2; echo out2; echo err2 >&2; exit 3"),
-        )
+        ..spec_in(dir.path(), sh("echo out1; echo err1 >&2; echo out2; echo err2 >&2; exit 3"))
     };
     let outcome = run(&spec).await;
     let expected = "out1\nerr1\nout2\nerr2\njobz: command step exited 3\n";
@@ -133,10 +112,8 @@ async fn stdout_and_stderr_interleave_in_tail_and_log() {
 async fn large_output_keeps_last_bytes_in_tail_and_all_in_log() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("job.log");
-    let spec = JobSpec {
-        log_path: Some(log.clone()),
-        ..spec_in(dir.path(), vec!["seq".into(), "1".into(), "200000".into()])
-    };
+    let spec =
+        JobSpec { log_path: Some(log.clone()), ..spec_in(dir.path(), vec!["seq".into(), "1".into(), "200000".into()]) };
     let outcome = run(&spec).await;
     let expected: String = (1..=200_000).map(|n| format!("{n}\n")).collect();
     assert!(expected.len() > 1024 * 1024);
@@ -144,10 +121,7 @@ async fn large_output_keeps_last_bytes_in_tail_and_all_in_log() {
     assert_eq!(outcome.exit_code, Some(0));
     assert_eq!(outcome.output_bytes, expected.len() as u64);
     assert_eq!(outcome.tail.len(), limits::OUTPUT_TAIL_BYTES);
-    assert_eq!(
-        outcome.tail,
-        expected[expected.len() - limits::OUTPUT_TAIL_BYTES..]
-    );
+    assert_eq!(outcome.tail, expected[expected.len() - limits::OUTPUT_TAIL_BYTES..]);
     assert!(std::fs::read_to_string(&log).unwrap() == expected);
 }
 
@@ -156,35 +130,20 @@ async fn log_is_appended_not_truncated() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("job.log");
     std::fs::write(&log, "attempt 1\n").unwrap();
-    let spec = JobSpec {
-        log_path: Some(log.clone()),
-        ..spec_in(dir.path(), sh("echo attempt 2"))
-    };
+    let spec = JobSpec { log_path: Some(log.clone()), ..spec_in(dir.path(), sh("echo attempt 2")) };
     assert_eq!(run(&spec).await.status, Ended::Succeeded);
-    assert_eq!(
-        std::fs::read_to_string(&log).unwrap(),
-        "attempt 1\nattempt 2\n"
-    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "attempt 1\nattempt 2\n");
 }
 
 #[tokio::test]
 async fn timeout_kills_grandchildren() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = JobSpec {
-        timeout: Some(Duration::from_secs(1)),
-        ..spec_in(dir.path(), sh(THREE_SLEEPERS))
-    };
+    let spec = JobSpec { timeout: Some(Duration::from_secs(1)), ..spec_in(dir.path(), sh(THREE_SLEEPERS)) };
     let outcome = run(&spec).await;
     assert_eq!(outcome.status, Ended::TimedOut);
     assert_eq!(outcome.failed_step, Some(Step::Command));
     assert_eq!(outcome.signal, Some(libc::SIGTERM));
-    assert!(
-        outcome
-            .tail
-            .contains("jobz: command step timed out after 1s"),
-        "{:?}",
-        outcome.tail
-    );
+    assert!(outcome.tail.contains("jobz: command step timed out after 1s"), "{:?}", outcome.tail);
     let pids = read_pids(&dir.path().join("pids"));
     assert_eq!(pids.len(), 3, "{pids:?}");
     assert_all_dead(&pids).await;
@@ -194,16 +153,10 @@ async fn timeout_kills_grandchildren() {
 async fn cancel_kills_grandchildren() {
     let dir = tempfile::tempdir().unwrap();
     let pids_path = dir.path().join("pids");
-    let spec = JobSpec {
-        timeout: Some(Duration::from_secs(60)),
-        ..spec_in(dir.path(), sh(THREE_SLEEPERS))
-    };
+    let spec = JobSpec { timeout: Some(Duration::from_secs(60)), ..spec_in(dir.path(), sh(THREE_SLEEPERS)) };
     let cancel = CancellationToken::new();
     let trigger = async {
-        wait_until("three pids recorded", Duration::from_secs(5), || {
-            read_pids(&pids_path).len() >= 3
-        })
-        .await;
+        wait_until("three pids recorded", Duration::from_secs(5), || read_pids(&pids_path).len() >= 3).await;
         cancel.cancel();
     };
     let (outcome, ()) = tokio::join!(run_with(&spec, cancel.clone()), trigger);
@@ -257,9 +210,7 @@ async fn missing_program_fails_with_message() {
     assert_eq!(outcome.exit_code, None);
     assert_eq!(outcome.signal, None);
     assert!(
-        outcome.tail.starts_with(
-            "jobz: cannot start \"jobz-test-no-such-program\": No such file or directory"
-        ),
+        outcome.tail.starts_with("jobz: cannot start \"jobz-test-no-such-program\": No such file or directory"),
         "{:?}",
         outcome.tail
     );
@@ -269,10 +220,7 @@ async fn missing_program_fails_with_message() {
 async fn missing_cwd_fails_with_message_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope");
-    let spec = JobSpec {
-        cwd: Some(missing.clone()),
-        ..JobSpec::new(sh("true"))
-    };
+    let spec = JobSpec { cwd: Some(missing.clone()), ..JobSpec::new(sh("true")) };
     let outcome = run(&spec).await;
     assert_eq!(outcome.status, Ended::Failed);
     assert_eq!(outcome.exit_code, None);
@@ -285,10 +233,7 @@ async fn cwd_that_is_a_file_fails_with_message_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("file");
     std::fs::write(&file, "").unwrap();
-    let spec = JobSpec {
-        cwd: Some(file.clone()),
-        ..JobSpec::new(sh("true"))
-    };
+    let spec = JobSpec { cwd: Some(file.clone()), ..JobSpec::new(sh("true")) };
     let outcome = run(&spec).await;
     assert_eq!(outcome.status, Ended::Failed);
     let expected = format!("jobz: cannot use cwd {file:?}: Not a directory");
@@ -314,10 +259,7 @@ async fn failing_before_skips_command_but_runs_after() {
     assert_eq!(outcome.status, Ended::Failed);
     assert_eq!(outcome.failed_step, Some(Step::Before));
     assert_eq!(outcome.exit_code, Some(3));
-    assert_eq!(
-        outcome.tail,
-        "setting up\njobz: before step exited 3\ntearing down\n"
-    );
+    assert_eq!(outcome.tail, "setting up\njobz: before step exited 3\ntearing down\n");
     assert!(!dir.path().join("command-ran").exists());
     assert!(dir.path().join("after-ran").exists());
 }
@@ -364,9 +306,7 @@ async fn timeout_covers_before_step() {
     let outcome = run(&spec).await;
     assert_eq!(outcome.status, Ended::TimedOut);
     assert_eq!(outcome.failed_step, Some(Step::Before));
-    assert!(outcome
-        .tail
-        .contains("jobz: before step timed out after 300ms"));
+    assert!(outcome.tail.contains("jobz: before step timed out after 300ms"));
     assert!(!dir.path().join("command-ran").exists());
     assert!(dir.path().join("after-ran").exists());
 }
@@ -374,10 +314,7 @@ async fn timeout_covers_before_step() {
 #[tokio::test]
 async fn cancelled_before_start_runs_only_after() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = JobSpec {
-        after: Some(sh("touch after-ran")),
-        ..spec_in(dir.path(), sh("touch command-ran"))
-    };
+    let spec = JobSpec { after: Some(sh("touch after-ran")), ..spec_in(dir.path(), sh("touch command-ran")) };
     let cancel = CancellationToken::new();
     cancel.cancel();
     let outcome = run_with(&spec, cancel).await;
@@ -390,10 +327,7 @@ async fn cancelled_before_start_runs_only_after() {
 #[tokio::test]
 async fn failing_after_fails_a_successful_job() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = JobSpec {
-        after: Some(sh("exit 4")),
-        ..spec_in(dir.path(), sh("true"))
-    };
+    let spec = JobSpec { after: Some(sh("exit 4")), ..spec_in(dir.path(), sh("true")) };
     let outcome = run(&spec).await;
     assert_eq!(outcome.status, Ended::Failed);
     assert_eq!(outcome.failed_step, Some(Step::After));
@@ -404,10 +338,8 @@ async fn failing_after_fails_a_successful_job() {
 #[tokio::test]
 async fn env_and_cwd_are_applied() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = JobSpec {
-        env: vec![("FOO".into(), "bar baz".into())],
-        ..spec_in(dir.path(), sh("echo \"$FOO\"; pwd -P"))
-    };
+    let spec =
+        JobSpec { env: vec![("FOO".into(), "bar baz".into())], ..spec_in(dir.path(), sh("echo \"$FOO\"; pwd -P")) };
     let outcome = run(&spec).await;
     assert_eq!(outcome.status, Ended::Succeeded);
     let cwd = dir.path().canonicalize().unwrap();
@@ -417,10 +349,7 @@ async fn env_and_cwd_are_applied() {
 #[tokio::test]
 async fn term_ignoring_process_is_killed_after_grace() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = JobSpec {
-        timeout: Some(Duration::from_secs(1)),
-        ..spec_in(dir.path(), sh("trap '' TERM; sleep 300"))
-    };
+    let spec = JobSpec { timeout: Some(Duration::from_secs(1)), ..spec_in(dir.path(), sh("trap '' TERM; sleep 300")) };
     let started = Instant::now();
     let outcome = run(&spec).await;
     let elapsed = started.elapsed();
@@ -429,21 +358,14 @@ async fn term_ignoring_process_is_killed_after_grace() {
     assert_eq!(outcome.exit_code, None);
     assert!(elapsed >= Duration::from_millis(1200), "{elapsed:?}");
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
-    assert!(
-        outcome.tail.contains("stopped with signal 9"),
-        "{:?}",
-        outcome.tail
-    );
+    assert!(outcome.tail.contains("stopped with signal 9"), "{:?}", outcome.tail);
 }
 
 #[tokio::test]
 async fn log_file_can_be_read_while_job_runs() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("job.log");
-    let spec = JobSpec {
-        log_path: Some(log.clone()),
-        ..spec_in(dir.path(), sh("echo first line; sleep 300"))
-    };
+    let spec = JobSpec { log_path: Some(log.clone()), ..spec_in(dir.path(), sh("echo first line; sleep 300")) };
     let cancel = CancellationToken::new();
     let job = tokio::spawn({
         let cancel = cancel.clone();
@@ -462,10 +384,7 @@ async fn log_file_can_be_read_while_job_runs() {
 #[tokio::test]
 async fn output_channel_receives_everything_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = spec_in(
-        dir.path(),
-        sh("for i in 1 2 3; do echo line $i; done; exit 1"),
-    );
+    let spec = spec_in(dir.path(), sh("for i in 1 2 3; do echo line $i; done; exit 1"));
     // A small channel: the runner waits for the receiver rather than drop output.
     let (sender, mut receiver) = tokio::sync::mpsc::channel(1);
     let collect = async {
@@ -477,21 +396,12 @@ async fn output_channel_receives_everything_in_order() {
     };
     let (outcome, received) = tokio::join!(
         async {
-            within(
-                "run",
-                RUN_DEADLINE,
-                runner::run(&spec, CancellationToken::new(), Some(sender)),
-            )
-            .await
-            .expect("run")
+            within("run", RUN_DEADLINE, runner::run(&spec, CancellationToken::new(), Some(sender))).await.expect("run")
         },
         collect,
     );
     assert_eq!(String::from_utf8(received).unwrap(), outcome.tail);
-    assert_eq!(
-        outcome.tail,
-        "line 1\nline 2\nline 3\njobz: command step exited 1\n"
-    );
+    assert_eq!(outcome.tail, "line 1\nline 2\nline 3\njobz: command step exited 1\n");
 }
 
 #[tokio::test]
@@ -500,13 +410,8 @@ async fn dropped_output_receiver_does_not_affect_the_job() {
     let spec = spec_in(dir.path(), vec!["seq".into(), "1".into(), "100000".into()]);
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
     drop(receiver);
-    let outcome = within(
-        "run",
-        RUN_DEADLINE,
-        runner::run(&spec, CancellationToken::new(), Some(sender)),
-    )
-    .await
-    .expect("run");
+    let outcome =
+        within("run", RUN_DEADLINE, runner::run(&spec, CancellationToken::new(), Some(sender))).await.expect("run");
     assert_eq!(outcome.status, Ended::Succeeded);
     assert!(outcome.tail.ends_with("99999\n100000\n"));
 }
@@ -515,16 +420,8 @@ async fn dropped_output_receiver_does_not_affect_the_job() {
 async fn unopenable_log_file_is_a_run_error() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("no-such-dir").join("job.log");
-    let spec = JobSpec {
-        log_path: Some(log.clone()),
-        ..spec_in(dir.path(), sh("touch command-ran"))
-    };
-    let result = within(
-        "run",
-        RUN_DEADLINE,
-        runner::run(&spec, CancellationToken::new(), None),
-    )
-    .await;
+    let spec = JobSpec { log_path: Some(log.clone()), ..spec_in(dir.path(), sh("touch command-ran")) };
+    let result = within("run", RUN_DEADLINE, runner::run(&spec, CancellationToken::new(), None)).await;
     match result {
         Err(RunError::OpenLog { path, .. }) => assert_eq!(path, log),
         other => panic!("expected OpenLog, got {other:?}"),
@@ -538,10 +435,7 @@ async fn dropping_the_run_future_kills_the_step() {
     let pids_path = dir.path().join("pids");
     let spec = JobSpec {
         after: Some(sh("touch after-ran")),
-        ..spec_in(
-            dir.path(),
-            sh("echo $$ > pids; sleep 300 & echo $! >> pids; wait"),
-        )
+        ..spec_in(dir.path(), sh("echo $$ > pids; sleep 300 & echo $! >> pids; wait"))
     };
     tokio::select! {
         outcome = runner::run(&spec, CancellationToken::new(), None) => {

@@ -427,7 +427,10 @@ impl Api for MemoryApi {
             let mut state = self.state();
             let job = state.jobs.get_mut(id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?}")))?;
             if !matches!(job.status, Status::Failed | Status::TimedOut | Status::Cancelled) {
-                return Err(ApiError::Conflict(format!("job {id} is {}; only a failed job can be retried", job.status)));
+                return Err(ApiError::Conflict(format!(
+                    "job {id} is {}; only a failed job can be retried",
+                    job.status
+                )));
             }
             job.status = Status::Queued;
             job.queued_at = Some(Utc::now());

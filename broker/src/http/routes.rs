@@ -112,7 +112,9 @@ async fn count(State(metrics): State<Arc<HttpMetrics>>, request: Request, next: 
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
     metrics.record(response.status());
-    tracing::debug!(%method, path, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "http");
+    let status = response.status().as_u16();
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    tracing::debug!(%method, path, status, elapsed_ms, "http");
     response
 }
 
@@ -139,7 +141,8 @@ const INDEX_HTML: &str = r#"<!doctype html>
 <li><code>GET|POST /job_start?job_name=NAME&amp;k=v&amp;wait=10m</code> starts a job</li>
 <li><a href="jobs">GET /jobs</a><code>?status=&amp;job_name=&amp;run_id=&amp;limit=</code> lists jobs, newest first</li>
 <li><code>GET /jobs/{id}</code>, <code>GET /job_status?id=</code>, <code>GET /jobs/{id}/log?offset=N</code></li>
-<li><code>POST /jobs/{id}/cancel</code>, <code>POST /jobs/{id}/retry</code>, <code>POST /jobs/{id}/progress</code>, <code>POST /runs/{run_id}/cancel</code></li>
+<li><code>POST /jobs/{id}/cancel</code>, <code>POST /jobs/{id}/retry</code>,
+<code>POST /jobs/{id}/progress</code>, <code>POST /runs/{run_id}/cancel</code></li>
 <li><a href="workers">GET /workers</a>, <a href="gates">GET /gates</a>, <a href="schedules">GET /schedules</a></li>
 <li><a href="metrics">GET /metrics</a>, <a href="healthz">GET /healthz</a></li>
 </ul>
@@ -184,7 +187,11 @@ async fn start<A: Api>(
         let bytes = read_body(body, &headers, &shared.options).await?;
         if !bytes.iter().all(u8::is_ascii_whitespace) {
             let body: StartBody = serde_json::from_slice(&bytes).map_err(|e| {
-                Reject::new(StatusCode::BAD_REQUEST, format!("the body is not a start request: {e}; send JSON like {{\"job_name\": \"NAME\", \"params\": {{\"k\": \"v\"}}}}"))
+                let example = r#"{"job_name": "NAME", "params": {"k": "v"}}"#;
+                Reject::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body is not a start request: {e}; send JSON like {example}"),
+                )
             })?;
             merge_once("job_name", &mut job_name, body.job_name)?;
             merge_once("priority", &mut priority, body.priority)?;
@@ -193,14 +200,17 @@ async fn start<A: Api>(
             for (key, value) in body.params {
                 let value = param_text(&key, value)?;
                 if params.insert(key.clone(), value).is_some() {
-                    return Err(Reject::param(&key, format!("param {key:?} is given in both the query string and the body")));
+                    return Err(Reject::param(
+                        &key,
+                        format!("param {key:?} is given in both the query string and the body"),
+                    ));
                 }
             }
         }
     }
-    let job_name = job_name.filter(|name| !name.is_empty()).ok_or_else(|| {
-        Reject::param("job_name", "job_name is required: /job_start?job_name=NAME&k=v")
-    })?;
+    let job_name = job_name
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| Reject::param("job_name", "job_name is required: /job_start?job_name=NAME&k=v"))?;
     let request = StartRequest {
         job_name,
         params,
@@ -217,8 +227,12 @@ async fn start<A: Api>(
             (StatusCode::OK, Json(view)).into_response()
         } else {
             let job = &started.job;
-            let view =
-                StartedView { id: job.id.clone(), job_name: job.job_name.clone(), status: job.status, run_id: job.run_id.clone() };
+            let view = StartedView {
+                id: job.id.clone(),
+                job_name: job.job_name.clone(),
+                status: job.status,
+                run_id: job.run_id.clone(),
+            };
             (StatusCode::ACCEPTED, Json(view)).into_response()
         });
     };
@@ -243,7 +257,10 @@ async fn wait_for<A: Api>(shared: &Shared<A>, id: &str, limit: Duration) -> Resu
         waited = tokio::time::timeout(bound, shared.api.wait(id, limit)) => match waited {
             Ok(Ok(Waited::Ended(job) | Waited::StillOpen(job))) => Ok(job),
             Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(Reject::new(StatusCode::SERVICE_UNAVAILABLE, format!("the broker did not answer the wait within {}", human(bound)))),
+            Err(_) => {
+                let error = format!("the broker did not answer the wait within {}", human(bound));
+                Err(Reject::new(StatusCode::SERVICE_UNAVAILABLE, error))
+            }
         },
         // Shutting down: answer now (504, still open) rather than be cut off after the grace.
         () = shared.shutdown.cancelled() => shared.call(shared.api.job(id)).await,
@@ -321,8 +338,9 @@ fn id_header(headers: &HeaderMap, name: &HeaderName) -> Result<Option<String>, R
 
 /// The query string's pairs, refusing a key given twice: which one would win is a guess.
 fn unique_pairs(uri: &Uri) -> Result<Vec<(String, String)>, Reject> {
-    let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
-        .map_err(|e| Reject::new(StatusCode::BAD_REQUEST, format!("the query string is malformed: {}", e.body_text())))?;
+    let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri).map_err(|e| {
+        Reject::new(StatusCode::BAD_REQUEST, format!("the query string is malformed: {}", e.body_text()))
+    })?;
     let mut seen = BTreeSet::new();
     for (key, _) in &pairs {
         if !seen.insert(key.as_str()) {
@@ -338,7 +356,10 @@ fn strict_query(uri: &Uri, allowed: &[&str]) -> Result<BTreeMap<String, String>,
     let mut query = BTreeMap::new();
     for (key, value) in unique_pairs(uri)? {
         if !allowed.contains(&key.as_str()) {
-            return Err(Reject::param(&key, format!("unknown query parameter {key:?}; this endpoint takes {}", allowed.join(", "))));
+            return Err(Reject::param(
+                &key,
+                format!("unknown query parameter {key:?}; this endpoint takes {}", allowed.join(", ")),
+            ));
         }
         if !value.is_empty() {
             query.insert(key, value);
@@ -356,13 +377,10 @@ fn path_id(path: Result<Path<String>, PathRejection>) -> Result<String, Reject> 
 /// can read the answer.
 async fn read_body(body: Body, headers: &HeaderMap, options: &HttpOptions) -> Result<Bytes, Reject> {
     let max = options.body_bytes_max;
-    let too_large = || {
-        Reject::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than {max} bytes")).closing()
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let too_large =
+        || Reject::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than {max} bytes")).closing();
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > (max + BODY_DRAIN_BYTES_MAX) as u64) {
         return Err(too_large());
     }
@@ -371,7 +389,8 @@ async fn read_body(body: Body, headers: &HeaderMap, options: &HttpOptions) -> Re
         let mut kept = BytesMut::new();
         let mut seen = 0usize;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| Reject::new(StatusCode::BAD_REQUEST, format!("could not read the request body: {e}")))?;
+            let frame = frame
+                .map_err(|e| Reject::new(StatusCode::BAD_REQUEST, format!("could not read the request body: {e}")))?;
             if let Ok(data) = frame.into_data() {
                 seen = seen.saturating_add(data.len());
                 if seen > max + BODY_DRAIN_BYTES_MAX {
@@ -397,7 +416,10 @@ async fn read_body(body: Body, headers: &HeaderMap, options: &HttpOptions) -> Re
 }
 
 /// `GET /jobs/{id}`.
-async fn job<A: Api>(State(shared): AppState<A>, path: Result<Path<String>, PathRejection>) -> Result<Json<JobView>, Reject> {
+async fn job<A: Api>(
+    State(shared): AppState<A>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<JobView>, Reject> {
     let id = path_id(path)?;
     let job = shared.call(shared.api.job(&id)).await?;
     Ok(Json(shared.full_view(&job).await?))
@@ -422,7 +444,12 @@ async fn list<A: Api>(State(shared): AppState<A>, uri: Uri) -> Result<Json<JobLi
         None => LIST_LIMIT_DEFAULT,
         Some(text) => match text.parse::<usize>() {
             Ok(n) if (1..=LIST_LIMIT_MAX).contains(&n) => n,
-            _ => return Err(Reject::param("limit", format!("limit must be a whole number from 1 to {LIST_LIMIT_MAX}, not {text:?}"))),
+            _ => {
+                return Err(Reject::param(
+                    "limit",
+                    format!("limit must be a whole number from 1 to {LIST_LIMIT_MAX}, not {text:?}"),
+                ))
+            }
         },
     };
     let filter = JobFilter { status, job_name: query.remove("job_name"), run_id: query.remove("run_id"), limit };
@@ -440,7 +467,9 @@ async fn log<A: Api>(
     let query = strict_query(&uri, &["offset"])?;
     let offset = match query.get("offset") {
         None => 0,
-        Some(text) => text.parse::<u64>().map_err(|_| Reject::param("offset", format!("offset must be a byte count, not {text:?}")))?,
+        Some(text) => text
+            .parse::<u64>()
+            .map_err(|_| Reject::param("offset", format!("offset must be a byte count, not {text:?}")))?,
     };
     // The status is read before the file: if it is final, the file read after it is complete.
     let job = shared.call(shared.api.job(&id)).await?;
@@ -480,14 +509,20 @@ async fn log<A: Api>(
 }
 
 /// `POST /jobs/{id}/cancel`.
-async fn cancel<A: Api>(State(shared): AppState<A>, path: Result<Path<String>, PathRejection>) -> Result<Json<JobView>, Reject> {
+async fn cancel<A: Api>(
+    State(shared): AppState<A>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<JobView>, Reject> {
     let id = path_id(path)?;
     let job = shared.call(shared.api.cancel(&id)).await?;
     Ok(Json(shared.full_view(&job).await?))
 }
 
 /// `POST /jobs/{id}/retry`.
-async fn retry<A: Api>(State(shared): AppState<A>, path: Result<Path<String>, PathRejection>) -> Result<Json<JobView>, Reject> {
+async fn retry<A: Api>(
+    State(shared): AppState<A>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<JobView>, Reject> {
     let id = path_id(path)?;
     let job = shared.call(shared.api.retry(&id)).await?;
     Ok(Json(shared.full_view(&job).await?))
@@ -503,7 +538,12 @@ async fn progress<A: Api>(
     let id = path_id(path)?;
     let bytes = read_body(body, &headers, &shared.options).await?;
     let report: ProgressReport = serde_json::from_slice(&bytes).map_err(|e| {
-        Reject::new(StatusCode::BAD_REQUEST, format!("the body is not a progress report: {e}; send JSON like {{\"percent\": 42, \"message\": \"copying\"}}"))
+        Reject::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body is not a progress report: {e}; send JSON like {{\"percent\": 42, \"message\": \"copying\"}}"
+            ),
+        )
     })?;
     if !(0.0..=100.0).contains(&report.percent) {
         return Err(Reject::param("percent", format!("percent must be from 0 to 100, not {}", report.percent)));

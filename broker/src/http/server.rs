@@ -56,7 +56,8 @@ pub async fn serve<A: Api>(
     let grace = options.shutdown_grace;
     let permits = Arc::new(Semaphore::new(options.connections_max));
     let router = routes::router(Arc::new(Shared { api, options, shutdown: stop.clone() }));
-    let connections = Connections { builder: Arc::new(builder), router, stop: stop.clone(), abort: CancellationToken::new() };
+    let connections =
+        Connections { builder: Arc::new(builder), router, stop: stop.clone(), abort: CancellationToken::new() };
     let tracker = TaskTracker::new();
     tracing::info!(%address, "HTTP front door listening");
 
@@ -67,7 +68,10 @@ pub async fn serve<A: Api>(
     stop.cancel();
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(connections = tracker.len(), "HTTP requests still in flight after the shutdown grace; dropping them");
+        tracing::warn!(
+            connections = tracker.len(),
+            "HTTP requests still in flight after the shutdown grace; dropping them"
+        );
         connections.abort.cancel();
         if tokio::time::timeout(SHUTDOWN_ABORT_WAIT, tracker.wait()).await.is_err() {
             tracing::warn!(connections = tracker.len(), "HTTP connections did not unwind; leaving them");
@@ -86,8 +90,8 @@ fn read_buffer_bytes(header_bytes_max: usize) -> usize {
 
 fn check(options: &HttpOptions) -> Result<(), HttpError> {
     let bad = |option, problem: &str| Err(HttpError::Options { option, problem: problem.to_owned() });
-    if options.connections_max == 0 {
-        return bad("connections_max", "must be at least 1");
+    if options.connections_max == 0 || options.connections_max > Semaphore::MAX_PERMITS {
+        return bad("connections_max", "must be at least 1 and fit a semaphore");
     }
     if options.header_bytes_max < 1024 {
         return bad("header_bytes_max", "must be at least 1024 bytes");
@@ -95,7 +99,8 @@ fn check(options: &HttpOptions) -> Result<(), HttpError> {
     if options.headers_max == 0 {
         return bad("headers_max", "must be at least 1");
     }
-    if options.header_read_timeout.is_zero() || options.body_read_timeout.is_zero() || options.request_timeout.is_zero() {
+    if options.header_read_timeout.is_zero() || options.body_read_timeout.is_zero() || options.request_timeout.is_zero()
+    {
         return bad("timeouts", "header_read_timeout, body_read_timeout and request_timeout must be above zero");
     }
     Ok(())

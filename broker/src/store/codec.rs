@@ -156,11 +156,8 @@ impl Columns<'_, '_> {
 
 /// A job row, selected with [`JOB_COLUMNS`], as a record.
 pub(super) fn job_from_row(row: &Row<'_>) -> Result<JobRecord, StoreError> {
-    let id: String = row.get("id").map_err(|e| StoreError::Corrupt {
-        id: String::new(),
-        column: "id",
-        reason: e.to_string(),
-    })?;
+    let id: String =
+        row.get("id").map_err(|e| StoreError::Corrupt { id: String::new(), column: "id", reason: e.to_string() })?;
     let c = Columns { row, id };
     let params_json: String = c.get("params")?;
     let params: BTreeMap<String, String> =
@@ -227,11 +224,8 @@ pub(super) fn attempt_from_row(row: &Row<'_>) -> Result<AttemptRecord, StoreErro
 
 /// A `(job_name, status, count)` row of the counts query.
 pub(super) fn count_from_row(row: &Row<'_>) -> Result<(String, Status, u64), StoreError> {
-    let job_name: String = row.get(0).map_err(|e| StoreError::Corrupt {
-        id: String::new(),
-        column: "job_name",
-        reason: e.to_string(),
-    })?;
+    let job_name: String =
+        row.get(0).map_err(|e| StoreError::Corrupt { id: String::new(), column: "job_name", reason: e.to_string() })?;
     let corrupt = |column, reason: String| StoreError::Corrupt { id: format!("(any of {job_name})"), column, reason };
     let status: String = row.get(1).map_err(|e| corrupt("status", e.to_string()))?;
     let status = status.parse().map_err(|e: jobz_core::StatusParseError| corrupt("status", e.to_string()))?;

@@ -11,9 +11,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
-use super::{
-    StoreError, StoreOptions, JOURNAL_SIZE_LIMIT_BYTES, STATEMENT_CACHE_CAPACITY, WAL_AUTOCHECKPOINT_PAGES,
-};
+use super::{StoreError, StoreOptions, JOURNAL_SIZE_LIMIT_BYTES, STATEMENT_CACHE_CAPACITY, WAL_AUTOCHECKPOINT_PAGES};
 
 /// Migration `i` takes the schema from version `i` to version `i + 1`. Append
 /// only: a released migration never changes.
@@ -174,10 +172,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             // Up to date (a negative version would have no migration either; it
             // is caught by the equality check below).
             if version != SCHEMA_VERSION {
-                return Err(StoreError::Unsupported(format!(
-                    "{}: unknown schema version {version}",
-                    path.display()
-                )));
+                return Err(StoreError::Unsupported(format!("{}: unknown schema version {version}", path.display())));
             }
             return Ok(());
         };

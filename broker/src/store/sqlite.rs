@@ -226,7 +226,8 @@ impl Store for SqliteStore {
                 limit => limit.min(LIST_LIMIT_MAX),
             };
             values.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
-            let filter_sql = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+            let filter_sql =
+                if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
             // Eight shapes at most, so the statement cache holds them all.
             let sql = format!(
                 "SELECT {JOB_COLUMNS} FROM jobs {filter_sql} ORDER BY created_at DESC, id DESC LIMIT ?{}",

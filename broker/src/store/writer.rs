@@ -33,12 +33,24 @@ pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// every write (and a pause or close) is ordered with every other.
 pub(super) enum Request {
     /// `reply` is `None` for `commit_later`.
-    Commit { changes: Vec<Change>, reply: Option<Reply<()>> },
-    Prune { finished_before: DateTime<Utc>, limit: usize, reply: Reply<Vec<String>> },
+    Commit {
+        changes: Vec<Change>,
+        reply: Option<Reply<()>>,
+    },
+    Prune {
+        finished_before: DateTime<Utc>,
+        limit: usize,
+        reply: Reply<Vec<String>>,
+    },
     /// Stop after the transaction in flight until `resume`'s sender is dropped.
-    Pause { paused: oneshot::Sender<()>, resume: std::sync::mpsc::Receiver<()> },
+    Pause {
+        paused: oneshot::Sender<()>,
+        resume: std::sync::mpsc::Receiver<()>,
+    },
     /// Commit what came before, then stop.
-    Close { done: oneshot::Sender<()> },
+    Close {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Counters and flags shared between the writer and the store's handles.
@@ -193,7 +205,8 @@ impl Writer {
     fn commit_batch(&mut self, batch: Vec<Pending>, total: usize) {
         match self.apply_batch(&batch) {
             Ok((outcomes, skipped)) => {
-                let applied: usize = batch.iter().zip(&outcomes).filter(|(_, o)| o.is_ok()).map(|(p, _)| p.changes.len()).sum();
+                let applied: usize =
+                    batch.iter().zip(&outcomes).filter(|(_, o)| o.is_ok()).map(|(p, _)| p.changes.len()).sum();
                 let rejected = outcomes.iter().filter(|o| o.is_err()).count();
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.shared.changes.fetch_add(applied as u64, Ordering::Relaxed);
@@ -496,7 +509,11 @@ impl Writer {
         result
     }
 
-    fn prune_in_transaction(&mut self, finished_before: DateTime<Utc>, limit: usize) -> Result<Vec<String>, StoreError> {
+    fn prune_in_transaction(
+        &mut self,
+        finished_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a prune")?;
         let ids = {
             let mut statement = self

@@ -82,7 +82,6 @@ impl From<std::io::Error> for Failure {
 
 /// A JSON answer: the raw bytes (printed unchanged by `--json`) and their parse.
 pub struct JsonAnswer {
-    pub status: StatusCode,
     pub raw: Bytes,
     pub value: serde_json::Value,
 }
@@ -174,7 +173,9 @@ impl<C: Connect + Clone + Send + Sync + 'static> HttpClient<C> {
         match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
             Err(_) => Err(Failure::TimedOut { url: self.base.clone(), after: self.request_timeout }),
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if e.is_connect() => Err(Failure::Unreachable { url: self.base.clone(), reason: root_cause(&e) }),
+            Ok(Err(e)) if e.is_connect() => {
+                Err(Failure::Unreachable { url: self.base.clone(), reason: root_cause(&e) })
+            }
             Ok(Err(e)) => Err(Failure::BadAnswer { url: self.base.clone(), reason: root_cause(&e) }),
         }
     }
@@ -195,11 +196,13 @@ impl<C: Connect + Clone + Send + Sync + 'static> HttpClient<C> {
             return Err(refused(status, &raw));
         }
         if status == StatusCode::NO_CONTENT {
-            return Ok(JsonAnswer { status, raw, value: serde_json::Value::Null });
+            return Ok(JsonAnswer { raw, value: serde_json::Value::Null });
         }
-        let value = serde_json::from_slice(&raw)
-            .map_err(|e| Failure::BadAnswer { url: self.base.clone(), reason: format!("the answer is not JSON: {e}") })?;
-        Ok(JsonAnswer { status, raw, value })
+        let value = serde_json::from_slice(&raw).map_err(|e| Failure::BadAnswer {
+            url: self.base.clone(),
+            reason: format!("the answer is not JSON: {e}"),
+        })?;
+        Ok(JsonAnswer { raw, value })
     }
 
     /// `GET /jobs/{id}/log?offset=N`, written to `out` piece by piece as it arrives.
@@ -237,7 +240,9 @@ impl<C: Connect + Clone + Send + Sync + 'static> HttpClient<C> {
         let limited = http_body_util::Limited::new(response.into_body(), ANSWER_BYTES_MAX);
         match tokio::time::timeout(self.request_timeout, limited.collect()).await {
             Err(_) => Err(Failure::TimedOut { url: self.base.clone(), after: self.request_timeout }),
-            Ok(Err(e)) => Err(Failure::BadAnswer { url: self.base.clone(), reason: format!("reading the answer: {e}") }),
+            Ok(Err(e)) => {
+                Err(Failure::BadAnswer { url: self.base.clone(), reason: format!("reading the answer: {e}") })
+            }
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
         }
     }

@@ -242,17 +242,21 @@ pub fn pretty_json(raw: &[u8]) -> String {
     out
 }
 
-/// Rows of a list of JSON objects: the columns are the keys in order of first appearance,
-/// strings shown as they are, `null` as `-`, anything else as compact JSON.
+/// Keys that name a row; they lead a table, in this order.
+const NAMING_COLUMNS: [&str; 6] = ["id", "name", "gate", "job", "job_name", "key"];
+
+/// Rows of a list of JSON objects, or `None` if an item is not an object. The columns are
+/// every key seen: the naming ones first, then the rest in alphabetical order (the parsed
+/// JSON does not keep the server's order). Strings are shown as they are, `null` as `-`,
+/// anything else as compact JSON.
 pub fn object_table(items: &[serde_json::Value]) -> Option<String> {
-    let mut columns: Vec<String> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
     for item in items {
-        for key in item.as_object()?.keys() {
-            if !columns.contains(key) {
-                columns.push(key.clone());
-            }
-        }
+        seen.extend(item.as_object()?.keys().cloned());
     }
+    let mut columns: Vec<String> =
+        NAMING_COLUMNS.iter().filter(|c| seen.contains(**c)).map(|c| (*c).to_owned()).collect();
+    columns.extend(seen.into_iter().filter(|c| !NAMING_COLUMNS.contains(&c.as_str())));
     let rows: Vec<Vec<String>> = items
         .iter()
         .map(|item| {
@@ -285,7 +289,10 @@ mod tests {
     fn pretty_json_keeps_key_order_and_strings_intact() {
         let raw = br#"{"id":"j","b":[1,{"x":"a, b: {c}"}],"e":{},"f":[],"g":"q\"{"}"#;
         let pretty = pretty_json(raw);
-        assert!(pretty.starts_with("{\n  \"id\": \"j\",\n  \"b\": [\n    1,\n    {\n      \"x\": \"a, b: {c}\"\n"), "{pretty}");
+        assert!(
+            pretty.starts_with("{\n  \"id\": \"j\",\n  \"b\": [\n    1,\n    {\n      \"x\": \"a, b: {c}\"\n"),
+            "{pretty}"
+        );
         assert!(pretty.contains("\"e\": {},\n  \"f\": [],\n  \"g\": \"q\\\"{\"\n}"), "{pretty}");
         let reparsed: serde_json::Value = serde_json::from_str(&pretty).unwrap();
         assert_eq!(reparsed, serde_json::from_slice::<serde_json::Value>(raw).unwrap());
@@ -302,9 +309,9 @@ mod tests {
     }
 
     #[test]
-    fn object_lists_become_tables_with_keys_in_first_seen_order() {
+    fn object_lists_become_tables_with_naming_keys_first() {
         let items = vec![serde_json::json!({"gate": "g", "open": 2}), serde_json::json!({"gate": "h", "fired": null})];
-        assert_eq!(object_table(&items).unwrap(), "GATE  OPEN  FIRED\ng     2     -\nh     -     -\n");
+        assert_eq!(object_table(&items).unwrap(), "GATE  FIRED  OPEN\ng     -      2\nh     -      -\n");
         assert_eq!(object_table(&[serde_json::json!(1)]), None);
     }
 

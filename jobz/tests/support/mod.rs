@@ -98,10 +98,11 @@ impl Mesh {
     }
 
     fn spawn(&self, name: &str, args: &[&str]) -> Proc {
-        let log = match std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{name}.log"))) {
-            Ok(f) => f,
-            Err(e) => panic!("log file: {e}"),
-        };
+        let log =
+            match std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{name}.log"))) {
+                Ok(f) => f,
+                Err(e) => panic!("log file: {e}"),
+            };
         let err = match log.try_clone() {
             Ok(f) => f,
             Err(e) => panic!("log file: {e}"),
@@ -138,7 +139,10 @@ impl Mesh {
         let endpoint = self.endpoint();
         let config = self.config.display().to_string();
         let concurrency = concurrency.to_string();
-        self.spawn(name, &["worker", "--broker", &endpoint, "--config", &config, "--name", name, "--concurrency", &concurrency])
+        self.spawn(
+            name,
+            &["worker", "--broker", &endpoint, "--config", &config, "--name", name, "--concurrency", &concurrency],
+        )
     }
 
     /// Waits until `n` workers are registered.
@@ -180,7 +184,15 @@ impl Mesh {
                 let path = entry.path();
                 if path.extension().is_some_and(|e| e == "log") {
                     let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    let tail: String = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                    let tail: String = text
+                        .lines()
+                        .rev()
+                        .take(40)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n");
                     out.push_str(&format!("--- {}\n{tail}\n", path.display()));
                 }
             }
@@ -229,7 +241,8 @@ pub fn request(base: &str, method: &str, path: &str, headers: &[(&str, &str)], b
         Err(e) => return (0, e.to_string()),
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -99,11 +99,7 @@ impl ProcessGroup {
 /// reaped. A zombie left in the group (an orphan whose new parent has not
 /// reaped it yet) keeps the group non-empty until the grace is over; that
 /// costs time, never correctness, because SIGKILL to a zombie is harmless.
-pub(crate) async fn stop(
-    group: ProcessGroup,
-    mut leader: Option<&mut Child>,
-    grace: Duration,
-) -> Option<ExitStatus> {
+pub(crate) async fn stop(group: ProcessGroup, mut leader: Option<&mut Child>, grace: Duration) -> Option<ExitStatus> {
     let deadline = deadline_after(grace);
     let mut status = None;
     if group.signal_logged(libc::SIGTERM) == Presence::Gone && leader.is_none() {
@@ -121,10 +117,7 @@ pub(crate) async fn stop(
     // theory, its id be reused by a new group; the window is one poll
     // interval, and a leader still unreaped keeps the id reserved.
     if !empty {
-        tracing::debug!(
-            pgid = group.id,
-            "process group outlived its grace; sending SIGKILL"
-        );
+        tracing::debug!(pgid = group.id, "process group outlived its grace; sending SIGKILL");
         group.signal_logged(libc::SIGKILL);
     }
     if let (Some(child), None) = (leader, status) {
@@ -144,9 +137,7 @@ pub(crate) async fn stop(
 /// `Instant` (a configured grace of `Duration::MAX` must not panic).
 fn deadline_after(duration: Duration) -> Instant {
     let now = Instant::now();
-    now.checked_add(duration)
-        .or_else(|| now.checked_add(Duration::from_secs(30 * 365 * 24 * 60 * 60)))
-        .unwrap_or(now)
+    now.checked_add(duration).or_else(|| now.checked_add(Duration::from_secs(30 * 365 * 24 * 60 * 60))).unwrap_or(now)
 }
 
 fn reaped(group: ProcessGroup, waited: io::Result<ExitStatus>) -> Option<ExitStatus> {
@@ -181,10 +172,7 @@ impl KillOnDrop {
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if let Some(group) = self.group.take() {
-            tracing::warn!(
-                pgid = group.id,
-                "job runner dropped mid-step; killing its process group"
-            );
+            tracing::warn!(pgid = group.id, "job runner dropped mid-step; killing its process group");
             group.signal_logged(libc::SIGKILL);
         }
     }

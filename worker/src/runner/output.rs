@@ -25,11 +25,7 @@ pub(crate) struct Tail {
 
 impl Tail {
     pub(crate) fn new(capacity: usize) -> Tail {
-        Tail {
-            bytes: VecDeque::with_capacity(capacity),
-            capacity,
-            truncated: false,
-        }
+        Tail { bytes: VecDeque::with_capacity(capacity), capacity, truncated: false }
     }
 
     pub(crate) fn push(&mut self, chunk: &[u8]) {
@@ -113,23 +109,11 @@ impl Sink {
                     .append(true)
                     .open(path)
                     .await
-                    .map_err(|source| RunError::OpenLog {
-                        path: path.to_owned(),
-                        source,
-                    })?;
-                Some(LogFile {
-                    path: path.to_owned(),
-                    file,
-                })
+                    .map_err(|source| RunError::OpenLog { path: path.to_owned(), source })?;
+                Some(LogFile { path: path.to_owned(), file })
             }
         };
-        Ok(Sink {
-            log,
-            tail: Tail::new(tail_capacity),
-            channel,
-            bytes_total: 0,
-            at_line_start: true,
-        })
+        Ok(Sink { log, tail: Tail::new(tail_capacity), channel, bytes_total: 0, at_line_start: true })
     }
 
     /// Writes a chunk of output to the log (flushed, so readers of the file see

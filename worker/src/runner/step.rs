@@ -49,10 +49,7 @@ pub(crate) enum StepEnd {
     Exited(ExitStatus),
     /// The runner stopped the process group. `status` is the main process's
     /// status, if it could be reaped.
-    Stopped {
-        reason: StopReason,
-        status: Option<ExitStatus>,
-    },
+    Stopped { reason: StopReason, status: Option<ExitStatus> },
     /// The step ended without an exit status: it could not be started, or its
     /// status was lost. The reason has been written to the output.
     NoStatus,
@@ -69,10 +66,7 @@ pub(crate) async fn run(
 ) -> StepEnd {
     let Some((program, args)) = argv.split_first() else {
         tracing::warn!(%step, "step has an empty command");
-        sink.line(&format!(
-            "jobz: cannot start the {step} step: empty command"
-        ))
-        .await;
+        sink.line(&format!("jobz: cannot start the {step} step: empty command")).await;
         return StepEnd::NoStatus;
     };
     if let Some(cwd) = &spec.cwd {
@@ -80,8 +74,7 @@ pub(crate) async fn run(
         // the program although the directory is at fault.
         if let Err(error) = check_cwd(cwd) {
             tracing::warn!(%step, cwd = %cwd.display(), %error, "cannot use working directory");
-            sink.line(&format!("jobz: cannot use cwd {cwd:?}: {error}"))
-                .await;
+            sink.line(&format!("jobz: cannot use cwd {cwd:?}: {error}")).await;
             return StepEnd::NoStatus;
         }
     }
@@ -89,10 +82,7 @@ pub(crate) async fn run(
         Ok(pipe) => pipe,
         Err(error) => {
             tracing::error!(%step, %error, "cannot create output pipe");
-            sink.line(&format!(
-                "jobz: cannot create the output pipe for the {step} step: {error}"
-            ))
-            .await;
+            sink.line(&format!("jobz: cannot create the output pipe for the {step} step: {error}")).await;
             return StepEnd::NoStatus;
         }
     };
@@ -116,8 +106,7 @@ pub(crate) async fn run(
         Ok(child) => child,
         Err(error) => {
             tracing::warn!(%step, program, %error, "cannot start step");
-            sink.line(&format!("jobz: cannot start {program:?}: {error}"))
-                .await;
+            sink.line(&format!("jobz: cannot start {program:?}: {error}")).await;
             return StepEnd::NoStatus;
         }
     };
@@ -128,10 +117,7 @@ pub(crate) async fn run(
         if let Err(error) = child.start_kill() {
             tracing::error!(%step, %error, "cannot kill step");
         }
-        sink.line(&format!(
-            "jobz: internal error: the {step} step has no usable process group"
-        ))
-        .await;
+        sink.line(&format!("jobz: internal error: the {step} step has no usable process group")).await;
         return StepEnd::NoStatus;
     };
     tracing::debug!(%step, program, pgid = group.id(), "step started");
@@ -200,11 +186,7 @@ async fn supervise(
 
 /// Copies the pipe to the sink until EOF, or until the drain deadline passes
 /// (a process that left the process group can hold the pipe open forever).
-async fn copy_output(
-    mut reader: pipe::Receiver,
-    sink: &mut Sink,
-    drain_deadline: oneshot::Receiver<Instant>,
-) {
+async fn copy_output(mut reader: pipe::Receiver, sink: &mut Sink, drain_deadline: oneshot::Receiver<Instant>) {
     let mut buffer = vec![0; limits::OUTPUT_CHUNK_BYTES];
     let drain_over = async {
         match drain_deadline.await {
@@ -231,8 +213,7 @@ async fn copy_output(
             Ok(false) => break,
             Err(error) => {
                 tracing::error!(%error, "cannot read step output");
-                sink.line(&format!("jobz: cannot read output: {error}"))
-                    .await;
+                sink.line(&format!("jobz: cannot read output: {error}")).await;
                 break;
             }
         }
@@ -242,19 +223,12 @@ async fn copy_output(
             timeout = ?limits::OUTPUT_DRAIN_TIMEOUT,
             "output still open after the process group was stopped; a process left the group"
         );
-        sink.line(
-            "jobz: stopped reading output: a process that left the job's process group holds it open",
-        )
-        .await;
+        sink.line("jobz: stopped reading output: a process that left the job's process group holds it open").await;
     }
 }
 
 /// Reads one chunk and writes it to the sink; false at EOF.
-async fn copy_chunk(
-    reader: &mut pipe::Receiver,
-    buffer: &mut [u8],
-    sink: &mut Sink,
-) -> io::Result<bool> {
+async fn copy_chunk(reader: &mut pipe::Receiver, buffer: &mut [u8], sink: &mut Sink) -> io::Result<bool> {
     let read = reader.read(buffer).await?;
     if read == 0 {
         return Ok(false);
