@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use config::JobFile;
+use config::{JobFile, Mode};
 use jobz_core::pipeline::{self, AttemptEnd, Decision, JobFacts, NewJob, Origin};
 use jobz_core::protocol::{self, Dispatch, Held, Hello, LeaseRef, ResultReport, ToBroker, ToWorker, Welcome};
 use jobz_core::transport::{Incoming, PeerId, Router};
@@ -149,6 +149,29 @@ struct Running {
     peer: Option<PeerId>,
     /// For attempts without a connected worker: when they go back to the queue.
     orphaned_until: Option<Instant>,
+    /// A broadcast job runs once on each worker serving it: one copy per
+    /// worker, each under its own lease (the first is `lease`). Empty in queue mode.
+    copies: Vec<Copy>,
+}
+
+/// One worker's run of a broadcast job.
+struct Copy {
+    lease: u64,
+    worker: String,
+    peer: Option<PeerId>,
+    /// How it ended, once it has.
+    ended: Option<(Status, Option<i32>)>,
+}
+
+impl Running {
+    /// Whether `lease` is this attempt's, or one of its broadcast copies' that has not ended.
+    fn holds(&self, lease: u64) -> bool {
+        if self.copies.is_empty() {
+            self.lease == lease
+        } else {
+            self.copies.iter().any(|c| c.lease == lease && c.ended.is_none())
+        }
+    }
 }
 
 struct Worker {
@@ -334,6 +357,7 @@ impl State {
                             worker: record.worker.clone().unwrap_or_default(),
                             peer: None,
                             orphaned_until: Some(Instant::now() + self.shared.config.lease_timeout),
+                            copies: Vec::new(),
                         },
                     );
                 }
@@ -373,7 +397,9 @@ impl State {
         for peer in peers {
             while let Some(name) = self.next_name_for(&peer) {
                 let Some(job) = self.pop(&name) else { break };
-                if !self.send_job(&peer, job) {
+                let broadcast = self.shared.config.file.jobs.get(&name).is_some_and(|d| d.mode == Mode::Broadcast);
+                let sent = if broadcast { self.broadcast_job(job) } else { self.send_job(&peer, job) };
+                if !sent {
                     break;
                 }
             }
@@ -431,8 +457,65 @@ impl State {
             tracing::warn!(error = %e, job = %job.id, "recording a dispatch failed; the job still runs");
         }
         let worker = worker.name.clone();
-        self.running
-            .insert(job.id.clone(), Running { job, lease, worker, peer: Some(peer.clone()), orphaned_until: None });
+        self.running.insert(
+            job.id.clone(),
+            Running { job, lease, worker, peer: Some(peer.clone()), orphaned_until: None, copies: Vec::new() },
+        );
+        true
+    }
+
+    /// Sends a broadcast job to every connected worker that serves it, each
+    /// under its own lease; the job ends when every copy has.
+    fn broadcast_job(&mut self, mut job: Queued) -> bool {
+        let now = Utc::now();
+        let peers: Vec<PeerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.dispatchable.contains(&job.job_name))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut copies = Vec::new();
+        let mut changes = Vec::new();
+        for peer in peers {
+            let Some(worker) = self.workers.get_mut(&peer) else { continue };
+            self.next_lease += 1;
+            let lease = self.next_lease;
+            let attempt = job.attempts + 1 + copies.len() as u32;
+            let message = ToWorker::Dispatch(Dispatch {
+                job_id: job.id.clone(),
+                job_name: job.job_name.clone(),
+                params: job.params.clone(),
+                run_id: job.run_id.clone(),
+                parent_id: job.parent_id.clone(),
+                attempt,
+                lease,
+            });
+            if let Err(e) = self.router.send(&peer, &message) {
+                tracing::warn!(worker = %worker.name, error = %e, "cannot reach the worker for a broadcast");
+                continue;
+            }
+            // A broadcast takes every serving worker at once, whatever its credit says.
+            worker.credit = worker.credit.saturating_sub(1);
+            worker.running.insert(job.id.clone());
+            let name = worker.name.clone();
+            changes.push(if copies.is_empty() {
+                Change::Dispatch { id: job.id.clone(), attempt, worker: name.clone(), lease, at: now }
+            } else {
+                Change::AttemptStart { id: job.id.clone(), attempt, worker: name.clone(), lease, at: now }
+            });
+            copies.push(Copy { lease, worker: name, peer: Some(peer), ended: None });
+        }
+        let Some(first) = copies.first() else {
+            self.enqueue(job);
+            return false;
+        };
+        let (lease, worker, peer) = (first.lease, first.worker.clone(), first.peer.clone());
+        job.attempts += copies.len() as u32;
+        self.shared.metrics.dispatched(&job.job_name, (now - job.queued_at).to_std().unwrap_or_default());
+        if let Err(e) = self.shared.store.commit_later(changes) {
+            tracing::warn!(error = %e, job = %job.id, "recording a broadcast failed; the job still runs");
+        }
+        self.running.insert(job.id.clone(), Running { job, lease, worker, peer, orphaned_until: None, copies });
         true
     }
 
@@ -469,7 +552,7 @@ impl State {
             }
             ToBroker::Heartbeat => {}
             ToBroker::Started(protocol::Started { job_id, lease, at }) => {
-                if let Some(r) = self.running.get(&job_id).filter(|r| r.lease == lease) {
+                if let Some(r) = self.running.get(&job_id).filter(|r| r.holds(lease)) {
                     let latency = (at - r.job.queued_at).to_std().unwrap_or_default();
                     self.shared.metrics.started(latency);
                 }
@@ -478,7 +561,7 @@ impl State {
                 self.on_output(&job_id, lease, offset, &data)
             }
             ToBroker::Progress(protocol::Progress { job_id, lease, percent, message }) => {
-                if self.running.get(&job_id).is_some_and(|r| r.lease == lease) && (0.0..=100.0).contains(&percent) {
+                if self.running.get(&job_id).is_some_and(|r| r.holds(lease)) && (0.0..=100.0).contains(&percent) {
                     let change = Change::Progress { id: job_id, progress: Progress { percent, message } };
                     if let Err(e) = self.shared.store.commit_later(vec![change]) {
                         tracing::debug!(error = %e, "progress not recorded");
@@ -560,10 +643,15 @@ impl State {
     /// the worker must stop it (its result will be recorded as stale).
     fn adopt(&mut self, peer: &PeerId, name: &str, held: &Held, running: &mut HashSet<String>) {
         match self.running.get_mut(&held.job_id) {
-            Some(r) if r.lease == held.lease => {
-                r.peer = Some(peer.clone());
-                r.worker = name.to_string();
-                r.orphaned_until = None;
+            Some(r) if r.holds(held.lease) => {
+                if let Some(copy) = r.copies.iter_mut().find(|c| c.lease == held.lease) {
+                    copy.peer = Some(peer.clone());
+                }
+                if r.lease == held.lease {
+                    r.peer = Some(peer.clone());
+                    r.worker = name.to_string();
+                    r.orphaned_until = None;
+                }
                 running.insert(held.job_id.clone());
             }
             _ if held.done => {}
@@ -585,6 +673,10 @@ impl State {
             if holding.iter().any(|h| h.job_id == job_id) {
                 continue;
             }
+            if self.running.get(&job_id).is_some_and(|r| !r.copies.is_empty()) {
+                self.lose_copy(&job_id, peer);
+                continue;
+            }
             if let Some(r) = self.running.remove(&job_id) {
                 batch.changes.push(Change::Requeue { id: job_id.clone(), at: now, not_before: None });
                 let mut job = r.job;
@@ -598,11 +690,44 @@ impl State {
         }
     }
 
-    fn on_output(&mut self, job_id: &str, lease: u64, offset: u64, data: &[u8]) {
-        if !valid_id(job_id) || !self.running.get(job_id).is_some_and(|r| r.lease == lease) {
+    /// A worker running a copy of a broadcast is gone: that copy failed; the
+    /// broadcast ends if it was the last one running.
+    fn lose_copy(&mut self, job_id: &str, peer: &PeerId) {
+        let Some(running) = self.running.get_mut(job_id) else { return };
+        let mut batch = Batch::new();
+        for copy in running.copies.iter_mut().filter(|c| c.peer.as_ref() == Some(peer) && c.ended.is_none()) {
+            copy.ended = Some((Status::Failed, None));
+            batch.changes.push(Change::AttemptEnd {
+                id: job_id.to_string(),
+                lease: copy.lease,
+                status: Status::Failed,
+                exit_code: None,
+                at: Utc::now(),
+            });
+        }
+        if running.copies.iter().any(|c| c.ended.is_none()) {
+            self.commit(batch);
             return;
         }
+        let status = broadcast_status(&running.copies);
+        let Some(running) = self.running.remove(job_id) else { return };
+        let error = Some("a worker running a copy of this broadcast was lost".to_string());
+        let ending = Ending {
+            status,
+            exit_code: None,
+            signal: None,
+            output_tail: String::new(),
+            error,
+            run_time: Duration::ZERO,
+        };
+        self.conclude(running, ending, batch);
+    }
+
+    fn on_output(&mut self, job_id: &str, lease: u64, offset: u64, data: &[u8]) {
+        let Some(running) = self.running.get(job_id).filter(|r| valid_id(job_id) && r.holds(lease)) else { return };
         let path = self.shared.config.data_dir.join("logs").join(format!("{job_id}.log"));
+        // Copies of a broadcast share one log, so offsets (which are per copy) cannot place their bytes.
+        let offset = if running.copies.is_empty() { Some(offset) } else { None };
         if let Err(e) = append_at(&path, offset, data) {
             tracing::warn!(job = job_id, error = %e, "cannot write the job's log");
         }
@@ -616,30 +741,65 @@ impl State {
                 self.router.send(&peer, &ToWorker::ResultAck(LeaseRef { job_id: result.job_id, lease: result.lease }));
             return;
         }
-        if !self.running.get(&result.job_id).is_some_and(|r| r.lease == result.lease) {
+        if !self.running.get(&result.job_id).is_some_and(|r| r.holds(result.lease)) {
             self.record_stale(peer, result);
             return;
         }
-        let Some(running) = self.running.remove(&result.job_id) else { return };
         if let Some(w) = self.workers.get_mut(&peer) {
             w.running.remove(&result.job_id);
         }
-        let status = Status::from(result.status);
+        let mut status = Status::from(result.status);
         let now = Utc::now();
-        let run_time = (result.finished_at - result.started_at).to_std().unwrap_or_default();
-        self.shared.metrics.finished(&running.job.job_name, status, run_time);
         let mut batch = Batch::new();
-        batch.changes.push(Change::Finish {
-            id: result.job_id.clone(),
-            lease: result.lease,
+        if let Some(running) = self.running.get_mut(&result.job_id).filter(|r| !r.copies.is_empty()) {
+            // One copy of a broadcast ended: record it on its attempt; the job ends with its last copy.
+            if let Some(copy) = running.copies.iter_mut().find(|c| c.lease == result.lease) {
+                copy.ended = Some((status, result.exit_code));
+            }
+            batch.changes.push(Change::AttemptEnd {
+                id: result.job_id.clone(),
+                lease: result.lease,
+                status,
+                exit_code: result.exit_code,
+                at: now,
+            });
+            batch.acks.push((peer.clone(), result.job_id.clone(), result.lease));
+            if running.copies.iter().any(|c| c.ended.is_none()) {
+                self.commit(batch);
+                return;
+            }
+            status = broadcast_status(&running.copies);
+        }
+        let Some(running) = self.running.remove(&result.job_id) else { return };
+        if running.copies.is_empty() {
+            batch.acks.push((peer, result.job_id.clone(), result.lease));
+        }
+        let ending = Ending {
             status,
             exit_code: result.exit_code,
             signal: result.signal,
-            at: now,
             output_tail: String::from_utf8_lossy(&result.output).into_owned(),
-            error: result.error.clone(),
+            error: result.error,
+            run_time: (result.finished_at - result.started_at).to_std().unwrap_or_default(),
+        };
+        self.conclude(running, ending, batch);
+    }
+
+    /// Ends `running` for good or for a retry, as the pipeline decides, and commits it with `batch`.
+    fn conclude(&mut self, running: Running, ending: Ending, mut batch: Batch) {
+        let now = Utc::now();
+        let status = ending.status;
+        self.shared.metrics.finished(&running.job.job_name, status, ending.run_time);
+        batch.changes.push(Change::Finish {
+            id: running.job.id.clone(),
+            lease: running.lease,
+            status,
+            exit_code: ending.exit_code,
+            signal: ending.signal,
+            at: now,
+            output_tail: ending.output_tail,
+            error: ending.error,
         });
-        batch.acks.push((peer, result.job_id.clone(), result.lease));
         let file = self.shared.config.file.clone();
         let facts = JobFacts {
             id: running.job.id.clone(),
@@ -650,8 +810,15 @@ impl State {
         };
         match file.jobs.get(&facts.job_name) {
             Some(def) => {
-                let end = AttemptEnd { status, exit_code: result.exit_code };
-                match pipeline::decide(&file, def, &facts, end, jitter(&facts)) {
+                let end = AttemptEnd { status, exit_code: ending.exit_code };
+                let decision = if running.copies.is_empty() {
+                    pipeline::decide(&file, def, &facts, end, jitter(&facts))
+                } else {
+                    // A broadcast is not retried as a whole: each worker ran it once.
+                    let (follow_ups, rejected) = pipeline::follow_ups(&file, def, &facts, end);
+                    Decision::Finish { status, follow_ups, rejected }
+                };
+                match decision {
                     Decision::Retry { delay, .. } => {
                         let not_before = now + chrono::Duration::from_std(delay).unwrap_or_default();
                         batch.changes.push(Change::Retry {
@@ -758,6 +925,17 @@ impl State {
         } else if let Some(key) = self.delayed.keys().find(|(_, j)| j == id).cloned() {
             self.delayed.remove(&key);
         } else if let Some(r) = self.running.remove(id) {
+            for copy in r.copies.iter().filter(|c| c.ended.is_none() && c.lease != r.lease) {
+                if let Some(peer) = &copy.peer {
+                    let _ = self
+                        .router
+                        .send(peer, &ToWorker::Cancel(LeaseRef { job_id: id.to_string(), lease: copy.lease }));
+                    if let Some(w) = self.workers.get_mut(peer) {
+                        w.running.remove(id);
+                    }
+                }
+                self.remember_done(id.to_string(), copy.lease);
+            }
             if let Some(peer) = &r.peer {
                 let _ = self.router.send(peer, &ToWorker::Cancel(LeaseRef { job_id: id.to_string(), lease: r.lease }));
                 if let Some(w) = self.workers.get_mut(peer) {
@@ -884,12 +1062,14 @@ impl State {
     }
 }
 
-/// Appends `data` to the log at byte `offset`, skipping what the file already holds (a resend).
-fn append_at(path: &std::path::Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+/// Appends `data` to the log; with an `offset`, skips what the file already holds there (a resend).
+fn append_at(path: &std::path::Path, offset: Option<u64>, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    let len = file.metadata()?.len();
-    let skip = len.saturating_sub(offset).min(data.len() as u64) as usize;
+    let skip = match offset {
+        Some(offset) => file.metadata()?.len().saturating_sub(offset).min(data.len() as u64) as usize,
+        None => 0,
+    };
     file.write_all(&data[skip..])
 }
 
@@ -1176,4 +1356,27 @@ pub(crate) async fn schedules(b: &BrokerHandle) -> serde_json::Value {
         }
     }
     serde_json::Value::Array(list)
+}
+
+/// How an attempt (or the last copy of a broadcast) ended, for [`State::conclude`].
+struct Ending {
+    status: Status,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    output_tail: String,
+    error: Option<String>,
+    run_time: Duration,
+}
+
+/// A broadcast succeeded when every copy did; otherwise it failed (timed out when that was the only trouble).
+fn broadcast_status(copies: &[Copy]) -> Status {
+    let mut worst = Status::Succeeded;
+    for (status, _) in copies.iter().filter_map(|c| c.ended) {
+        worst = match (worst, status) {
+            (Status::Failed, _) | (_, Status::Failed | Status::Cancelled) => Status::Failed,
+            (Status::TimedOut, _) | (_, Status::TimedOut) => Status::TimedOut,
+            _ => Status::Succeeded,
+        };
+    }
+    worst
 }

@@ -79,6 +79,22 @@ pub enum Change {
         lease: u64,
         at: DateTime<Utc>,
     },
+    /// Another copy of a running broadcast job, handed to `worker` under its own lease.
+    AttemptStart {
+        id: String,
+        attempt: u32,
+        worker: String,
+        lease: u64,
+        at: DateTime<Utc>,
+    },
+    /// One copy of a broadcast ended; the job itself ends with a `Finish` after its last copy.
+    AttemptEnd {
+        id: String,
+        lease: u64,
+        status: Status,
+        exit_code: Option<i32>,
+        at: DateTime<Utc>,
+    },
     /// Running → a final status, for the attempt holding `lease`.
     Finish {
         id: String,

@@ -138,7 +138,8 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Stops taking changes, applies everything already queued and waits until
     /// it is committed (SPEC: "the broker flushes its store" on SIGTERM).
-    /// Later commits fail with [`StoreError::Closed`]; reads keep working.
+    /// Later commits fail with [`StoreError::Closed`]; reads keep working. A
+    /// second call returns at once.
     fn close(&self) -> impl Future<Output = ()> + Send;
 }
 

@@ -97,8 +97,8 @@ async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     out
 }
 
-fn with_timeout<F: Future>(future: F) -> impl Future<Output = F::Output> {
-    async move { tokio::time::timeout(WAIT_MAX, future).await.expect("timed out") }
+async fn with_timeout<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(WAIT_MAX, future).await.expect("timed out")
 }
 
 // ---- Records and changes ----

@@ -39,6 +39,10 @@ jobs:
       secs: { default: "2", pattern: '^\d+$' }
   noop:
     command: "true"
+  everywhere:
+    shell: true
+    mode: broadcast
+    command: "echo attempt $JOBZ_ATTEMPT >> $DIR/broadcast"
 "#;
 
 #[test]
@@ -280,4 +284,23 @@ fn sigterm_stops_broker_and_worker_cleanly() {
     assert_eq!(job["status"], "succeeded", "{job}");
     let status = broker.terminate(Duration::from_secs(30));
     assert!(status.is_some_and(|s| s.success()), "broker exit: {status:?}");
+}
+
+#[test]
+fn a_broadcast_job_runs_once_on_each_of_three_workers_with_one_result_each() {
+    let mesh = Mesh::new(CHAIN);
+    let _broker = mesh.broker(&[]);
+    let _workers: Vec<_> = ["w1", "w2", "w3"].iter().map(|n| mesh.worker(n, 1)).collect();
+    mesh.wait_workers(3);
+    let started = mesh.start("job_name=everywhere");
+    let id = started["id"].as_str().unwrap_or_default().to_string();
+    let job = mesh.wait_final(&id, Duration::from_secs(30));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let attempts = job["attempt_list"].as_array().cloned().unwrap_or_default();
+    assert_eq!(attempts.len(), 3, "{job}");
+    let workers: BTreeSet<String> = attempts.iter().filter_map(|a| a["worker"].as_str().map(String::from)).collect();
+    assert_eq!(workers.len(), 3, "one copy per worker: {job}");
+    assert!(attempts.iter().all(|a| a["status"] == "succeeded" && a["exit_code"] == 0), "one result each: {job}");
+    let lines = std::fs::read_to_string(mesh.path().join("broadcast")).unwrap_or_default();
+    assert_eq!(lines.lines().count(), 3, "ran three times: {lines}");
 }

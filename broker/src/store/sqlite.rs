@@ -241,11 +241,14 @@ impl Store for SqliteStore {
 
     async fn unfinished(&self) -> Result<Vec<JobRecord>, StoreError> {
         self.read(|conn| {
-            // The WHERE clause matches the partial index jobs_queue exactly, so
-            // this walks that index in order without sorting.
+            // INDEXED BY: walk the small partial index jobs_queue in order
+            // rather than let the planner (without statistics) sort the rows
+            // it finds through jobs_by_status. SQLite refuses to prepare the
+            // statement if the index cannot serve it, so this cannot silently
+            // degrade.
             let mut statement = conn
                 .prepare_cached(&format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs WHERE status IN ('queued', 'running')
+                    "SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_queue WHERE status IN ('queued', 'running')
                      ORDER BY priority DESC, queued_at, seq"
                 ))
                 .map_err(StoreError::sqlite("prepare the unfinished query"))?;

@@ -132,17 +132,22 @@ impl Writer {
     fn run(mut self, requests: Receiver<Request>) {
         // A request drained that did not fit the batch: it opens the next one.
         let mut carried: Option<Request> = None;
+        // Set by a Close: from then on the writer only empties the queue (of
+        // requests that raced the close) and stops when it is empty.
+        let mut closing: Option<oneshot::Sender<()>> = None;
         loop {
             let request = match carried.take() {
                 Some(request) => request,
-                None => match requests.recv() {
-                    Ok(request) => {
-                        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-                        request
-                    }
-                    // Every handle is gone and the queue is empty.
-                    Err(_) => break,
-                },
+                None => {
+                    let received = match closing {
+                        None => requests.recv().ok(),
+                        Some(_) => requests.try_recv().ok(),
+                    };
+                    // None: every handle is gone (or, closing, the queue is empty).
+                    let Some(request) = received else { break };
+                    self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                    request
+                }
             };
             match request {
                 Request::Commit { changes, reply } => {
@@ -182,15 +187,19 @@ impl Writer {
                     // Err means the guard was dropped: resume.
                     let _ = resume.recv();
                 }
-                Request::Close { done } => {
-                    self.finish();
-                    // The closer may have given up waiting; the store is closed regardless.
-                    let _ = done.send(());
-                    return;
-                }
+                Request::Close { done } => match &closing {
+                    None => closing = Some(done),
+                    // `close` sends one Close per store, so this cannot happen; dropping
+                    // the answer would end that closer's wait.
+                    Some(_) => drop(done),
+                },
             }
         }
         self.finish();
+        if let Some(done) = closing {
+            // The closer may have given up waiting; the store is closed regardless.
+            let _ = done.send(());
+        }
     }
 
     /// Last words before the thread ends.
@@ -307,6 +316,18 @@ impl Writer {
                 }
                 changed
             }
+            Change::AttemptStart { id, attempt, worker, lease, at } => self.execute(
+                change,
+                "INSERT INTO attempts (job_id, lease, attempt, worker, started_at)
+                 SELECT ?1, ?2, ?3, ?4, ?5 FROM jobs WHERE id = ?1 AND status = 'running'",
+                params![id, lease_to_sql(*lease), attempt, worker, time_to_sql(*at)],
+            )?,
+            Change::AttemptEnd { id, lease, status, exit_code, at } => self.execute(
+                change,
+                "UPDATE attempts SET status = ?3, finished_at = ?4, exit_code = ?5
+                 WHERE job_id = ?1 AND lease = ?2 AND finished_at IS NULL",
+                params![id, lease_to_sql(*lease), status.as_str(), time_to_sql(*at), exit_code],
+            )?,
             Change::Finish { id, lease, status, exit_code, signal, at, output_tail, error } => {
                 // Conditional on the lease and on `running`: a result for an
                 // attempt that was superseded, cancelled or already finished
@@ -330,7 +351,9 @@ impl Writer {
                 if changed {
                     self.execute(
                         change,
-                        "UPDATE attempts SET status = ?3, finished_at = ?4, exit_code = ?5 WHERE job_id = ?1 AND lease = ?2",
+                        // A broadcast's copies end on their own (AttemptEnd): only an open attempt row is closed here.
+                        "UPDATE attempts SET status = ?3, finished_at = ?4, exit_code = ?5
+                         WHERE job_id = ?1 AND lease = ?2 AND finished_at IS NULL",
                         params![id, lease_to_sql(*lease), status.as_str(), time_to_sql(*at), exit_code],
                     )?;
                 }
@@ -579,6 +602,8 @@ fn kind_and_id(change: &Change) -> (&'static str, &str) {
     match change {
         Change::Insert(job) => ("Insert", &job.id),
         Change::Dispatch { id, .. } => ("Dispatch", id),
+        Change::AttemptStart { id, .. } => ("AttemptStart", id),
+        Change::AttemptEnd { id, .. } => ("AttemptEnd", id),
         Change::Finish { id, .. } => ("Finish", id),
         Change::Requeue { id, .. } => ("Requeue", id),
         Change::Cancel { id, .. } => ("Cancel", id),

@@ -1,0 +1,1201 @@
+//! The mesh's throughput and latency, end to end: `cargo bench -p jobz --bench mesh`.
+//!
+//! One run measures, on this machine, in under five minutes:
+//!
+//! 1. **Accepted starts per second over HTTP**: 16 keep-alive connections, each
+//!    sending the next `GET /job_start?job_name=noop` only after its answer,
+//!    against an in-process broker with no workers (every 202 waits for its
+//!    job's fsync), and the same load against a bare hyper server that answers
+//!    202 at once: the ratio is what durability and the broker cost.
+//! 2. **`/bin/true` jobs per second through the mesh**: an in-process broker
+//!    with 2 workers of concurrency 1 (what `jobz up --workers 2` runs), N jobs
+//!    started as fast as 16 clients can, from the first start to the last
+//!    success; against the machine's ceiling, 2 threads spawning and waiting
+//!    for `/bin/true` with `std::process::Command`. Also the worker's runner
+//!    alone (no broker, no network), to tell the runner's cost from the mesh's.
+//! 3. **Latency from the 202 to the process start** at a light load: one
+//!    `/bin/date +%s%N` at a time; the process prints its own start time, the
+//!    client notes when the 202 arrived, both on CLOCK_REALTIME. `date`'s own
+//!    start-up counts against jobz, so the same spawn-to-clock time is measured
+//!    without jobz for comparison.
+//! 4. **Dispatch with a 100,000-job backlog**: the real `jobz broker` process
+//!    with 100,000 queued jobs, its resident memory, and the rate of the first
+//!    N completions once 2 `jobz worker` processes attach; against the same
+//!    separate processes with no backlog, and against (2).
+//!
+//! The data directories live under Cargo's target tmp dir, on the build's disk
+//! (fsync is real there; tmpfs would flatter the store); `JOBZ_BENCH_DIR`
+//! measures another disk. Every wait has a deadline; every process started is
+//! killed by its PID at the end.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::error::Error;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use broker::core::BrokerConfig;
+use broker::http::HttpOptions;
+use broker::store::{SqliteStore, StoreOptions};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use jobz_core::transport::{Router, SocketOptions};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use worker::mesh::WorkerConfig;
+use worker::runner::{self, JobSpec};
+
+type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// The bench's job file: one job that does nothing, one that prints its start time.
+const JOB_FILE: &str = r#"jobs:
+  noop: { command: "/bin/true" }
+  stamp: { command: "/bin/date +%s%N" }
+"#;
+
+/// Concurrent keep-alive HTTP connections of every load.
+const CLIENTS: usize = 16;
+/// (1): load before the measured window, so connections and caches are warm.
+const ACCEPT_WARMUP: Duration = Duration::from_secs(1);
+/// (1): the measured window.
+const ACCEPT_WINDOW: Duration = Duration::from_secs(5);
+/// (1) and (2): runs per configuration; the median is reported.
+const RUNS: usize = 3;
+/// (2) and (4): jobs run to the end per measurement.
+const E2E_JOBS: usize = 5_000;
+/// (2): workers, each with concurrency 1, as `jobz up --workers 2` runs them.
+const WORKERS: usize = 2;
+/// (3): latency samples, after a few unmeasured ones.
+const LATENCY_SAMPLES: usize = 300;
+const LATENCY_WARMUP_SAMPLES: usize = 20;
+/// (3): the first look at a started job's status, then the poll interval.
+const LATENCY_FIRST_POLL: Duration = Duration::from_millis(5);
+const LATENCY_POLL: Duration = Duration::from_millis(2);
+/// (4): jobs queued before the workers attach.
+const BACKLOG: usize = 100_000;
+
+/// The longest a single HTTP exchange may take.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+/// The longest for a broker or its workers to come up, or to stop.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest for a batch of jobs to run to the end (a broken mesh fails the bench, it does not hang it).
+const RUN_DEADLINE: Duration = Duration::from_secs(120);
+/// The longest for one latency sample's job to end.
+const SAMPLE_DEADLINE: Duration = Duration::from_secs(10);
+/// How often the completion count is read from `/metrics` (it counts in the
+/// store, so it is not free); the end time itself comes from the jobs' own
+/// `finished_at` where it can.
+const COUNT_POLL: Duration = Duration::from_millis(20);
+const COUNT_POLL_BACKLOG: Duration = Duration::from_millis(100);
+
+/// Targets from the brief, printed beside the figures.
+const TARGET_ACCEPTED_PER_SECOND: f64 = 20_000.0;
+const TARGET_E2E_RATIO: f64 = 0.8;
+const TARGET_P50: Duration = Duration::from_millis(2);
+const TARGET_P99: Duration = Duration::from_millis(10);
+
+/// What every part needs: where data goes, the job file, and the client's runtime.
+struct Bench {
+    base: PathBuf,
+    _job_dir: tempfile::TempDir,
+    job_path: PathBuf,
+    file: Arc<config::JobFile>,
+    /// The load generator's runtime, separate from every server's, as a client process would be.
+    client: Runtime,
+}
+
+fn main() -> BenchResult<()> {
+    let base =
+        std::env::var_os("JOBZ_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into());
+    std::fs::create_dir_all(&base)?;
+    let job_dir = tempfile::tempdir_in(&base)?;
+    let job_path = job_dir.path().join("jobz.yaml");
+    std::fs::write(&job_path, JOB_FILE)?;
+    let file = Arc::new(config::load(&job_path)?);
+    let client = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bench-client").build()?;
+    let bench = Bench { base, _job_dir: job_dir, job_path, file, client };
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!(
+        "jobz mesh bench, {} UTC, {cpus} CPU(s), data under {}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M"),
+        bench.base.display()
+    );
+    let started = Instant::now();
+
+    println!("\n(1) accepted starts per second over HTTP: {CLIENTS} keep-alive clients, one request in flight each,");
+    println!(
+        "    {}s warm-up + {}s measured, median of {RUNS} runs; jobz with no workers attached",
+        ACCEPT_WARMUP.as_secs(),
+        ACCEPT_WINDOW.as_secs()
+    );
+    let accept = accept_rates(&bench)?;
+    print_accept(&accept);
+
+    println!("\n(2) /bin/true jobs per second: {E2E_JOBS} jobs, median of {RUNS} runs");
+    let e2e = e2e_rates(&bench)?;
+    print_e2e(&e2e);
+
+    println!("\n(3) latency from the 202 to the process start, one job at a time, {LATENCY_SAMPLES} samples");
+    let latency = start_latency(&bench)?;
+    print_latency(&latency);
+
+    println!("\n(4) dispatch with a {BACKLOG}-job backlog: separate `jobz broker` and 2 `jobz worker --concurrency 1` processes");
+    let backlog = backlog_rates(&bench)?;
+    print_backlog(&backlog, e2e.mesh.rate);
+
+    println!("\nsummary");
+    summary(&accept, &e2e, &latency, &backlog);
+    println!("\nwhole run: {:.0}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// (1) accepted starts per second
+// ---------------------------------------------------------------------------
+
+/// What a sustained load measured.
+struct Sustained {
+    rate: f64,
+    latencies: Vec<Duration>,
+    errors: u64,
+}
+
+struct AcceptFigures {
+    bare: Sustained,
+    jobz: Sustained,
+    /// Store commits and jobs per commit during the jobz runs, from the store's own counters.
+    jobs_per_commit: f64,
+}
+
+fn accept_rates(bench: &Bench) -> BenchResult<AcceptFigures> {
+    let mut bare = Vec::new();
+    let mut jobz = Vec::new();
+    let mut per_commit = Vec::new();
+    for _ in 0..RUNS {
+        let server = BareServer::start()?;
+        bare.push(bench.client.block_on(sustained(server.addr, "/job_start?job_name=noop"))?);
+        server.stop();
+
+        let mesh = InProcess::start(bench, 0)?;
+        jobz.push(bench.client.block_on(sustained(mesh.http, "/job_start?job_name=noop"))?);
+        let stats = mesh.store.stats();
+        per_commit.push(stats.changes as f64 / stats.commits.max(1) as f64);
+        mesh.stop();
+    }
+    Ok(AcceptFigures { bare: median_run(bare), jobz: median_run(jobz), jobs_per_commit: median(per_commit) })
+}
+
+/// The run with the median rate, with every run's errors added up.
+fn median_run(mut runs: Vec<Sustained>) -> Sustained {
+    let errors = runs.iter().map(|r| r.errors).sum();
+    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    let mut middle = runs.swap_remove(runs.len() / 2);
+    middle.errors = errors;
+    middle
+}
+
+/// [`CLIENTS`] connections each sending `path` back to back: a warm-up, then the
+/// measured window. Counts only 202s; anything else is an error.
+async fn sustained(addr: SocketAddr, path: &'static str) -> BenchResult<Sustained> {
+    let accepted = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let first_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (accepted, errors, stop, first_error) =
+            (accepted.clone(), errors.clone(), stop.clone(), first_error.clone());
+        let mut client = Client::connect(addr).await?;
+        clients.push(tokio::spawn(async move {
+            // (end of the exchange, its duration), to keep those inside the window.
+            let mut samples: Vec<(Instant, Duration)> = Vec::with_capacity(1 << 16);
+            while !stop.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                match client.get(path).await {
+                    Ok((StatusCode::ACCEPTED, _)) => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                        let now = Instant::now();
+                        samples.push((now, now - sent));
+                    }
+                    other => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        let text = match other {
+                            Ok((status, body)) => format!("{status}: {}", String::from_utf8_lossy(&body)),
+                            Err(e) => e.to_string(),
+                        };
+                        first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(text);
+                        if client.reconnect().await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            samples
+        }));
+    }
+    tokio::time::sleep(ACCEPT_WARMUP).await;
+    let (count_from, from) = (accepted.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(ACCEPT_WINDOW).await;
+    let (count_to, to) = (accepted.load(Ordering::Relaxed), Instant::now());
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for client in clients {
+        let samples = tokio::time::timeout(REQUEST_DEADLINE, client).await.map_err(|_| "a client did not stop")??;
+        latencies.extend(samples.into_iter().filter(|(at, _)| *at >= from && *at <= to).map(|(_, d)| d));
+    }
+    latencies.sort_unstable();
+    if let Some(e) = first_error.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        eprintln!("    first error of the load against {addr}: {e}");
+    }
+    let rate = (count_to - count_from) as f64 / (to - from).as_secs_f64();
+    Ok(Sustained { rate, latencies, errors: errors.load(Ordering::Relaxed) })
+}
+
+fn print_accept(f: &AcceptFigures) {
+    println!("    {:<26} {:>10} {:>10} {:>10} {:>7}", "server", "starts/s", "p50", "p99", "errors");
+    for (name, s) in [("bare hyper 1.x (202 at once)", &f.bare), ("jobz broker (202 after fsync)", &f.jobz)] {
+        println!(
+            "    {:<26} {:>10.0} {:>10} {:>10} {:>7}",
+            name,
+            s.rate,
+            fmt_duration(percentile(&s.latencies, 50.0)),
+            fmt_duration(percentile(&s.latencies, 99.0)),
+            s.errors
+        );
+    }
+    println!(
+        "    ratio jobz / bare: {:.2}; jobs per store commit (fsync): {:.1}",
+        f.jobz.rate / f.bare.rate,
+        f.jobs_per_commit
+    );
+}
+
+// ---------------------------------------------------------------------------
+// (2) end-to-end jobs per second
+// ---------------------------------------------------------------------------
+
+/// One batch of jobs run to the end.
+struct E2eRun {
+    rate: f64,
+    /// How long the starts themselves took (all 202s in).
+    accepted_in: Duration,
+    /// Figures read from `/metrics` after the batch.
+    metrics: String,
+}
+
+struct E2eFigures {
+    mesh: E2eRun,
+    ceiling: f64,
+    runner_only: f64,
+}
+
+fn e2e_rates(bench: &Bench) -> BenchResult<E2eFigures> {
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        let mesh = InProcess::start(bench, WORKERS)?;
+        let run = bench.client.block_on(run_batch(mesh.http, E2E_JOBS));
+        mesh.stop();
+        runs.push(run?);
+    }
+    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    let mesh = runs.swap_remove(runs.len() / 2);
+    let ceiling = median((0..RUNS).map(|_| spawn_ceiling(E2E_JOBS, WORKERS)).collect::<BenchResult<Vec<_>>>()?);
+    let runner_only = median((0..RUNS).map(|_| runner_ceiling(E2E_JOBS, WORKERS)).collect::<BenchResult<Vec<_>>>()?);
+    Ok(E2eFigures { mesh, ceiling, runner_only })
+}
+
+/// Starts `jobs` noop jobs with [`CLIENTS`] connections, waits until they all
+/// succeeded, and takes the rate from the first start to the last `finished_at`.
+async fn run_batch(addr: SocketAddr, jobs: usize) -> BenchResult<E2eRun> {
+    wait_workers(addr, WORKERS).await?;
+    let first_start = SystemTime::now();
+    let clock = Instant::now();
+    start_many(addr, "/job_start?job_name=noop", jobs).await?;
+    let accepted_in = clock.elapsed();
+    let mut client = Client::connect(addr).await?;
+    let deadline = Instant::now() + RUN_DEADLINE;
+    loop {
+        let metrics = client.text("/metrics").await?;
+        let succeeded = metric(&metrics, r#"jobz_jobs{job_name="noop",status="succeeded"}"#).unwrap_or(0.0) as usize;
+        let failed: f64 = ["failed", "timed_out", "cancelled"]
+            .iter()
+            .filter_map(|s| metric(&metrics, &format!(r#"jobz_jobs{{job_name="noop",status="{s}"}}"#)))
+            .sum();
+        if failed > 0.0 {
+            return Err(format!("{failed} noop job(s) did not succeed").into());
+        }
+        if succeeded >= jobs {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {succeeded} of {jobs} jobs succeeded within {RUN_DEADLINE:?}").into());
+        }
+        tokio::time::sleep(COUNT_POLL).await;
+    }
+    // Jobs run first in, first out, so the last to finish is among the newest started.
+    let list: serde_json::Value =
+        serde_json::from_slice(&client.ok("/jobs?status=succeeded&job_name=noop&limit=1000").await?)?;
+    let last = list["jobs"]
+        .as_array()
+        .ok_or("GET /jobs did not list jobs")?
+        .iter()
+        .filter_map(|j| j["finished_at"].as_str())
+        .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .max()
+        .ok_or("no finished_at in GET /jobs")?;
+    let last = SystemTime::from(last);
+    let elapsed = last.duration_since(first_start).map_err(|_| "the last job finished before the first start")?;
+    let metrics = client.text("/metrics").await?;
+    Ok(E2eRun { rate: jobs as f64 / elapsed.as_secs_f64(), accepted_in, metrics })
+}
+
+/// The machine's ceiling: `threads` threads each spawning `/bin/true` and
+/// waiting for it (std uses posix_spawn where it can), `jobs` in all.
+fn spawn_ceiling(jobs: usize, threads: usize) -> BenchResult<f64> {
+    let clock = Instant::now();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(move || -> Result<(), String> {
+                    for _ in 0..jobs / threads {
+                        let status = Command::new("/bin/true").status().map_err(|e| e.to_string())?;
+                        if !status.success() {
+                            return Err(format!("/bin/true ended with {status}"));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| h.join().map_err(|_| "a spawning thread panicked".to_string())?)
+    })?;
+    Ok((jobs / threads * threads) as f64 / clock.elapsed().as_secs_f64())
+}
+
+/// The worker's runner alone, no broker, no network: `tasks` concurrent loops
+/// of `runner::run` on `/bin/true` (process group, output pipe, tokio child reaping).
+fn runner_ceiling(jobs: usize, tasks: usize) -> BenchResult<f64> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let per_task = jobs / tasks;
+    let clock = Instant::now();
+    runtime.block_on(async {
+        let mut handles = Vec::new();
+        for _ in 0..tasks {
+            handles.push(tokio::spawn(async move {
+                let spec = JobSpec::new(vec!["/bin/true".to_string()]);
+                for _ in 0..per_task {
+                    let outcome =
+                        runner::run(&spec, CancellationToken::new(), None).await.map_err(|e| e.to_string())?;
+                    if !outcome.succeeded() {
+                        return Err(format!("/bin/true did not succeed under the runner: {:?}", outcome.status));
+                    }
+                }
+                Ok::<(), String>(())
+            }));
+        }
+        for handle in handles {
+            tokio::time::timeout(RUN_DEADLINE, handle).await.map_err(|_| "the runner loop timed out")???;
+        }
+        BenchResult::Ok(())
+    })?;
+    Ok((per_task * tasks) as f64 / clock.elapsed().as_secs_f64())
+}
+
+fn print_e2e(f: &E2eFigures) {
+    println!("    {:<52} {:>10} {:>9}", "", "jobs/s", "vs ceiling");
+    println!("    {:<52} {:>10.0} {:>9}", "ceiling: 2 threads, std Command::status(/bin/true)", f.ceiling, "1.00");
+    println!(
+        "    {:<52} {:>10.0} {:>9.2}",
+        "runner only: 2 tasks, worker::runner::run(/bin/true)",
+        f.runner_only,
+        f.runner_only / f.ceiling
+    );
+    println!(
+        "    {:<52} {:>10.0} {:>9.2}",
+        "jobz mesh in-process: broker + 2 workers (jobz up)",
+        f.mesh.rate,
+        f.mesh.rate / f.ceiling
+    );
+    println!(
+        "    (the {E2E_JOBS} starts of the median run took {}; from /metrics: dispatch latency p50 ~{} p99 ~{}, queued-to-spawn p50 ~{} p99 ~{})",
+        fmt_duration(f.mesh.accepted_in),
+        fmt_seconds(histogram_quantile(&f.mesh.metrics, "jobz_dispatch_latency_seconds", 0.5)),
+        fmt_seconds(histogram_quantile(&f.mesh.metrics, "jobz_dispatch_latency_seconds", 0.99)),
+        fmt_seconds(histogram_quantile(&f.mesh.metrics, "jobz_start_latency_seconds", 0.5)),
+        fmt_seconds(histogram_quantile(&f.mesh.metrics, "jobz_start_latency_seconds", 0.99)),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// (3) latency from the 202 to the process start
+// ---------------------------------------------------------------------------
+
+struct LatencyFigures {
+    /// 202 received → `date` read its clock, through the mesh.
+    mesh: Vec<i64>,
+    /// Request sent → 202 received.
+    accept: Vec<Duration>,
+    /// Spawn → `date` read its clock, std::process directly (date's own start-up).
+    direct: Vec<i64>,
+    /// Spawn → `date` read its clock, through `worker::runner::run`.
+    runner: Vec<i64>,
+    metrics: String,
+}
+
+fn start_latency(bench: &Bench) -> BenchResult<LatencyFigures> {
+    let mesh = InProcess::start(bench, WORKERS)?;
+    let measured = bench.client.block_on(mesh_latency(mesh.http));
+    mesh.stop();
+    let (mesh_samples, accept, metrics) = measured?;
+    let mut direct = Vec::new();
+    for i in 0..LATENCY_WARMUP_SAMPLES + LATENCY_SAMPLES {
+        let before = now_ns();
+        let output = Command::new("/bin/date").arg("+%s%N").stderr(Stdio::null()).output()?;
+        let stamp = parse_stamp(&String::from_utf8_lossy(&output.stdout))?;
+        if i >= LATENCY_WARMUP_SAMPLES {
+            direct.push((stamp - before) as i64);
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runner_samples = runtime.block_on(async {
+        let spec = JobSpec::new(vec!["/bin/date".to_string(), "+%s%N".to_string()]);
+        let mut samples = Vec::new();
+        for i in 0..LATENCY_WARMUP_SAMPLES + LATENCY_SAMPLES {
+            let before = now_ns();
+            let outcome = runner::run(&spec, CancellationToken::new(), None).await?;
+            let stamp = parse_stamp(&outcome.tail)?;
+            if i >= LATENCY_WARMUP_SAMPLES {
+                samples.push((stamp - before) as i64);
+            }
+        }
+        BenchResult::Ok(samples)
+    })?;
+    let mut figures = LatencyFigures { mesh: mesh_samples, accept, direct, runner: runner_samples, metrics };
+    figures.mesh.sort_unstable();
+    figures.accept.sort_unstable();
+    figures.direct.sort_unstable();
+    figures.runner.sort_unstable();
+    Ok(figures)
+}
+
+/// One `stamp` job at a time: 202 receipt time against the time `date` printed.
+async fn mesh_latency(addr: SocketAddr) -> BenchResult<(Vec<i64>, Vec<Duration>, String)> {
+    wait_workers(addr, WORKERS).await?;
+    let mut client = Client::connect(addr).await?;
+    let mut poller = Client::connect(addr).await?;
+    let mut samples = Vec::new();
+    let mut accept = Vec::new();
+    for i in 0..LATENCY_WARMUP_SAMPLES + LATENCY_SAMPLES {
+        let sent = Instant::now();
+        let (status, body) = client.get("/job_start?job_name=stamp").await?;
+        let accepted_at = now_ns();
+        let accept_time = sent.elapsed();
+        if status != StatusCode::ACCEPTED {
+            return Err(format!("start answered {status}: {}", String::from_utf8_lossy(&body)).into());
+        }
+        let started: serde_json::Value = serde_json::from_slice(&body)?;
+        let id = started["id"].as_str().ok_or("no id in the 202")?.to_string();
+        let job = wait_final(&mut poller, &id).await?;
+        if job["status"] != "succeeded" {
+            return Err(format!("stamp job {id} ended {}: {}", job["status"], job["output"]).into());
+        }
+        let stamp = parse_stamp(job["output"].as_str().unwrap_or(""))?;
+        if i >= LATENCY_WARMUP_SAMPLES {
+            samples.push((stamp - accepted_at) as i64);
+            accept.push(accept_time);
+        }
+    }
+    let metrics = client.text("/metrics").await?;
+    Ok((samples, accept, metrics))
+}
+
+/// Polls `GET /jobs/{id}` until the job's status is final.
+async fn wait_final(client: &mut Client, id: &str) -> BenchResult<serde_json::Value> {
+    let deadline = Instant::now() + SAMPLE_DEADLINE;
+    tokio::time::sleep(LATENCY_FIRST_POLL).await;
+    loop {
+        let job: serde_json::Value = serde_json::from_slice(&client.ok(&format!("/jobs/{id}")).await?)?;
+        if !matches!(job["status"].as_str(), Some("queued" | "running")) {
+            return Ok(job);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("job {id} did not end within {SAMPLE_DEADLINE:?}").into());
+        }
+        tokio::time::sleep(LATENCY_POLL).await;
+    }
+}
+
+fn parse_stamp(text: &str) -> BenchResult<i128> {
+    text.trim().parse::<i128>().map_err(|e| format!("date printed {text:?}: {e}").into())
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
+}
+
+fn print_latency(f: &LatencyFigures) {
+    println!("    {:<58} {:>9} {:>9} {:>9}", "", "p50", "p99", "max");
+    let row = |name: &str, v: &[i64]| {
+        let get = |p: f64| fmt_signed_ns(percentile_i64(v, p));
+        println!("    {:<58} {:>9} {:>9} {:>9}", name, get(50.0), get(99.0), get(100.0));
+    };
+    row("spawn -> date's clock, std Command (date's own start-up)", &f.direct);
+    row("spawn -> date's clock, worker::runner::run", &f.runner);
+    row("jobz: 202 received -> date's clock (the measured figure)", &f.mesh);
+    let accept = |p: f64| fmt_duration(percentile(&f.accept, p));
+    println!(
+        "    {:<58} {:>9} {:>9} {:>9}",
+        "jobz: request sent -> 202 received",
+        accept(50.0),
+        accept(99.0),
+        accept(100.0)
+    );
+    println!(
+        "    (from /metrics: dispatch latency p50 ~{} p99 ~{}; queued-to-spawn p50 ~{} p99 ~{}; bucket upper bounds)",
+        fmt_seconds(histogram_quantile(&f.metrics, "jobz_dispatch_latency_seconds", 0.5)),
+        fmt_seconds(histogram_quantile(&f.metrics, "jobz_dispatch_latency_seconds", 0.99)),
+        fmt_seconds(histogram_quantile(&f.metrics, "jobz_start_latency_seconds", 0.5)),
+        fmt_seconds(histogram_quantile(&f.metrics, "jobz_start_latency_seconds", 0.99)),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// (4) dispatch with a backlog, separate processes
+// ---------------------------------------------------------------------------
+
+struct BacklogFigures {
+    /// Starts per second while filling the backlog.
+    fill_rate: f64,
+    /// The first E2E_JOBS completions with the backlog, from the workers' spawn.
+    rate: f64,
+    /// The same, from the first completion (worker start-up left out).
+    steady_rate: f64,
+    /// The same processes, no backlog: E2E_JOBS started and run (the control).
+    control_rate: f64,
+    rss_idle_kib: u64,
+    rss_backlog_kib: u64,
+    rss_after_kib: u64,
+    metrics: String,
+}
+
+fn backlog_rates(bench: &Bench) -> BenchResult<BacklogFigures> {
+    let binary = jobz_binary()?;
+    println!("    binary: {}", binary.display());
+
+    // The control: the same processes, workers attached first, no backlog.
+    let control_rate = {
+        let mut mesh = Processes::broker(bench, &binary)?;
+        mesh.workers(&binary, WORKERS)?;
+        let run = bench.client.block_on(run_batch(mesh.http, E2E_JOBS));
+        mesh.stop();
+        run?.rate
+    };
+
+    let mut mesh = Processes::broker(bench, &binary)?;
+    let rss_idle_kib = vm_rss_kib(mesh.broker_pid())?;
+    let measured = bench.client.block_on(async {
+        let clock = Instant::now();
+        start_many(mesh.http, "/job_start?job_name=noop", BACKLOG).await?;
+        let fill_rate = BACKLOG as f64 / clock.elapsed().as_secs_f64();
+        let mut client = Client::connect(mesh.http).await?;
+        wait_metric(&mut client, r#"jobz_queue_depth{job_name="noop"}"#, BACKLOG as f64).await?;
+        BenchResult::Ok(fill_rate)
+    });
+    let fill_rate = match measured {
+        Ok(rate) => rate,
+        Err(e) => {
+            mesh.stop();
+            return Err(e);
+        }
+    };
+    let rss_backlog_kib = vm_rss_kib(mesh.broker_pid())?;
+    let attached = Instant::now();
+    let drained =
+        mesh.workers(&binary, WORKERS).and_then(|()| bench.client.block_on(count_completions(mesh.http, attached)));
+    let rss_after_kib = vm_rss_kib(mesh.broker_pid()).unwrap_or(0);
+    mesh.stop();
+    let (rate, steady_rate, metrics) = drained?;
+    Ok(BacklogFigures {
+        fill_rate,
+        rate,
+        steady_rate,
+        control_rate,
+        rss_idle_kib,
+        rss_backlog_kib,
+        rss_after_kib,
+        metrics,
+    })
+}
+
+/// Polls the succeeded count until [`E2E_JOBS`] have finished; returns the rate
+/// since `from` and the rate since the first poll that saw a completion.
+async fn count_completions(addr: SocketAddr, from: Instant) -> BenchResult<(f64, f64, String)> {
+    let mut client = Client::connect(addr).await?;
+    let deadline = Instant::now() + RUN_DEADLINE;
+    let mut first: Option<(Instant, f64)> = None;
+    loop {
+        let asked = Instant::now();
+        let metrics = client.text("/metrics").await?;
+        // The count was taken somewhere in the exchange; its middle is the best guess.
+        let at = asked + (Instant::now() - asked) / 2;
+        let done = metric(&metrics, r#"jobz_jobs{job_name="noop",status="succeeded"}"#).unwrap_or(0.0);
+        if done > 0.0 && first.is_none() {
+            first = Some((at, done));
+        }
+        if done >= E2E_JOBS as f64 {
+            let rate = done / (at - from).as_secs_f64();
+            let steady = first.map_or(rate, |(t, n)| (done - n) / (at - t).as_secs_f64());
+            return Ok((rate, steady, metrics));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {done} of {E2E_JOBS} backlog jobs succeeded within {RUN_DEADLINE:?}").into());
+        }
+        tokio::time::sleep(COUNT_POLL_BACKLOG).await;
+    }
+}
+
+fn print_backlog(f: &BacklogFigures, in_process: f64) {
+    println!("    filling the backlog: {:.0} starts/s", f.fill_rate);
+    println!(
+        "    broker VmRSS: {} idle, {} with {BACKLOG} queued ({:.2} KiB per queued job), {} after the run",
+        fmt_kib(f.rss_idle_kib),
+        fmt_kib(f.rss_backlog_kib),
+        f.rss_backlog_kib.saturating_sub(f.rss_idle_kib) as f64 / BACKLOG as f64,
+        fmt_kib(f.rss_after_kib)
+    );
+    println!("    {:<60} {:>10}", "", "jobs/s");
+    println!("    {:<60} {:>10.0}", "no backlog, separate processes (control)", f.control_rate);
+    println!("    {:<60} {:>10.0}", "first {E2E_JOBS} of the backlog, from the workers' spawn", f.rate);
+    println!("    {:<60} {:>10.0}", "the same, from the first completion (steady state)", f.steady_rate);
+    println!(
+        "    ratio backlog / (2) in-process: {:.2}; backlog / control: {:.2}",
+        f.rate / in_process,
+        f.rate / f.control_rate
+    );
+    println!(
+        "    (from /metrics: dispatch latency of these jobs includes their time in the backlog; queued-to-spawn p50 ~{})",
+        fmt_seconds(histogram_quantile(&f.metrics, "jobz_start_latency_seconds", 0.5))
+    );
+}
+
+/// The `jobz` binary: Cargo's own for this build when it says where
+/// (`CARGO_BIN_EXE_jobz`), else `target/release/jobz` beside the workspace.
+fn jobz_binary() -> BenchResult<PathBuf> {
+    let candidates: Vec<PathBuf> = option_env!("CARGO_BIN_EXE_jobz")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("release/jobz")))
+        .chain([Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/jobz")])
+        .collect();
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        format!(
+            "no jobz binary at {}; build it first: cargo build --release -p jobz",
+            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" or ")
+        )
+        .into()
+    })
+}
+
+/// Resident memory of a process, from `/proc/PID/status`.
+fn vm_rss_kib(pid: u32) -> BenchResult<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status").into())
+}
+
+/// A real broker process and its workers, killed by PID when stopped or dropped.
+struct Processes {
+    dir: tempfile::TempDir,
+    job_path: PathBuf,
+    http: SocketAddr,
+    endpoint: String,
+    broker: Option<Child>,
+    workers: Vec<Child>,
+}
+
+impl Processes {
+    fn broker(bench: &Bench, binary: &Path) -> BenchResult<Processes> {
+        let dir = tempfile::tempdir_in(&bench.base)?;
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let endpoint = format!("tcp://127.0.0.1:{}", free_port()?);
+        let log = File::create(dir.path().join("broker.log"))?;
+        let child = Command::new(binary)
+            .arg("broker")
+            .arg("--config")
+            .arg(&bench.job_path)
+            .args(["--http", &http.to_string(), "--bind", &endpoint, "--data"])
+            .arg(dir.path().join("data"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let mut mesh = Processes {
+            dir,
+            job_path: bench.job_path.clone(),
+            http,
+            endpoint,
+            broker: Some(child),
+            workers: Vec::new(),
+        };
+        let healthy = bench.client.block_on(async {
+            let deadline = Instant::now() + STARTUP_DEADLINE;
+            loop {
+                if let Ok(mut client) = Client::connect(http).await {
+                    if let Ok((StatusCode::OK, _)) = client.get("/healthz").await {
+                        return Ok(());
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("the broker did not answer /healthz within {STARTUP_DEADLINE:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        if let Err(e) = healthy {
+            let log = std::fs::read_to_string(mesh.dir.path().join("broker.log")).unwrap_or_default();
+            mesh.stop();
+            return Err(format!("{e}; its log:\n{log}").into());
+        }
+        Ok(mesh)
+    }
+
+    fn broker_pid(&self) -> u32 {
+        self.broker.as_ref().map_or(0, Child::id)
+    }
+
+    /// Starts `count` workers with concurrency 1 and waits until the broker lists them.
+    fn workers(&mut self, binary: &Path, count: usize) -> BenchResult<()> {
+        for i in 0..count {
+            let log = File::create(self.dir.path().join(format!("worker-{i}.log")))?;
+            let child = Command::new(binary)
+                .args(["worker", "--broker", &self.endpoint, "--concurrency", "1", "--name", &format!("bench-{i}")])
+                .arg("--config")
+                .arg(&self.job_path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()?;
+            self.workers.push(child);
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(wait_workers(self.http, count))
+    }
+
+    /// SIGTERM to everyone, a bounded wait, then SIGKILL to whoever is left; by PID only.
+    fn stop(&mut self) {
+        let mut children: Vec<Child> = self.workers.drain(..).chain(self.broker.take()).collect();
+        for child in &children {
+            signal(child.id(), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + STOP_DEADLINE;
+        for child in &mut children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                signal(child.id(), libc::SIGKILL);
+                // Reaps it; a wait error leaves nothing more to do.
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) on the PID of a child we started and have not reaped; no memory is involved.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+fn free_port() -> BenchResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+// ---------------------------------------------------------------------------
+// Servers: an in-process mesh, a bare hyper server
+// ---------------------------------------------------------------------------
+
+/// A broker, its front door and `workers` workers in one runtime of their own,
+/// started with the same library calls as `jobz up` (jobz/src/mesh_cmd.rs).
+struct InProcess {
+    runtime: Runtime,
+    http: SocketAddr,
+    store: SqliteStore,
+    /// Stops the front door and the workers; the loop outlives the workers so they can drain.
+    stop_front: CancellationToken,
+    stop_loop: CancellationToken,
+    broker_tasks: TaskTracker,
+    worker_tasks: TaskTracker,
+    _ctx: zmq::Context,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    fn start(bench: &Bench, workers: usize) -> BenchResult<InProcess> {
+        let dir = tempfile::tempdir_in(&bench.base)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("jobz-broker").build()?;
+        let ctx = zmq::Context::new();
+        let (stop_front, stop_loop) = (CancellationToken::new(), CancellationToken::new());
+        let (broker_tasks, worker_tasks) = (TaskTracker::new(), TaskTracker::new());
+        let store = SqliteStore::open(dir.path(), StoreOptions::default())?;
+        let http = runtime.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let http = listener.local_addr()?;
+            let router = Router::bind(&ctx, "tcp://127.0.0.1:0", &SocketOptions::default())?;
+            let endpoint = router.local_endpoint().to_string();
+            let mut config = BrokerConfig::new(bench.file.clone(), dir.path().to_path_buf());
+            config.url = Some(format!("http://{http}"));
+            let (handle, loop_task) = broker::core::start(config, store.clone(), router, stop_loop.clone()).await?;
+            broker_tasks.spawn(async move {
+                if let Err(e) = loop_task.await {
+                    eprintln!("the broker loop failed: {e}");
+                }
+            });
+            let stop = stop_front.clone();
+            broker_tasks.spawn(async move {
+                if let Err(e) = broker::http::serve(listener, handle, HttpOptions::default(), stop).await {
+                    eprintln!("the front door stopped: {e}");
+                }
+            });
+            for i in 1..=workers {
+                let config = WorkerConfig::new(endpoint.clone(), bench.file.clone(), format!("bench-up-{i}"), 1);
+                let (ctx, stop) = (ctx.clone(), stop_front.clone());
+                worker_tasks.spawn(async move {
+                    if let Err(e) = worker::mesh::run(config, &ctx, stop).await {
+                        eprintln!("a worker stopped: {e}");
+                    }
+                });
+            }
+            BenchResult::Ok(http)
+        })?;
+        broker_tasks.close();
+        worker_tasks.close();
+        Ok(InProcess { runtime, http, store, stop_front, stop_loop, broker_tasks, worker_tasks, _ctx: ctx, _dir: dir })
+    }
+
+    /// The order of `jobz up`: front door and workers, then the loop; each wait bounded.
+    fn stop(self) {
+        self.stop_front.cancel();
+        let stopped = self.runtime.block_on(async {
+            let workers = tokio::time::timeout(STOP_DEADLINE, self.worker_tasks.wait()).await.is_ok();
+            self.stop_loop.cancel();
+            workers && tokio::time::timeout(STOP_DEADLINE, self.broker_tasks.wait()).await.is_ok()
+        });
+        if !stopped {
+            eprintln!("    the in-process mesh did not stop within {STOP_DEADLINE:?}; dropping it");
+        }
+        drop(self.store);
+        self.runtime.shutdown_timeout(STOP_DEADLINE);
+    }
+}
+
+/// The yardstick: hyper 1.x, http1 with keep-alive, 202 and a start's worth of JSON at once.
+struct BareServer {
+    runtime: Runtime,
+    addr: SocketAddr,
+}
+
+const BARE_BODY: &[u8] = br#"{"id":"019ab1c2-0000-7000-8000-000000000000","job_name":"noop","status":"queued","run_id":"019ab1c2-0000-7000-8000-000000000000"}"#;
+
+impl BareServer {
+    fn start() -> BenchResult<BareServer> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bare-hyper").build()?;
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        runtime.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                // Same as the front door: small answers are not held back by Nagle.
+                if let Err(e) = stream.set_nodelay(true) {
+                    eprintln!("bare server: TCP_NODELAY: {e}");
+                }
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(StatusCode::ACCEPTED)
+                                .header(hyper::header::CONTENT_TYPE, "application/json")
+                                .body(Full::new(Bytes::from_static(BARE_BODY)))
+                                .unwrap_or_default(),
+                        )
+                    });
+                    // The load ends by dropping its connections; nothing to report then.
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(BareServer { runtime, addr })
+    }
+
+    fn stop(self) {
+        self.runtime.shutdown_timeout(STOP_DEADLINE);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The HTTP client: one hyper http1 connection per client, no pool
+// ---------------------------------------------------------------------------
+
+struct Client {
+    addr: SocketAddr,
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> BenchResult<Client> {
+        let sender = tokio::time::timeout(REQUEST_DEADLINE, async {
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(async move {
+                // A connection dropped at the end of a load ends with an error nobody needs.
+                let _ = connection.await;
+            });
+            BenchResult::Ok(sender)
+        })
+        .await
+        .map_err(|_| format!("connecting to {addr} took over {REQUEST_DEADLINE:?}"))??;
+        Ok(Client { addr, sender })
+    }
+
+    async fn reconnect(&mut self) -> BenchResult<()> {
+        *self = Client::connect(self.addr).await?;
+        Ok(())
+    }
+
+    /// One GET on this connection: its status and whole body.
+    async fn get(&mut self, path: &str) -> BenchResult<(StatusCode, Bytes)> {
+        tokio::time::timeout(REQUEST_DEADLINE, async {
+            self.sender.ready().await?;
+            let request = Request::get(path).header(hyper::header::HOST, "127.0.0.1").body(Empty::new())?;
+            let response = self.sender.send_request(request).await?;
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            BenchResult::Ok((status, body))
+        })
+        .await
+        .map_err(|_| format!("GET {path} took over {REQUEST_DEADLINE:?}"))?
+    }
+
+    /// A GET that must answer 200.
+    async fn ok(&mut self, path: &str) -> BenchResult<Bytes> {
+        match self.get(path).await? {
+            (StatusCode::OK, body) => Ok(body),
+            (status, body) => Err(format!("GET {path}: {status}: {}", String::from_utf8_lossy(&body)).into()),
+        }
+    }
+
+    async fn text(&mut self, path: &str) -> BenchResult<String> {
+        Ok(String::from_utf8_lossy(&self.ok(path).await?).into_owned())
+    }
+}
+
+/// Sends `count` starts over [`CLIENTS`] connections as fast as they are answered; every one must be a 202.
+async fn start_many(addr: SocketAddr, path: &'static str, count: usize) -> BenchResult<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let next = next.clone();
+        let mut client = Client::connect(addr).await?;
+        clients.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < count as u64 {
+                match client.get(path).await? {
+                    (StatusCode::ACCEPTED, _) => {}
+                    (status, body) => {
+                        return Err(format!("start answered {status}: {}", String::from_utf8_lossy(&body)).into())
+                    }
+                }
+            }
+            BenchResult::Ok(())
+        }));
+    }
+    for client in clients {
+        client.await??;
+    }
+    Ok(())
+}
+
+/// Waits until the broker lists `count` workers.
+async fn wait_workers(addr: SocketAddr, count: usize) -> BenchResult<()> {
+    let mut client = Client::connect(addr).await?;
+    let deadline = Instant::now() + STARTUP_DEADLINE;
+    loop {
+        let list: serde_json::Value = serde_json::from_slice(&client.ok("/workers").await?)?;
+        let seen = list["workers"].as_array().map_or(0, Vec::len);
+        if seen >= count {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{seen} of {count} workers registered within {STARTUP_DEADLINE:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the metric `name` (with labels) reaches `value`.
+async fn wait_metric(client: &mut Client, name: &str, value: f64) -> BenchResult<()> {
+    let deadline = Instant::now() + RUN_DEADLINE;
+    loop {
+        let seen = metric(&client.text("/metrics").await?, name).unwrap_or(0.0);
+        if seen >= value {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{name} is {seen}, not {value}, after {RUN_DEADLINE:?}").into());
+        }
+        tokio::time::sleep(COUNT_POLL_BACKLOG).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Figures
+// ---------------------------------------------------------------------------
+
+/// The value of the sample `name` (with its labels, exactly as rendered) in a Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The upper bound of the bucket holding quantile `q` of histogram `name`: a coarse figure, as Prometheus gives.
+fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: BTreeMap<u64, (f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (bound, count) = rest.split_once("\"} ")?;
+            let bound: f64 = if bound == "+Inf" { f64::INFINITY } else { bound.parse().ok()? };
+            Some(((bound * 1e9).min(u64::MAX as f64) as u64, (bound, count.trim().parse().ok()?)))
+        })
+        .collect();
+    let total = buckets.values().last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    buckets.values().find(|(_, count)| *count >= q * total).map(|(bound, _)| *bound)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p / 100.0).round() as usize]
+}
+
+fn percentile_i64(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p / 100.0).round() as usize]
+}
+
+fn fmt_duration(d: Duration) -> String {
+    fmt_signed_ns(d.as_nanos().min(i64::MAX as u128) as i64)
+}
+
+fn fmt_signed_ns(ns: i64) -> String {
+    let abs = ns.unsigned_abs();
+    let sign = if ns < 0 { "-" } else { "" };
+    if abs >= 1_000_000_000 {
+        format!("{sign}{:.2}s", abs as f64 / 1e9)
+    } else if abs >= 1_000_000 {
+        format!("{sign}{:.2}ms", abs as f64 / 1e6)
+    } else {
+        format!("{sign}{:.0}µs", abs as f64 / 1e3)
+    }
+}
+
+fn fmt_seconds(s: Option<f64>) -> String {
+    match s {
+        Some(s) if s.is_finite() => fmt_signed_ns((s * 1e9) as i64),
+        Some(_) => "+Inf".to_string(),
+        None => "n/a".to_string(),
+    }
+}
+
+fn fmt_kib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn summary(accept: &AcceptFigures, e2e: &E2eFigures, latency: &LatencyFigures, backlog: &BacklogFigures) {
+    let p50 = percentile_i64(&latency.mesh, 50.0);
+    let p99 = percentile_i64(&latency.mesh, 99.0);
+    let rows = [
+        (
+            "(1) jobz accepted starts/s".to_string(),
+            format!(
+                "{:.0} (bare hyper {:.0}, ratio {:.2})",
+                accept.jobz.rate,
+                accept.bare.rate,
+                accept.jobz.rate / accept.bare.rate
+            ),
+            format!(">= {TARGET_ACCEPTED_PER_SECOND:.0}"),
+            verdict(accept.jobz.rate >= TARGET_ACCEPTED_PER_SECOND),
+        ),
+        (
+            "(2) /bin/true jobs/s, mesh vs ceiling".to_string(),
+            format!("{:.0} vs {:.0}, ratio {:.2}", e2e.mesh.rate, e2e.ceiling, e2e.mesh.rate / e2e.ceiling),
+            format!(">= {TARGET_E2E_RATIO}"),
+            verdict(e2e.mesh.rate / e2e.ceiling >= TARGET_E2E_RATIO),
+        ),
+        (
+            "(3) 202 -> process start p50".to_string(),
+            fmt_signed_ns(p50),
+            format!("< {}", fmt_duration(TARGET_P50)),
+            verdict(p50 < TARGET_P50.as_nanos() as i64),
+        ),
+        (
+            "(3) 202 -> process start p99".to_string(),
+            fmt_signed_ns(p99),
+            format!("< {}", fmt_duration(TARGET_P99)),
+            verdict(p99 < TARGET_P99.as_nanos() as i64),
+        ),
+        (
+            "(4) backlog jobs/s vs (2)".to_string(),
+            format!("{:.0} vs {:.0}, ratio {:.2}", backlog.rate, e2e.mesh.rate, backlog.rate / e2e.mesh.rate),
+            format!(">= {TARGET_E2E_RATIO}"),
+            verdict(backlog.rate / e2e.mesh.rate >= TARGET_E2E_RATIO),
+        ),
+        ("(4) broker VmRSS with the backlog".to_string(), fmt_kib(backlog.rss_backlog_kib), "-".to_string(), ""),
+    ];
+    println!("    {:<40} {:<44} {:<10} {}", "figure", "measured", "target", "");
+    for (name, value, target, verdict) in rows {
+        println!("    {name:<40} {value:<44} {target:<10} {verdict}");
+    }
+}
