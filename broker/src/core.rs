@@ -8,7 +8,7 @@
 //! never waits on this loop; results are acknowledged to workers only after
 //! they are committed, so a worker holds a result until it is durable.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use config::{JobFile, Mode};
-use jobz_core::pipeline::{self, AttemptEnd, Decision, JobFacts, NewJob, Origin};
-use jobz_core::protocol::{self, Dispatch, Held, Hello, LeaseRef, ResultReport, ToBroker, ToWorker, Welcome};
+use jobz_core::gates::{GateBook, UpstreamEvent};
+use jobz_core::pipeline::{self, AttemptEnd, Decision, GateReason, JobFacts, NewJob, Origin};
+use jobz_core::protocol::{self, Dispatch, Held, Hello, LeaseRef, ResultReport, Role, ToBroker, ToWorker, Welcome};
 use jobz_core::transport::{Incoming, PeerId, Router};
 use jobz_core::Status;
 use tokio::sync::{mpsc, oneshot};
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::handle::{ApiError, BrokerHandle, ServedJob, StartRequest, Started, Waited, WorkerView};
 use crate::limits;
 use crate::metrics::Metrics;
-use crate::model::{AttemptRecord, Change, JobFilter, JobRecord, Progress};
+use crate::model::{AttemptRecord, Change, FireRecord, GateEventKind, GateEventRecord, JobFilter, JobRecord, Progress};
 use crate::store::{SqliteStore, Store, StoreError};
 
 /// How the broker runs.
@@ -104,6 +105,17 @@ enum Event {
     Cancel {
         id: String,
         reply: oneshot::Sender<bool>,
+    },
+    /// Gate events read from the store for a semaphore's `Subscribe`.
+    EventsRead {
+        peer: PeerId,
+        from: u64,
+        through: u64,
+        events: Result<Vec<GateEventRecord>, StoreError>,
+    },
+    /// `GET /gates`.
+    Gates {
+        reply: oneshot::Sender<serde_json::Value>,
     },
     Tick,
 }
@@ -201,11 +213,23 @@ struct Batch {
     finished: Vec<String>,
     /// Attempts to put back if the commit fails, so the worker's resend is not taken as stale.
     restore: Vec<Running>,
+    /// Gate events in this batch: visible to semaphores once committed.
+    events: Vec<GateEventRecord>,
+    /// Fires in this batch and their answers to the semaphore that asked.
+    fires: Vec<(Option<PeerId>, protocol::Fired)>,
 }
 
 impl Batch {
     fn new() -> Batch {
-        Batch { changes: Vec::new(), acks: Vec::new(), enqueue: Vec::new(), finished: Vec::new(), restore: Vec::new() }
+        Batch {
+            changes: Vec::new(),
+            acks: Vec::new(),
+            enqueue: Vec::new(),
+            finished: Vec::new(),
+            restore: Vec::new(),
+            events: Vec::new(),
+            fires: Vec::new(),
+        }
     }
 }
 
@@ -233,6 +257,35 @@ struct State {
     last_heartbeat_sent: Instant,
     last_prune: Instant,
     bad_frames: RateLimitedLog,
+    gates: Gates,
+}
+
+/// The broker's side of gates: it records upstream events durably for the
+/// semaphores, serves them in order, and records each fire once. Its own
+/// [`GateBook`] only shows progress (`GET /gates`); it fires nothing.
+struct Gates {
+    /// `jobz_core::gates::digest` of the broker's gates; a semaphore with another is refused.
+    digest: String,
+    /// Job names that some gate waits for: only their ends are recorded.
+    upstream: HashSet<String>,
+    next_seq: u64,
+    /// Events handed to the store and not committed yet.
+    pending: BTreeSet<u64>,
+    /// Fires by (gate, key): each reason at most once.
+    fires: HashMap<(String, String), Vec<FireRecord>>,
+    book: GateBook,
+    semaphores: HashMap<PeerId, (String, Instant)>,
+}
+
+impl Gates {
+    /// Every event up to this `seq` is committed: semaphores may read up to here, so none
+    /// ever reads past an event that commits later.
+    fn watermark(&self) -> u64 {
+        match self.pending.first() {
+            Some(first) => first - 1,
+            None => self.next_seq - 1,
+        }
+    }
 }
 
 /// Starts the broker's loop on `router` with the jobs recovered from `store`.
@@ -245,6 +298,7 @@ pub async fn start(
     let logs = config.data_dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(|source| BrokerError::Io { path: logs.display().to_string(), source })?;
     let unfinished = store.unfinished().await.map_err(BrokerError::Recover)?;
+    let gates = load_gates(&config.file, &store).await.map_err(BrokerError::Recover)?;
     let (events, rx) = mpsc::channel(limits::EVENT_QUEUE);
     let shared = Arc::new(Shared {
         config,
@@ -274,12 +328,73 @@ pub async fn start(
         last_heartbeat_sent: now,
         last_prune: now,
         bad_frames: RateLimitedLog::default(),
+        gates,
     };
     state.recover(unfinished);
     state.publish();
     let handle = BrokerHandle { inner: shared };
     let task = tokio::spawn(state.run(rx, shutdown));
     Ok((handle, task))
+}
+
+/// Rebuilds the broker's gate state from the store: the fires, the last event
+/// number, and the progress book replayed from every recorded event.
+async fn load_gates(file: &JobFile, store: &SqliteStore) -> Result<Gates, StoreError> {
+    let last = store.last_gate_event().await?;
+    let mut fires: HashMap<(String, String), Vec<FireRecord>> = HashMap::new();
+    for fire in store.gate_fires().await? {
+        fires.entry((fire.gate.clone(), fire.key.clone())).or_default().push(fire);
+    }
+    let mut book = GateBook::new();
+    let mut from = 1;
+    while from <= last {
+        let page = store.gate_events(from, last, limits::GATE_EVENTS_READ).await?;
+        let Some(end) = page.last().map(|e| e.seq) else { break };
+        for event in &page {
+            book.observe(file, &upstream_event(event), event.at);
+        }
+        from = end + 1;
+    }
+    let upstream = file.gates.values().flat_map(|g| g.after.iter().cloned()).collect();
+    Ok(Gates {
+        digest: jobz_core::gates::digest(file),
+        upstream,
+        next_seq: last + 1,
+        pending: BTreeSet::new(),
+        fires,
+        book,
+        semaphores: HashMap::new(),
+    })
+}
+
+fn upstream_event(event: &GateEventRecord) -> UpstreamEvent {
+    let facts = JobFacts {
+        id: event.job_id.clone(),
+        job_name: event.job_name.clone(),
+        params: event.params.clone(),
+        run_id: event.run_id.clone(),
+        attempt: event.attempt,
+    };
+    match event.kind {
+        GateEventKind::Succeeded => UpstreamEvent::Succeeded(facts),
+        GateEventKind::FailedForGood => UpstreamEvent::FailedForGood(facts),
+    }
+}
+
+fn wire_event(event: &GateEventRecord) -> protocol::GateEvent {
+    protocol::GateEvent {
+        seq: event.seq,
+        kind: match event.kind {
+            GateEventKind::Succeeded => protocol::GateEventKind::Succeeded,
+            GateEventKind::FailedForGood => protocol::GateEventKind::FailedForGood,
+        },
+        job_id: event.job_id.clone(),
+        job_name: event.job_name.clone(),
+        params: event.params.clone(),
+        run_id: event.run_id.clone(),
+        attempt: event.attempt,
+        at: event.at,
+    }
 }
 
 /// Leases only need to differ from every earlier lease of the same job, also
@@ -322,6 +437,11 @@ impl State {
                 let _ = reply.send(known);
             }
             Event::Tick => self.on_tick(),
+            Event::EventsRead { peer, from, through, events } => self.on_events_read(peer, from, through, events),
+            Event::Gates { reply } => {
+                // The caller may have hung up; nothing to do then.
+                let _ = reply.send(self.gates_view());
+            }
         }
     }
 
@@ -538,8 +658,17 @@ impl State {
             worker.last_seen = Instant::now();
             worker.last_heartbeat = Utc::now();
         }
+        if let Some((_, seen)) = self.gates.semaphores.get_mut(&peer) {
+            *seen = Instant::now();
+        }
         match message {
+            ToBroker::Hello(hello) if hello.role == Role::Semaphore => self.on_semaphore_hello(peer, hello),
             ToBroker::Hello(hello) => self.on_hello(peer, hello),
+            ToBroker::Subscribe(subscribe) if self.gates.semaphores.contains_key(&peer) => {
+                self.on_subscribe(peer, subscribe)
+            }
+            ToBroker::Fire(fire) if self.gates.semaphores.contains_key(&peer) => self.on_fire(Some(peer), fire),
+            ToBroker::Heartbeat if self.gates.semaphores.contains_key(&peer) => {}
             _ if !self.workers.contains_key(&peer) => {
                 // Typically a worker that outlived a broker restart: it must register again.
                 let _ = self.router.send(&peer, &ToWorker::Reconnect);
@@ -570,7 +699,237 @@ impl State {
             }
             ToBroker::Result(result) => self.on_result(peer, result),
             ToBroker::Goodbye(goodbye) => self.on_goodbye(&peer, goodbye.hand_back),
+            ToBroker::Subscribe(_) | ToBroker::Fire(_) => {
+                let message = "only a semaphore may subscribe to gate events or fire gates".to_string();
+                let _ = self.router.send(&peer, &ToWorker::Error(protocol::ErrorReply { message }));
+            }
         }
+    }
+
+    fn on_semaphore_hello(&mut self, peer: PeerId, hello: Hello) {
+        let welcome = ToWorker::Welcome(Welcome {
+            heartbeat_ms: self.shared.config.heartbeat.as_millis() as u64,
+            lease_timeout_ms: self.shared.config.lease_timeout.as_millis() as u64,
+            drift: Vec::new(),
+            url: self.shared.config.url.clone(),
+        });
+        if let Err(e) = self.router.send(&peer, &welcome) {
+            tracing::warn!(semaphore = %hello.name, error = %e, "cannot answer Hello");
+            return;
+        }
+        if self.gates.semaphores.insert(peer, (hello.name.clone(), Instant::now())).is_none() {
+            tracing::info!(semaphore = %hello.name, host = %hello.host, "semaphore joined");
+        }
+    }
+
+    fn on_subscribe(&mut self, peer: PeerId, subscribe: protocol::Subscribe) {
+        if subscribe.gates_digest != self.gates.digest {
+            let name = self.gates.semaphores.remove(&peer).map(|(n, _)| n).unwrap_or_default();
+            tracing::warn!(semaphore = %name, "refused a semaphore whose gates differ from the broker's");
+            let message = "this semaphore's gates differ from the broker's: run it with the broker's job file".into();
+            let _ = self.router.send(&peer, &ToWorker::Error(protocol::ErrorReply { message }));
+            return;
+        }
+        let through = self.gates.watermark();
+        if subscribe.from > through {
+            let page = protocol::Events { from: subscribe.from, events: Vec::new(), next: subscribe.from };
+            let _ = self.router.send(&peer, &ToWorker::Events(page));
+            return;
+        }
+        let store = self.shared.store.clone();
+        let events = self.shared.events.clone();
+        let from = subscribe.from;
+        tokio::spawn(async move {
+            let read = store.gate_events(from, through, protocol::limits::EVENTS_PAGE_MAX).await;
+            // The loop is gone only at shutdown; the semaphore asks again elsewhere.
+            let _ = events.send(Event::EventsRead { peer, from, through, events: read }).await;
+        });
+    }
+
+    fn on_events_read(
+        &mut self,
+        peer: PeerId,
+        from: u64,
+        through: u64,
+        events: Result<Vec<GateEventRecord>, StoreError>,
+    ) {
+        let events = match events {
+            Ok(events) => events,
+            Err(e) => {
+                // The semaphore asks again after its poll interval.
+                tracing::warn!(error = %e, "cannot read gate events for a semaphore");
+                return;
+            }
+        };
+        let complete = events.len() < protocol::limits::EVENTS_PAGE_MAX;
+        let built = protocol::Events::page(from, events.iter().map(wire_event));
+        for seq in &built.skipped {
+            tracing::error!(seq, "a gate event is too large to send to semaphores; it is skipped");
+        }
+        let mut page = built.page;
+        if complete && page.events.len() == events.len() {
+            // Everything up to `through` was read: numbers skipped by failed commits are passed too.
+            page.next = page.next.max(through + 1);
+        }
+        let _ = self.router.send(&peer, &ToWorker::Events(page));
+    }
+
+    /// A semaphore asks to start a gate's job for a key: done at most once per
+    /// (gate, key, reason), whoever asks and however often.
+    fn on_fire(&mut self, peer: Option<PeerId>, fire: protocol::Fire) {
+        let reason = GateReason::from(fire.reason);
+        let slot = (fire.gate.clone(), fire.key.clone());
+        let recorded = self.gates.fires.get(&slot).cloned().unwrap_or_default();
+        let answer = |job_id: Option<String>, created: bool, error: Option<String>| protocol::Fired {
+            gate: fire.gate.clone(),
+            key: fire.key.clone(),
+            reason: fire.reason,
+            job_id: job_id.unwrap_or_default(),
+            created,
+            error,
+        };
+        if let Some(done) = recorded.iter().find(|f| f.reason == reason) {
+            let reply = answer(done.job_id.clone(), false, done.error.clone());
+            self.reply_fired(peer.as_ref(), reply);
+            return;
+        }
+        let reasons: Vec<GateReason> = recorded.iter().map(|f| f.reason).collect();
+        if jobz_core::gates::fire_conflicts(&reasons, reason) {
+            let first = recorded.first().and_then(|f| f.job_id.clone());
+            self.reply_fired(peer.as_ref(), answer(first, false, None));
+            return;
+        }
+        let now = Utc::now();
+        let file = self.shared.config.file.clone();
+        let checked = match (file.gates.get(&fire.gate), file.jobs.get(&fire.job_name)) {
+            (None, _) => Err(format!("no gate named {:?} in the broker's job file", fire.gate)),
+            (_, None) => Err(format!("no job named {:?} in the broker's job file", fire.job_name)),
+            (Some(_), Some(def)) => config::params::validate(def, &fire.params).map_err(|errors| {
+                let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                format!("the gate's job refuses its params: {}", reasons.join("; "))
+            }),
+        };
+        let mut batch = Batch::new();
+        let record = match checked {
+            Ok(params) => {
+                let new = NewJob {
+                    job_name: fire.job_name.clone(),
+                    params,
+                    run_id: fire.run_id.clone(),
+                    parent_id: fire.parent_id.clone(),
+                    origin: Origin::Gate { gate: fire.gate.clone(), key: fire.key.clone(), reason },
+                };
+                let job = new_record(&new, now, None, &file);
+                let fire_record = FireRecord {
+                    gate: fire.gate.clone(),
+                    key: fire.key.clone(),
+                    reason,
+                    job_id: Some(job.id.clone()),
+                    error: None,
+                    at: now,
+                };
+                tracing::info!(gate = %fire.gate, key = %fire.key, ?reason, job = %job.id, "gate fired");
+                batch.fires.push((peer, answer(Some(job.id.clone()), true, None)));
+                batch.enqueue.push(Queued::from_record(&job));
+                batch.changes.push(Change::Fire(fire_record.clone()));
+                batch.changes.push(Change::Insert(job));
+                fire_record
+            }
+            Err(error) => {
+                tracing::warn!(gate = %fire.gate, key = %fire.key, %error, "gate fire refused");
+                let fire_record = FireRecord {
+                    gate: fire.gate.clone(),
+                    key: fire.key.clone(),
+                    reason,
+                    job_id: None,
+                    error: Some(error.clone()),
+                    at: now,
+                };
+                batch.fires.push((peer, answer(None, false, Some(error))));
+                batch.changes.push(Change::Fire(fire_record.clone()));
+                fire_record
+            }
+        };
+        // Recorded in memory at once, so a second semaphore's fire is answered from here.
+        self.gates.fires.entry(slot).or_default().push(record);
+        self.commit(batch);
+    }
+
+    fn reply_fired(&self, peer: Option<&PeerId>, fired: protocol::Fired) {
+        if let Some(peer) = peer {
+            // A semaphore that went away asks again after it reconnects.
+            let _ = self.router.send(peer, &ToWorker::Fired(fired));
+        }
+    }
+
+    /// `GET /gates`: each gate's open keys with progress, fired keys with their
+    /// job, timed-out and failed keys.
+    fn gates_view(&self) -> serde_json::Value {
+        let file = &self.shared.config.file;
+        let mut gates = Vec::new();
+        for (name, gate) in &file.gates {
+            let mut open = Vec::new();
+            let mut fired = Vec::new();
+            let mut timed_out = Vec::new();
+            let mut failed = Vec::new();
+            let keys = self.gates.book.keys(name);
+            let mut all_keys: BTreeSet<&String> = keys.map(|k| k.keys().collect()).unwrap_or_default();
+            let recorded: Vec<&FireRecord> =
+                self.gates.fires.iter().filter(|((g, _), _)| g == name).flat_map(|(_, f)| f.iter()).collect();
+            all_keys.extend(recorded.iter().map(|f| &f.key));
+            for key in all_keys {
+                let state = keys.and_then(|k| k.get(key));
+                let progress = state.map(|s| {
+                    let need = gate.count.unwrap_or(1);
+                    let parts: Vec<String> = gate
+                        .after
+                        .iter()
+                        .map(|a| {
+                            let done = s.succeeded.get(a).map_or(0, |ids| ids.len() as u32).min(need);
+                            format!("{done}/{need} {a}")
+                        })
+                        .collect();
+                    let (done, needed) = s.progress(gate);
+                    serde_json::json!({ "progress": parts.join(", "), "done": done, "needed": needed, "opened_at": rfc3339(s.opened_at), "run_id": s.run_id })
+                });
+                let fires: Vec<&&FireRecord> = recorded.iter().filter(|f| &f.key == key).collect();
+                let entry = |reason: GateReason| {
+                    fires.iter().find(|f| f.reason == reason).map(|f| {
+                        serde_json::json!({ "key": key, "job_id": f.job_id, "error": f.error, "at": rfc3339(f.at) })
+                    })
+                };
+                if let Some(e) = entry(GateReason::Then) {
+                    fired.push(e);
+                }
+                if let Some(e) = entry(GateReason::Timeout) {
+                    timed_out.push(e);
+                }
+                let failure = entry(GateReason::Failure);
+                if let Some(e) = failure.clone() {
+                    failed.push(e);
+                }
+                let settled = fires.iter().any(|f| matches!(f.reason, GateReason::Then | GateReason::Timeout));
+                if !settled {
+                    if let Some(mut p) = progress {
+                        p["key"] = serde_json::json!(key);
+                        p["failed"] = serde_json::json!(failure.is_some() || state.is_some_and(|s| s.failed));
+                        open.push(p);
+                    }
+                }
+            }
+            gates.push(serde_json::json!({
+                "name": name,
+                "after": gate.after,
+                "count": gate.count.unwrap_or(1),
+                "then": gate.then.job,
+                "timeout": gate.timeout.map(|t| t.as_secs()),
+                "open": open,
+                "fired": fired,
+                "timed_out": timed_out,
+                "failed": failed,
+            }));
+        }
+        serde_json::Value::Array(gates)
     }
 
     fn on_hello(&mut self, peer: PeerId, hello: Hello) {
@@ -835,6 +1194,7 @@ impl State {
                         for e in rejected {
                             tracing::warn!(job = %facts.id, error = %e, "follow-up not started");
                         }
+                        self.record_gate_event(&facts, status, now, &mut batch);
                         for new in follow_ups {
                             let record = new_record(&new, now, None, &file);
                             batch.enqueue.push(Queued::from_record(&record));
@@ -848,6 +1208,34 @@ impl State {
         }
         batch.restore.push(running);
         self.commit(batch);
+    }
+
+    /// The end of an upstream job of a gate, recorded in the same batch as the
+    /// end itself, so semaphores see exactly the jobs that ended.
+    fn record_gate_event(&mut self, job: &JobFacts, status: Status, at: DateTime<Utc>, batch: &mut Batch) {
+        if !self.gates.upstream.contains(&job.job_name) {
+            return;
+        }
+        let kind = match status {
+            Status::Succeeded => GateEventKind::Succeeded,
+            Status::Failed | Status::TimedOut => GateEventKind::FailedForGood,
+            Status::Cancelled | Status::Queued | Status::Running => return,
+        };
+        let seq = self.gates.next_seq;
+        self.gates.next_seq += 1;
+        self.gates.pending.insert(seq);
+        let event = GateEventRecord {
+            seq,
+            kind,
+            job_id: job.id.clone(),
+            job_name: job.job_name.clone(),
+            params: job.params.clone(),
+            run_id: job.run_id.clone(),
+            attempt: job.attempt,
+            at,
+        };
+        batch.changes.push(Change::GateEvent(event.clone()));
+        batch.events.push(event);
     }
 
     fn record_stale(&mut self, peer: PeerId, result: ResultReport) {
@@ -887,12 +1275,27 @@ impl State {
     }
 
     fn on_committed(&mut self, batch: Batch, result: Result<(), StoreError>) {
+        for event in &batch.events {
+            self.gates.pending.remove(&event.seq);
+        }
         if let Err(e) = result {
             tracing::error!(error = %e, "store commit failed; the results stay unacknowledged and will be resent");
             for r in batch.restore {
                 self.running.insert(r.job.id.clone(), r);
             }
+            // The fires were not recorded: the semaphores ask again.
+            for (_, fired) in &batch.fires {
+                if let Some(list) = self.gates.fires.get_mut(&(fired.gate.clone(), fired.key.clone())) {
+                    list.retain(|f| f.reason != GateReason::from(fired.reason));
+                }
+            }
             return;
+        }
+        for event in &batch.events {
+            self.gates.book.observe(&self.shared.config.file, &upstream_event(event), event.at);
+        }
+        for (peer, fired) in batch.fires {
+            self.reply_fired(peer.as_ref(), fired);
         }
         for (peer, job_id, lease) in batch.acks {
             self.remember_done(job_id.clone(), lease);
@@ -967,6 +1370,13 @@ impl State {
         for peer in silent {
             self.drop_worker(&peer, "silent past its lease", &[]);
         }
+        self.gates.semaphores.retain(|_, (name, seen)| {
+            let alive = now.duration_since(*seen) <= lease_timeout;
+            if !alive {
+                tracing::warn!(semaphore = %name, "semaphore silent past its lease; forgotten");
+            }
+            alive
+        });
         let orphans: Vec<String> = self
             .running
             .iter()
@@ -999,7 +1409,7 @@ impl State {
         }
         if now.duration_since(self.last_heartbeat_sent) >= self.shared.config.heartbeat {
             self.last_heartbeat_sent = now;
-            for peer in self.workers.keys() {
+            for peer in self.workers.keys().chain(self.gates.semaphores.keys()) {
                 // A worker that cannot be reached is dropped by its lease, not here.
                 let _ = self.router.send(peer, &ToWorker::Heartbeat);
             }
@@ -1329,6 +1739,13 @@ pub(crate) async fn healthy(b: &BrokerHandle) -> bool {
 }
 
 pub(crate) async fn gates(b: &BrokerHandle) -> serde_json::Value {
+    let (reply, answer) = oneshot::channel();
+    if b.inner.events.send(Event::Gates { reply }).await.is_ok() {
+        if let Ok(view) = answer.await {
+            return view;
+        }
+    }
+    // The loop has stopped (shutdown): the gates as configured, without their keys.
     let gates: Vec<serde_json::Value> = b
         .inner
         .config
@@ -1379,4 +1796,8 @@ fn broadcast_status(copies: &[Copy]) -> Status {
         };
     }
     worst
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

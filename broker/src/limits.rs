@@ -25,3 +25,5 @@ pub const CANCEL_COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// The range of `priority`.
 pub const PRIORITY_MIN: i32 = -1000;
 pub const PRIORITY_MAX: i32 = 1000;
+/// Gate events read from the store per query when the broker rebuilds its gate progress at start.
+pub const GATE_EVENTS_READ: usize = 10_000;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use jobz_core::pipeline::Origin;
+use jobz_core::pipeline::{GateReason, Origin};
 use jobz_core::Status;
 
 /// One job: its identity, params, where it stands and its timestamps (SPEC `GET /jobs/{id}`).
@@ -63,6 +63,38 @@ pub struct AttemptRecord {
     /// A result that came back after the attempt was handed to another worker:
     /// recorded here for the record, it changed nothing.
     pub stale: bool,
+}
+
+/// What happened to an upstream job of a gate, as the broker records it for semaphores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateEventKind {
+    Succeeded,
+    /// Failed or timed out after its last attempt.
+    FailedForGood,
+}
+
+/// One durable gate event; `seq` grows with every event, across restarts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateEventRecord {
+    pub seq: u64,
+    pub kind: GateEventKind,
+    pub job_id: String,
+    pub job_name: String,
+    pub params: BTreeMap<String, String>,
+    pub run_id: String,
+    pub attempt: u32,
+    pub at: DateTime<Utc>,
+}
+
+/// A gate's fire for one key and reason: the job it started, or why it could not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FireRecord {
+    pub gate: String,
+    pub key: String,
+    pub reason: GateReason,
+    pub job_id: Option<String>,
+    pub error: Option<String>,
+    pub at: DateTime<Utc>,
 }
 
 /// Everything that changes a job, as one durable step. The store applies a
@@ -129,6 +161,11 @@ pub enum Change {
         id: String,
         progress: Progress,
     },
+    /// An upstream job of a gate ended for good: recorded for the semaphores.
+    GateEvent(GateEventRecord),
+    /// A gate fired for a key: recorded once per (gate, key, reason); a repeat is a no-op.
+    /// Its job, if any, is inserted by an `Insert` in the same batch.
+    Fire(FireRecord),
     /// A result for a superseded attempt: recorded on the attempt, the job is untouched.
     Stale {
         id: String,

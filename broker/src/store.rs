@@ -9,11 +9,24 @@
 //! fsync), and read through a small pool of read-only connections that run
 //! beside the writer.
 //!
-//! What a change does to the rows is documented on [`Change`]; the store
-//! applies it conditionally on the state it expects (a `Finish` only moves the
-//! running attempt holding its lease), so it is the last line of defence
-//! against a stale or doubled change, and a change for a job that no longer
-//! exists (pruned) is a no-op rather than an error.
+//! Each [`Change`] applies only to a job in the state it expects, so the store
+//! is the last line of defence against a stale or doubled change. A change
+//! that matches no row (unknown or pruned job, wrong lease, wrong state) is a
+//! no-op, logged and counted in [`StoreStats::skipped`], never an error:
+//!
+//! | change | applies when the job is | does |
+//! |---|---|---|
+//! | `Insert` | absent (a duplicate id is refused) | the row as given |
+//! | `Dispatch` | queued | running; `attempts`, `worker`, `lease`, `started_at` set; `not_before` and progress cleared; an attempt row added |
+//! | `Finish` | running under `lease` | the final status, `finished_at`, `exit_code`, `signal`, `output_tail`, `error`; the attempt row gets status, end and exit code |
+//! | `Requeue` | running | queued, `lease` cleared, `queued_at = at`, `not_before`; progress cleared; the attempt row gets `finished_at` and keeps status NULL (it ended without a result) |
+//! | `Cancel` | queued or running | cancelled, `cancelled_at = finished_at = at`; a running attempt's row ends as cancelled |
+//! | `Retry` | final (any of the four) | queued, `queued_at = at`, `not_before`; `attempts` kept; finish fields, lease and progress cleared |
+//! | `Progress` | running | the progress columns |
+//! | `Stale` | (the attempt row with that lease and worker exists) | that row: stale, its status, exit code and end; the job untouched |
+//!
+//! `worker` and `started_at` stay on a requeued or retried job: they describe
+//! the last attempt until the next dispatch replaces them.
 //!
 //! Times are stored as integer Unix microseconds: sub-microsecond digits are
 //! dropped on the way in (see [`to_store_precision`]), so a record read back
@@ -32,7 +45,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use jobz_core::Status;
 
-use crate::model::{AttemptRecord, Change, JobFilter, JobRecord};
+use crate::model::{AttemptRecord, Change, FireRecord, GateEventRecord, JobFilter, JobRecord};
 
 pub use codec::to_store_precision;
 pub use sqlite::{SqliteStore, WritesPaused};
@@ -46,6 +59,13 @@ pub const DB_FILE_NAME: &str = "jobz.sqlite3";
 /// beyond that `commit` fails fast with [`StoreError::Busy`] (HTTP 429) instead
 /// of queueing without bound.
 pub const WRITE_QUEUE_CAPACITY: usize = 4096;
+
+/// The share of the write queue (in percent) that only `commit_later` may
+/// fill. Under overload new work is refused (`commit` answers Busy, the front
+/// door 429) while the bookkeeping of jobs already running (dispatches,
+/// progress) still gets through: losing a Dispatch would leave the job
+/// queued in the store and make its Finish a no-op.
+pub const WRITE_QUEUE_LATER_RESERVE_PERCENT: usize = 25;
 
 /// Changes applied in one transaction at most. The writer stops draining the
 /// queue when the next request would go beyond it; a single request larger
@@ -89,7 +109,8 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Applies `changes` in order, durably: returns only after they are
     /// committed (fsync'd). On error nothing of them was applied.
     ///
-    /// Fails fast with [`StoreError::Busy`] when the write queue is full,
+    /// Fails fast with [`StoreError::Busy`] when the write queue is full (a
+    /// share of it is kept for [`Store::commit_later`]),
     /// [`StoreError::Rejected`] when a change breaks a rule of the schema (the
     /// changes of other callers committed in the same transaction are not
     /// affected), and [`StoreError::Sqlite`] when the storage failed (disk
@@ -132,6 +153,20 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// are left out.
     fn counts(&self) -> impl Future<Output = Result<Vec<(String, Status, u64)>, StoreError>> + Send;
 
+    /// Gate events with `from <= seq <= through`, in `seq` order, at most `limit`.
+    fn gate_events(
+        &self,
+        from: u64,
+        through: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<GateEventRecord>, StoreError>> + Send;
+
+    /// The largest gate event `seq` recorded (0 when there is none).
+    fn last_gate_event(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Every recorded fire.
+    fn gate_fires(&self) -> impl Future<Output = Result<Vec<FireRecord>, StoreError>> + Send;
+
     /// True when the store can read and its writer is running and its last
     /// transaction (if any) committed. For `/healthz`.
     fn ping(&self) -> impl Future<Output = bool> + Send;
@@ -146,7 +181,9 @@ pub trait Store: Clone + Send + Sync + 'static {
 /// Knobs of a [`SqliteStore`]; [`StoreOptions::default`] takes the named constants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreOptions {
-    /// Commit requests queued for the writer before `commit` answers Busy.
+    /// Commit requests queued for the writer before `commit_later` answers
+    /// Busy; `commit` and `prune` answer Busy once the queue is within
+    /// [`WRITE_QUEUE_LATER_RESERVE_PERCENT`] of this.
     pub queue_capacity: usize,
     /// Changes applied in one transaction at most.
     pub batch_changes_max: usize,

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use broker::model::{AttemptRecord, Change, JobFilter, JobRecord, Progress};
+use broker::model::{
+    AttemptRecord, Change, FireRecord, GateEventKind, GateEventRecord, JobFilter, JobRecord, Progress,
+};
 use broker::store::{SqliteStore, Store, StoreError, StoreOptions, DB_FILE_NAME};
 use chrono::{DateTime, TimeDelta, Utc};
 use jobz_core::pipeline::{GateReason, Origin};
@@ -455,7 +457,7 @@ async fn a_returned_commit_is_visible_to_a_fresh_connection_while_the_store_is_o
     let (journal_mode, version): (String, i64) = raw
         .query_row("SELECT * FROM pragma_journal_mode, pragma_user_version", [], |row| Ok((row.get(0)?, row.get(1)?)))
         .unwrap();
-    assert_eq!((journal_mode.as_str(), version), ("wal", 1));
+    assert_eq!((journal_mode.as_str(), version), ("wal", 2));
     drop(store);
 }
 
@@ -694,6 +696,29 @@ async fn a_full_queue_answers_busy_at_once() {
     store.commit(vec![Change::Insert(queued("e", "import", at(4)))]).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_quarter_of_the_queue_is_kept_for_commit_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions { queue_capacity: 8, ..StoreOptions::default() };
+    let store = SqliteStore::open(dir.path(), options).unwrap();
+    let insert = |i: i64| vec![Change::Insert(queued(&format!("j{i}"), "import", at(i)))];
+    let paused = store.pause_writes().await.unwrap();
+    let handles = queue_commits(&store, (0..6).map(insert).collect()).await;
+    // Six of eight queued: new work is refused, bookkeeping still gets in.
+    assert!(matches!(store.commit(insert(6)).await, Err(StoreError::Busy)));
+    assert!(matches!(store.prune(at(0), 10).await, Err(StoreError::Busy)));
+    store.commit_later(insert(7)).unwrap();
+    store.commit_later(insert(8)).unwrap();
+    assert!(matches!(store.commit_later(insert(9)), Err(StoreError::Busy)));
+    drop(paused);
+    for result in with_timeout(join_all(handles)).await {
+        result.unwrap();
+    }
+    store.commit(insert(10)).await.unwrap();
+    let stored = store.jobs(JobFilter::default()).await.unwrap().len();
+    assert_eq!(stored, 9, "j0..j5, j7, j8 and j10");
+}
+
 #[tokio::test]
 async fn close_commits_what_was_queued_then_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();
@@ -719,7 +744,7 @@ async fn a_database_from_a_newer_jobz_is_refused() {
     raw.pragma_update(None, "user_version", 99).unwrap();
     drop(raw);
     let err = SqliteStore::open(dir.path(), StoreOptions::default()).err().expect("refused");
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 1, .. }), "{err:?}");
+    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 2, .. }), "{err:?}");
 }
 
 // ---- Queries ----
@@ -878,5 +903,59 @@ async fn counts_are_by_name_and_status() {
             ("alpha".to_owned(), Status::Queued, 3),
             ("beta".to_owned(), Status::Queued, 1),
         ]
+    );
+}
+
+// ---- Gates ----
+
+fn gate_event(seq: u64, job_id: &str) -> GateEventRecord {
+    GateEventRecord {
+        seq,
+        kind: if seq % 2 == 0 { GateEventKind::FailedForGood } else { GateEventKind::Succeeded },
+        job_id: job_id.into(),
+        job_name: "shard".into(),
+        params: BTreeMap::from([("date".to_string(), "2024_01_31".to_string())]),
+        run_id: "run-1".into(),
+        attempt: 1,
+        at: at(seq as i64),
+    }
+}
+
+#[tokio::test]
+async fn gate_events_come_back_in_order_within_the_asked_range_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.last_gate_event().await.unwrap(), 0);
+    let events: Vec<GateEventRecord> = (1..=5).map(|i| gate_event(i, &format!("j{i}"))).collect();
+    store.commit(events.iter().cloned().map(Change::GateEvent).collect()).await.unwrap();
+    assert_eq!(store.gate_events(2, 4, 100).await.unwrap(), events[1..4].to_vec());
+    assert_eq!(store.gate_events(1, 5, 2).await.unwrap(), events[0..2].to_vec(), "the limit holds");
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.last_gate_event().await.unwrap(), 5);
+    assert_eq!(store.gate_events(1, 99, 100).await.unwrap(), events);
+}
+
+#[tokio::test]
+async fn a_fire_is_recorded_once_per_gate_key_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let fire = |reason, job: &str| FireRecord {
+        gate: "g".into(),
+        key: "k".into(),
+        reason,
+        job_id: Some(job.into()),
+        error: None,
+        at: at(1),
+    };
+    store.commit(vec![Change::Fire(fire(GateReason::Then, "first"))]).await.unwrap();
+    // The same (gate, key, reason) again, from another semaphore: a no-op, not an error.
+    store.commit(vec![Change::Fire(fire(GateReason::Then, "second"))]).await.unwrap();
+    store.commit(vec![Change::Fire(fire(GateReason::Failure, "third"))]).await.unwrap();
+    let fires = store.gate_fires().await.unwrap();
+    assert_eq!(fires.len(), 2, "{fires:?}");
+    assert_eq!(
+        fires.iter().find(|f| f.reason == GateReason::Then).and_then(|f| f.job_id.clone()).as_deref(),
+        Some("first")
     );
 }

@@ -162,6 +162,64 @@ impl GateBook {
     }
 }
 
+/// The digest of the `gates:` section of `file` ([`crate::protocol::digest`]
+/// of a canonical text): a semaphore sends it in `Subscribe` and the broker
+/// refuses one whose gates differ from its own, since both must count the same
+/// events the same way. The text is JSON (stable quoting) of each gate in name
+/// order: name, `after` as written, `count`, the key template's source, the
+/// `then`/`on_timeout`/`on_failure` job names with their param templates'
+/// sources (in param order), and the timeout in milliseconds. Layout, comments
+/// and key order in the YAML do not change it.
+pub fn digest(file: &JobFile) -> String {
+    fn follow_up(f: Option<&FollowUp>) -> serde_json::Value {
+        match f {
+            None => serde_json::Value::Null,
+            Some(f) => {
+                let params: BTreeMap<&str, &str> = f.params.iter().map(|(k, t)| (k.as_str(), t.source())).collect();
+                serde_json::json!({ "job": f.job, "params": params })
+            }
+        }
+    }
+    let gates: Vec<serde_json::Value> = file
+        .gates
+        .values()
+        .map(|g| {
+            serde_json::json!({
+                "name": g.name,
+                "after": g.after,
+                "count": g.count,
+                "key": g.key.as_ref().map(|k| k.source()),
+                "then": follow_up(Some(&g.then)),
+                "on_timeout": follow_up(g.on_timeout.as_ref()),
+                "on_failure": follow_up(g.on_failure.as_ref()),
+                "timeout_ms": g.timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            })
+        })
+        .collect();
+    // Object keys come out in a fixed order (sorted; or as written above if some crate turns on
+    // serde_json's `preserve_order`), and strings are JSON-quoted: the text is canonical.
+    crate::protocol::digest(&serde_json::Value::Array(gates).to_string())
+}
+
+/// Whether a fire for `reason` must be refused for a key that already has
+/// fires for `recorded`: the rule by which the broker keeps a gate's fires
+/// exactly-once when semaphores disagree. A [`GateBook`] gives up a key
+/// (`on_timeout`) only while it has neither completed (`then`) nor failed
+/// (`on_failure`), and never completes or fails it after giving it up; but two
+/// semaphores (or one before and after a rebuild) can see the same key on
+/// either side of its deadline, because the deadline is read from a clock
+/// while the events arrive over the network. So `Timeout` conflicts with
+/// `Then` and `Failure` both ways, the first recorded wins; `Then` and
+/// `Failure` coexist (a key whose failed shard is retried and succeeds
+/// completes after all); and a repeat of a recorded reason is not a conflict
+/// but the same fire, answered with its job.
+pub fn fire_conflicts(recorded: &[GateReason], reason: GateReason) -> bool {
+    match reason {
+        GateReason::Timeout => recorded.iter().any(|r| *r != GateReason::Timeout),
+        GateReason::Then | GateReason::Failure => recorded.contains(&GateReason::Timeout),
+    }
+}
+
 /// The key an upstream job counts toward: the gate's key template filled with
 /// the job's params and run id, or the run id when the gate has no key.
 pub fn gate_key(gate: &GateDef, job: &JobFacts) -> Result<String, String> {

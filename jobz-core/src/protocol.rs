@@ -31,6 +31,9 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::gates::UpstreamEvent;
+use crate::pipeline::{GateReason, JobFacts, NewJob, Origin};
+
 pub mod limits;
 
 use limits::*;
@@ -54,6 +57,8 @@ pub mod kind {
     pub const PROGRESS: u8 = 0x06;
     pub const RESULT: u8 = 0x07;
     pub const GOODBYE: u8 = 0x08;
+    pub const SUBSCRIBE: u8 = 0x09;
+    pub const FIRE: u8 = 0x0A;
 
     pub const WELCOME: u8 = 0x81;
     pub const DISPATCH: u8 = 0x82;
@@ -62,6 +67,8 @@ pub mod kind {
     pub const BROKER_HEARTBEAT: u8 = 0x85;
     pub const RECONNECT: u8 = 0x86;
     pub const ERROR: u8 = 0x87;
+    pub const EVENTS: u8 = 0x88;
+    pub const FIRED: u8 = 0x89;
 }
 
 // ---------------------------------------------------------------------------
@@ -85,6 +92,10 @@ pub enum ToBroker {
     Result(ResultReport),
     /// A draining peer leaves and hands back the attempts it did not finish.
     Goodbye(Goodbye),
+    /// A semaphore asks for the durable gate events from `from` on; answered by `Events`.
+    Subscribe(Subscribe),
+    /// A semaphore asks the broker to start a gate's job for one key; answered by `Fired`.
+    Fire(Fire),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -213,6 +224,93 @@ pub struct LeaseRef {
     pub lease: u64,
 }
 
+/// A semaphore asks for the gate events with `seq >= from`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscribe {
+    /// [`crate::gates::digest`] of the semaphore's `gates:`; a broker whose own
+    /// digest differs answers `Error` and serves the semaphore nothing.
+    pub gates_digest: String,
+    pub from: u64,
+}
+
+/// Which of a gate's jobs a fire starts. The wire twin of [`GateReason`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FireReason {
+    /// `then`: the key is complete.
+    Then,
+    /// `on_timeout`: the key was given up.
+    Timeout,
+    /// `on_failure`: an upstream job of the key failed for good.
+    Failure,
+}
+
+impl FireReason {
+    pub const ALL: [FireReason; 3] = [FireReason::Then, FireReason::Timeout, FireReason::Failure];
+}
+
+impl From<GateReason> for FireReason {
+    fn from(reason: GateReason) -> Self {
+        match reason {
+            GateReason::Then => FireReason::Then,
+            GateReason::Timeout => FireReason::Timeout,
+            GateReason::Failure => FireReason::Failure,
+        }
+    }
+}
+
+impl From<FireReason> for GateReason {
+    fn from(reason: FireReason) -> Self {
+        match reason {
+            FireReason::Then => GateReason::Then,
+            FireReason::Timeout => GateReason::Timeout,
+            FireReason::Failure => GateReason::Failure,
+        }
+    }
+}
+
+/// Start the job of `gate` for `key` and `reason`: idempotent on the broker,
+/// which starts at most one job per (gate, key, reason) whoever sends it and
+/// however often (see `docs/PROTOCOL.md`, "Gates").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fire {
+    pub gate: String,
+    pub key: String,
+    pub reason: FireReason,
+    pub job_name: String,
+    /// Already filled and checked against the semaphore's definition of `job_name`.
+    pub params: BTreeMap<String, String>,
+    pub run_id: Option<String>,
+    pub parent_id: Option<String>,
+}
+
+impl Fire {
+    /// The fire for a job a gate wants started; `None` for a job that no gate started.
+    pub fn from_new_job(job: &NewJob) -> Option<Fire> {
+        let Origin::Gate { gate, key, reason } = &job.origin else { return None };
+        Some(Fire {
+            gate: gate.clone(),
+            key: key.clone(),
+            reason: (*reason).into(),
+            job_name: job.job_name.clone(),
+            params: job.params.clone(),
+            run_id: job.run_id.clone(),
+            parent_id: job.parent_id.clone(),
+        })
+    }
+
+    /// The job this fire asks for, as the pipeline describes it.
+    pub fn new_job(&self) -> NewJob {
+        NewJob {
+            job_name: self.job_name.clone(),
+            params: self.params.clone(),
+            run_id: self.run_id.clone(),
+            parent_id: self.parent_id.clone(),
+            origin: Origin::Gate { gate: self.gate.clone(), key: self.key.clone(), reason: self.reason.into() },
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Messages to a worker or semaphore
 // ---------------------------------------------------------------------------
@@ -229,8 +327,13 @@ pub enum ToWorker {
     Heartbeat,
     /// "I do not know you (I restarted, or forgot you): send Hello again."
     Reconnect,
-    /// Your last message was malformed or of a version I do not speak.
+    /// Your last message was malformed or of a version I do not speak (or,
+    /// to a semaphore's `Subscribe`, its gates differ from the broker's).
     Error(ErrorReply),
+    /// A page of gate events: the answer to `Subscribe`.
+    Events(Events),
+    /// The job a fire started: the answer to `Fire`.
+    Fired(Fired),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +363,127 @@ pub struct Dispatch {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReply {
     pub message: String,
+}
+
+/// What happened to an upstream job, as the gates see it. The wire twin of
+/// [`UpstreamEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateEventKind {
+    /// The job succeeded (any attempt).
+    Succeeded,
+    /// The job ended failed or timed out after its last attempt.
+    FailedForGood,
+}
+
+/// One durable gate event, numbered by the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateEvent {
+    /// Grows with every recorded event, across broker restarts. Numbers may be
+    /// skipped, but an event never becomes visible after one with a larger `seq`.
+    pub seq: u64,
+    pub kind: GateEventKind,
+    pub job_id: String,
+    pub job_name: String,
+    pub params: BTreeMap<String, String>,
+    pub run_id: String,
+    pub attempt: u32,
+    /// When the broker recorded the job's end: the time every semaphore counts the event at.
+    #[serde(with = "chrono::serde::ts_milliseconds")]
+    pub at: DateTime<Utc>,
+}
+
+impl GateEvent {
+    /// The event as [`crate::gates::GateBook::observe`] takes it.
+    pub fn upstream(&self) -> UpstreamEvent {
+        let facts = JobFacts {
+            id: self.job_id.clone(),
+            job_name: self.job_name.clone(),
+            params: self.params.clone(),
+            run_id: self.run_id.clone(),
+            attempt: self.attempt,
+        };
+        match self.kind {
+            GateEventKind::Succeeded => UpstreamEvent::Succeeded(facts),
+            GateEventKind::FailedForGood => UpstreamEvent::FailedForGood(facts),
+        }
+    }
+}
+
+/// The gate events with `seq` in `[from, next)`, in `seq` order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Events {
+    /// The `from` of the `Subscribe` this answers, so a late answer to an
+    /// earlier `Subscribe` can be recognised and dropped.
+    pub from: u64,
+    /// At most [`EVENTS_PAGE_MAX`] events; empty means "caught up for now".
+    pub events: Vec<GateEvent>,
+    /// Where to ask from next: past every event in this page (and past any the
+    /// broker skipped). Equal to `from` when the page is empty.
+    pub next: u64,
+}
+
+/// A page of events built by [`Events::page`], and what could not go in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsPage {
+    pub page: Events,
+    /// Events too large to travel in any page, even alone: skipped (the page's
+    /// `next` passes them). The broker logs them; with the SPEC's param
+    /// limits this only happens to jobs with over a hundred near-4-KiB params.
+    pub skipped: Vec<u64>,
+}
+
+impl Events {
+    /// The answer to `Subscribe { from }`: takes `events` (in `seq` order,
+    /// every `seq >= from`; more than one page is fine) while the page stays
+    /// within [`EVENTS_PAGE_MAX`] events and [`EVENTS_PAGE_MAX_BYTES`] of
+    /// JSON, so the result always passes [`try_encode`]. Events out of order
+    /// or before `from` are a caller's bug and end the page.
+    pub fn page(from: u64, events: impl IntoIterator<Item = GateEvent>) -> EventsPage {
+        let mut page = Events { from, events: Vec::new(), next: from };
+        let mut skipped = Vec::new();
+        let mut bytes = 0usize;
+        for event in events {
+            if event.seq < page.next || page.events.len() >= EVENTS_PAGE_MAX {
+                debug_assert!(event.seq >= page.next, "events out of seq order: {} after {}", event.seq, page.next);
+                break;
+            }
+            let size = json_size(&event) + 1; // and a comma
+            if size > EVENTS_PAGE_MAX_BYTES || GateEvent::validate(&event).is_err() {
+                skipped.push(event.seq);
+                page.next = event.seq.saturating_add(1);
+                continue;
+            }
+            if bytes + size > EVENTS_PAGE_MAX_BYTES {
+                break;
+            }
+            bytes += size;
+            page.next = event.seq.saturating_add(1);
+            page.events.push(event);
+        }
+        EventsPage { page, skipped }
+    }
+}
+
+/// The answer to `Fire`: the job started for this (gate, key, reason), now
+/// (`created`) or earlier, by this semaphore or another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fired {
+    pub gate: String,
+    pub key: String,
+    /// The reason of the `Fire` this answers (so the semaphore can match it).
+    pub reason: FireReason,
+    /// The job that holds this fire: the one started for it, or, when the fire
+    /// conflicts with one already recorded for the key (see
+    /// [`crate::gates::fire_conflicts`]), the job of that earlier fire. Empty
+    /// only with `error`.
+    pub job_id: String,
+    /// Whether this `Fire` created the job (false for every repeat).
+    pub created: bool,
+    /// The broker could not start the job and never will (e.g. its
+    /// definition refuses the params); the fire is recorded as failed with
+    /// this message. Stop resending.
+    pub error: Option<String>,
 }
 
 /// Unit messages carry an empty JSON object; unknown fields are ignored like everywhere else.
@@ -460,6 +684,8 @@ impl Wire for ToBroker {
             ToBroker::Progress(m) => frames_of(kind::PROGRESS, m, None),
             ToBroker::Result(m) => frames_of(kind::RESULT, m, Some(&m.output)),
             ToBroker::Goodbye(m) => frames_of(kind::GOODBYE, m, None),
+            ToBroker::Subscribe(m) => frames_of(kind::SUBSCRIBE, m, None),
+            ToBroker::Fire(m) => frames_of(kind::FIRE, m, None),
         }
     }
 
@@ -480,6 +706,8 @@ impl Wire for ToBroker {
                 ToBroker::Result(ResultReport { output, ..report })
             }
             kind::GOODBYE => ToBroker::Goodbye(parts.json("Goodbye")?),
+            kind::SUBSCRIBE => ToBroker::Subscribe(parts.json("Subscribe")?),
+            kind::FIRE => ToBroker::Fire(parts.json("Fire")?),
             other => return Err(DecodeError::Kind { kind: other }),
         };
         message.validate()?;
@@ -533,6 +761,18 @@ impl Wire for ToBroker {
                 at_most("Goodbye.hand_back (count)", m.hand_back.len(), HOLDING_MAX)?;
                 m.hand_back.iter().try_for_each(|l| id("Goodbye.hand_back.job_id", &l.job_id))
             }
+            ToBroker::Subscribe(m) => {
+                non_empty("Subscribe.gates_digest", &m.gates_digest)?;
+                text("Subscribe.gates_digest", &m.gates_digest, DIGEST_MAX_BYTES)
+            }
+            ToBroker::Fire(m) => {
+                name("Fire.gate", &m.gate)?;
+                text("Fire.key", &m.key, GATE_KEY_MAX_BYTES)?;
+                name("Fire.job_name", &m.job_name)?;
+                params("Fire.params", &m.params)?;
+                m.run_id.as_deref().map_or(Ok(()), |r| id("Fire.run_id", r))?;
+                m.parent_id.as_deref().map_or(Ok(()), |p| id("Fire.parent_id", p))
+            }
         }
     }
 
@@ -546,6 +786,8 @@ impl Wire for ToBroker {
             ToBroker::Progress(_) => "Progress",
             ToBroker::Result(_) => "Result",
             ToBroker::Goodbye(_) => "Goodbye",
+            ToBroker::Subscribe(_) => "Subscribe",
+            ToBroker::Fire(_) => "Fire",
         }
     }
 }
@@ -560,6 +802,8 @@ impl Wire for ToWorker {
             ToWorker::Heartbeat => frames_of(kind::BROKER_HEARTBEAT, &Empty {}, None),
             ToWorker::Reconnect => frames_of(kind::RECONNECT, &Empty {}, None),
             ToWorker::Error(m) => frames_of(kind::ERROR, m, None),
+            ToWorker::Events(m) => frames_of(kind::EVENTS, m, None),
+            ToWorker::Fired(m) => frames_of(kind::FIRED, m, None),
         }
     }
 
@@ -573,6 +817,8 @@ impl Wire for ToWorker {
             kind::BROKER_HEARTBEAT => parts.unit("Heartbeat").map(|()| ToWorker::Heartbeat)?,
             kind::RECONNECT => parts.unit("Reconnect").map(|()| ToWorker::Reconnect)?,
             kind::ERROR => ToWorker::Error(parts.json("Error")?),
+            kind::EVENTS => ToWorker::Events(parts.json("Events")?),
+            kind::FIRED => ToWorker::Fired(parts.json("Fired")?),
             other => return Err(DecodeError::Kind { kind: other }),
         };
         message.validate()?;
@@ -607,6 +853,36 @@ impl Wire for ToWorker {
                 }
                 Ok(())
             }
+            ToWorker::Events(m) => {
+                at_most("Events.events (count)", m.events.len(), EVENTS_PAGE_MAX)?;
+                // Pairs with the sender's page: seqs strictly grow within [from, next).
+                let mut expected = m.from;
+                for event in &m.events {
+                    if event.seq < expected {
+                        return Err(DecodeError::Invalid {
+                            what: "Events.events.seq",
+                            reason: "is not increasing from `from`",
+                        });
+                    }
+                    expected = event.seq.saturating_add(1);
+                    event.validate()?;
+                }
+                if m.next < expected || (m.events.last().is_some_and(|e| e.seq == u64::MAX)) {
+                    return Err(DecodeError::Invalid { what: "Events.next", reason: "is not past every event" });
+                }
+                Ok(())
+            }
+            ToWorker::Fired(m) => {
+                name("Fired.gate", &m.gate)?;
+                text("Fired.key", &m.key, GATE_KEY_MAX_BYTES)?;
+                match &m.error {
+                    None => id("Fired.job_id", &m.job_id),
+                    Some(error) => {
+                        text("Fired.job_id", &m.job_id, ID_MAX_BYTES)?;
+                        text("Fired.error", error, TEXT_MAX_BYTES)
+                    }
+                }
+            }
             ToWorker::ResultAck(m) => id("ResultAck.job_id", &m.job_id),
             ToWorker::Cancel(m) => id("Cancel.job_id", &m.job_id),
             ToWorker::Heartbeat | ToWorker::Reconnect => Ok(()),
@@ -623,8 +899,46 @@ impl Wire for ToWorker {
             ToWorker::Heartbeat => "Heartbeat",
             ToWorker::Reconnect => "Reconnect",
             ToWorker::Error(_) => "Error",
+            ToWorker::Events(_) => "Events",
+            ToWorker::Fired(_) => "Fired",
         }
     }
+}
+
+impl GateEvent {
+    fn validate(&self) -> Result<(), DecodeError> {
+        id("Events.events.job_id", &self.job_id)?;
+        name("Events.events.job_name", &self.job_name)?;
+        params("Events.events.params", &self.params)?;
+        id("Events.events.run_id", &self.run_id)
+    }
+}
+
+fn params(what: &'static str, params: &BTreeMap<String, String>) -> Result<(), DecodeError> {
+    at_most(what, params.len(), PARAMS_MAX)?;
+    for (param, value) in params {
+        name(what, param)?;
+        text(what, value, PARAM_VALUE_MAX_BYTES)?;
+    }
+    Ok(())
+}
+
+/// The length of `value`'s JSON, counted without building it.
+fn json_size(value: &impl Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // As in frames_of: these types always serialize, and Count never fails.
+    serde_json::to_writer(&mut count, value).expect("wire types always serialize");
+    count.0
 }
 
 fn at_most(what: &'static str, len: usize, max: usize) -> Result<(), DecodeError> {

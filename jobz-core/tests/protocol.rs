@@ -99,6 +99,67 @@ fn hello() -> impl Strategy<Value = Hello> {
         })
 }
 
+fn params() -> impl Strategy<Value = BTreeMap<String, String>> {
+    prop::collection::btree_map(name(), text(), 0..6)
+}
+
+fn fire_reason() -> impl Strategy<Value = FireReason> {
+    prop::sample::select(FireReason::ALL.to_vec())
+}
+
+fn fire() -> impl Strategy<Value = Fire> {
+    ((name(), text(), fire_reason(), name()), params(), (prop::option::of(id()), prop::option::of(id()))).prop_map(
+        |((gate, key, reason, job_name), params, (run_id, parent_id))| Fire {
+            gate,
+            key,
+            reason,
+            job_name,
+            params,
+            run_id,
+            parent_id,
+        },
+    )
+}
+
+fn gate_event(seq: u64) -> impl Strategy<Value = GateEvent> {
+    (
+        prop_oneof![Just(GateEventKind::Succeeded), Just(GateEventKind::FailedForGood)],
+        (id(), name(), params(), id()),
+        (any::<u32>(), time()),
+    )
+        .prop_map(move |(kind, (job_id, job_name, params, run_id), (attempt, at))| GateEvent {
+            seq,
+            kind,
+            job_id,
+            job_name,
+            params,
+            run_id,
+            attempt,
+            at,
+        })
+}
+
+/// A valid page: increasing seqs from `from`, with gaps, `next` past them all.
+fn events() -> impl Strategy<Value = Events> {
+    (0..u64::MAX / 4, prop::collection::vec(1..5u64, 0..6), 0..3u64).prop_flat_map(|(from, gaps, extra)| {
+        let seqs: Vec<u64> = gaps
+            .iter()
+            .scan(from, |seq, gap| {
+                *seq += gap;
+                Some(*seq - 1)
+            })
+            .collect();
+        let next = seqs.last().map_or(from, |s| s + 1) + extra;
+        let events: Vec<_> = seqs.into_iter().map(gate_event).collect();
+        events.prop_map(move |events| Events { from, events, next })
+    })
+}
+
+fn fired() -> impl Strategy<Value = Fired> {
+    ((name(), text(), fire_reason()), (id(), any::<bool>(), prop::option::of(text())))
+        .prop_map(|((gate, key, reason), (job_id, created, error))| Fired { gate, key, reason, job_id, created, error })
+}
+
 fn to_broker() -> impl Strategy<Value = ToBroker> {
     let outcome = prop::sample::select(Outcome::ALL.to_vec());
     prop_oneof![
@@ -133,6 +194,9 @@ fn to_broker() -> impl Strategy<Value = ToBroker> {
                 }
             ),
         prop::collection::vec(lease_ref(), 0..5).prop_map(|hand_back| ToBroker::Goodbye(Goodbye { hand_back })),
+        ("[0-9a-f]{16}", any::<u64>())
+            .prop_map(|(gates_digest, from)| ToBroker::Subscribe(Subscribe { gates_digest, from })),
+        fire().prop_map(ToBroker::Fire),
     ]
 }
 
@@ -163,6 +227,8 @@ fn to_worker() -> impl Strategy<Value = ToWorker> {
         Just(ToWorker::Heartbeat),
         Just(ToWorker::Reconnect),
         text().prop_map(|message| ToWorker::Error(ErrorReply { message })),
+        events().prop_map(ToWorker::Events),
+        fired().prop_map(ToWorker::Fired),
     ]
 }
 
@@ -235,6 +301,58 @@ proptest! {
     }
 
     #[test]
+    fn corrupted_real_messages_to_a_worker_never_panic(message in to_worker(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+        let mut frames = encode(&message);
+        let first = &mut frames[0];
+        let i = at.index(first.len());
+        first[i] = byte;
+        let _ = decode_to_worker(&frames);
+        let len = cut.index(frames[0].len() + 1);
+        frames[0].truncate(len);
+        let _ = decode_to_worker(&frames);
+        let _ = decode_to_broker(&frames);
+    }
+
+    #[test]
+    fn the_worker_side_refuses_exactly_what_it_would_receive(message in to_worker(), spoil in 0u8..6) {
+        let long_key = "k".repeat(GATE_KEY_MAX_BYTES + 1);
+        let message = match (message, spoil) {
+            (ToWorker::Events(mut m), 1) if !m.events.is_empty() => { m.next = m.events[m.events.len() - 1].seq; ToWorker::Events(m) }
+            (ToWorker::Events(mut m), 2) if m.events.len() >= 2 => { m.events.swap(0, 1); ToWorker::Events(m) }
+            (ToWorker::Events(mut m), 3) if !m.events.is_empty() => { m.events[0].job_id.clear(); ToWorker::Events(m) }
+            (ToWorker::Events(mut m), 4) if m.from > 0 && !m.events.is_empty() => { m.events[0].seq = m.from - 1; ToWorker::Events(m) }
+            (ToWorker::Fired(mut m), 1) => { m.key = long_key; ToWorker::Fired(m) }
+            (ToWorker::Fired(mut m), 2) => { m.job_id.clear(); ToWorker::Fired(m) }
+            (message, _) => message,
+        };
+        let sent = try_encode(&message);
+        let received = decode_to_worker(&encode(&message));
+        prop_assert_eq!(sent.is_ok(), received.is_ok(), "sent {:?} received {:?}", sent, received);
+    }
+
+    #[test]
+    fn a_page_built_from_any_events_fits_and_resumes_exactly(from in 0..1000u64, gaps in prop::collection::vec(0..3u64, 0..40), value_len in 0usize..3000) {
+        let mut seq = from;
+        let events: Vec<GateEvent> = gaps.iter().map(|gap| {
+            seq += gap;
+            let event = sample_event(seq, value_len);
+            seq += 1;
+            event
+        }).collect();
+        let built = Events::page(from, events.clone());
+        prop_assert!(built.skipped.is_empty());
+        let page = built.page;
+        prop_assert_eq!(page.from, from);
+        prop_assert!(try_encode(&ToWorker::Events(page.clone())).is_ok());
+        // The page is a prefix of the events, and `next` resumes right after it.
+        prop_assert_eq!(&page.events[..], &events[..page.events.len()]);
+        match events.get(page.events.len()) {
+            Some(first_left) => prop_assert!(page.next <= first_left.seq && page.next > page.events.last().map_or(0, |e| e.seq)),
+            None => prop_assert_eq!(page.next, events.last().map_or(from, |e| e.seq + 1)),
+        }
+    }
+
+    #[test]
     fn the_sender_refuses_exactly_what_the_receiver_would(message in to_broker(), spoil in 0u8..6) {
         // Spoil a valid message in one of several ways (or not at all).
         let long = "x".repeat(NAME_MAX_BYTES + 1);
@@ -247,6 +365,12 @@ proptest! {
             (ToBroker::Output(mut m), 1) => { m.offset = u64::MAX; m.data.push(1); ToBroker::Output(m) }
             (ToBroker::Credit(_), 1) => ToBroker::Credit(Credit { n: CONCURRENCY_MAX + 1 }),
             (ToBroker::Result(mut m), 1) => { m.error = Some("e".repeat(TEXT_MAX_BYTES + 1)); ToBroker::Result(m) }
+            (ToBroker::Subscribe(mut m), 1) => { m.gates_digest.clear(); ToBroker::Subscribe(m) }
+            (ToBroker::Subscribe(mut m), 2) => { m.gates_digest = "d".repeat(DIGEST_MAX_BYTES + 1); ToBroker::Subscribe(m) }
+            (ToBroker::Fire(mut m), 1) => { m.gate.clear(); ToBroker::Fire(m) }
+            (ToBroker::Fire(mut m), 2) => { m.key = "k".repeat(GATE_KEY_MAX_BYTES + 1); ToBroker::Fire(m) }
+            (ToBroker::Fire(mut m), 3) => { m.run_id = Some(String::new()); ToBroker::Fire(m) }
+            (ToBroker::Fire(mut m), 4) => { m.params.insert(long.clone(), "v".into()); ToBroker::Fire(m) }
             (message, _) => message,
         };
         let sent = try_encode(&message);
@@ -259,7 +383,7 @@ proptest! {
 // Exhaustive and exact checks
 // ---------------------------------------------------------------------------
 
-const TO_BROKER_KINDS: [u8; 8] = [
+const TO_BROKER_KINDS: [u8; 10] = [
     kind::HELLO,
     kind::CREDIT,
     kind::HEARTBEAT,
@@ -268,8 +392,10 @@ const TO_BROKER_KINDS: [u8; 8] = [
     kind::PROGRESS,
     kind::RESULT,
     kind::GOODBYE,
+    kind::SUBSCRIBE,
+    kind::FIRE,
 ];
-const TO_WORKER_KINDS: [u8; 7] = [
+const TO_WORKER_KINDS: [u8; 9] = [
     kind::WELCOME,
     kind::DISPATCH,
     kind::RESULT_ACK,
@@ -277,6 +403,8 @@ const TO_WORKER_KINDS: [u8; 7] = [
     kind::BROKER_HEARTBEAT,
     kind::RECONNECT,
     kind::ERROR,
+    kind::EVENTS,
+    kind::FIRED,
 ];
 
 #[test]
@@ -468,4 +596,251 @@ fn digest_is_stable_and_short() {
     assert_ne!(digest("command: echo hi"), digest("command: echo ho"));
     assert_eq!(digest("foobar"), "85944171f73967e8");
     assert_eq!(digest("x").len(), 16);
+}
+
+// ---------------------------------------------------------------------------
+// Gates: Subscribe, Fire, Events, Fired
+// ---------------------------------------------------------------------------
+
+fn sample_event(seq: u64, value_len: usize) -> GateEvent {
+    GateEvent {
+        seq,
+        kind: GateEventKind::Succeeded,
+        job_id: format!("job-{seq}"),
+        job_name: "shard".into(),
+        params: BTreeMap::from([
+            ("date".to_string(), "2026_01_02".to_string()),
+            ("blob".into(), "x".repeat(value_len)),
+        ]),
+        run_id: "run-1".into(),
+        attempt: 1,
+        at: DateTime::from_timestamp_millis(1_700_000_000_000 + seq as i64).unwrap(),
+    }
+}
+
+#[test]
+fn gate_messages_have_the_wire_format_protocol_md_shows() {
+    assert_eq!(
+        encode(&ToBroker::Subscribe(Subscribe { gates_digest: "0123456789abcdef".into(), from: 42 })),
+        vec![b"JZ\x01\x09{\"gates_digest\":\"0123456789abcdef\",\"from\":42}".to_vec()]
+    );
+    let fire = Fire {
+        gate: "all_shards_done".into(),
+        key: "2026_01_02".into(),
+        reason: FireReason::Then,
+        job_name: "build_index".into(),
+        params: BTreeMap::from([("date".to_string(), "2026_01_02".to_string())]),
+        run_id: Some("r1".into()),
+        parent_id: Some("j9".into()),
+    };
+    let body = br#"{"gate":"all_shards_done","key":"2026_01_02","reason":"then","job_name":"build_index","params":{"date":"2026_01_02"},"run_id":"r1","parent_id":"j9"}"#;
+    assert_eq!(encode(&ToBroker::Fire(fire)), vec![[b"JZ\x01\x0A".as_slice(), body].concat()]);
+    let event = GateEvent {
+        seq: 7,
+        kind: GateEventKind::FailedForGood,
+        job_id: "j7".into(),
+        job_name: "shard".into(),
+        params: BTreeMap::new(),
+        run_id: "r1".into(),
+        attempt: 3,
+        at: DateTime::from_timestamp_millis(1_700_000_000_123).unwrap(),
+    };
+    assert_eq!(
+        encode(&ToWorker::Events(Events { from: 5, events: vec![event], next: 8 })),
+        vec![b"JZ\x01\x88{\"from\":5,\"events\":[{\"seq\":7,\"kind\":\"failed_for_good\",\"job_id\":\"j7\",\"job_name\":\"shard\",\"params\":{},\"run_id\":\"r1\",\"attempt\":3,\"at\":1700000000123}],\"next\":8}".to_vec()]
+    );
+    let fired = Fired {
+        gate: "g".into(),
+        key: "k".into(),
+        reason: FireReason::Timeout,
+        job_id: "j1".into(),
+        created: true,
+        error: None,
+    };
+    assert_eq!(
+        encode(&ToWorker::Fired(fired.clone())),
+        vec![b"JZ\x01\x89{\"gate\":\"g\",\"key\":\"k\",\"reason\":\"timeout\",\"job_id\":\"j1\",\"created\":true,\"error\":null}".to_vec()]
+    );
+    // `error` may be absent: a broker that never refuses a fire need not send it.
+    assert_eq!(
+        decode_to_worker(&[
+            b"JZ\x01\x89{\"gate\":\"g\",\"key\":\"k\",\"reason\":\"timeout\",\"job_id\":\"j1\",\"created\":true}"
+                .as_slice()
+        ]),
+        Ok(ToWorker::Fired(fired))
+    );
+}
+
+#[test]
+fn fired_without_a_job_is_valid_only_with_an_error() {
+    let fired = |job_id: &str, error: Option<&str>| {
+        ToWorker::Fired(Fired {
+            gate: "g".into(),
+            key: String::new(),
+            reason: FireReason::Then,
+            job_id: job_id.into(),
+            created: false,
+            error: error.map(Into::into),
+        })
+    };
+    assert!(try_encode(&fired("", None)).is_err());
+    assert!(try_encode(&fired("", Some("job build_index: param date refused"))).is_ok());
+    assert!(try_encode(&fired("j1", None)).is_ok());
+    // An empty key is a key (a key template may fill to nothing).
+    assert_eq!(decode_to_worker(&encode(&fired("j1", None))), Ok(fired("j1", None)));
+}
+
+#[test]
+fn an_events_page_must_stay_in_seq_order_within_from_and_next() {
+    let page = |from, seqs: &[u64], next| {
+        ToWorker::Events(Events { from, events: seqs.iter().map(|s| sample_event(*s, 0)).collect(), next })
+    };
+    assert!(decode_to_worker(&encode(&page(3, &[3, 4, 9], 10))).is_ok());
+    assert!(decode_to_worker(&encode(&page(3, &[], 3))).is_ok());
+    assert!(decode_to_worker(&encode(&page(3, &[], 7))).is_ok(), "the broker may skip seqs");
+    let invalid = |what| {
+        Err(DecodeError::Invalid {
+            what,
+            reason: if what == "Events.next" { "is not past every event" } else { "is not increasing from `from`" },
+        })
+    };
+    assert_eq!(decode_to_worker(&encode(&page(3, &[2], 10))), invalid("Events.events.seq"));
+    assert_eq!(decode_to_worker(&encode(&page(3, &[4, 4], 10))), invalid("Events.events.seq"));
+    assert_eq!(decode_to_worker(&encode(&page(3, &[5, 4], 10))), invalid("Events.events.seq"));
+    assert_eq!(decode_to_worker(&encode(&page(3, &[4], 4))), invalid("Events.next"));
+    assert_eq!(decode_to_worker(&encode(&page(3, &[], 2))), invalid("Events.next"));
+    assert_eq!(decode_to_worker(&encode(&page(3, &[u64::MAX], u64::MAX))), invalid("Events.next"));
+    let too_many: Vec<u64> = (0..=EVENTS_PAGE_MAX as u64).collect();
+    assert_eq!(
+        decode_to_worker(&encode(&page(0, &too_many, EVENTS_PAGE_MAX as u64 + 1))),
+        Err(DecodeError::TooLarge { what: "Events.events (count)", len: EVENTS_PAGE_MAX + 1, max: EVENTS_PAGE_MAX })
+    );
+}
+
+#[test]
+fn pages_are_cut_by_count_and_by_bytes_and_skip_what_can_never_travel() {
+    // By count: 2500 small events make pages of 1000, 1000, 500, then an empty one.
+    let all: Vec<GateEvent> = (0..2500).map(|s| sample_event(s, 0)).collect();
+    let mut from = 0;
+    let mut sizes = Vec::new();
+    loop {
+        let built = Events::page(from, all.iter().filter(|e| e.seq >= from).cloned());
+        sizes.push(built.page.events.len());
+        if built.page.events.is_empty() {
+            assert_eq!(built.page.next, from);
+            break;
+        }
+        assert!(try_encode(&ToWorker::Events(built.page.clone())).is_ok());
+        from = built.page.next;
+    }
+    assert_eq!(sizes, [EVENTS_PAGE_MAX, EVENTS_PAGE_MAX, 500, 0]);
+
+    // By bytes: events of ~4 KiB each make pages well under 1000 events that still fit a frame.
+    let big: Vec<GateEvent> = (0..1000).map(|s| sample_event(s, PARAM_VALUE_MAX_BYTES)).collect();
+    let built = Events::page(0, big);
+    let n = built.page.events.len();
+    assert!(n > 100 && n < 1000, "{n} events of 4 KiB in a page");
+    let frames = try_encode(&ToWorker::Events(built.page.clone())).expect("a built page always fits");
+    assert!(frames[0].len() <= FRAME_MAX_BYTES);
+    assert_eq!(built.page.next, n as u64);
+
+    // An event too large for any page is skipped, and the page goes on past it.
+    let mut huge = sample_event(1, 0);
+    huge.params = (0..PARAMS_MAX).map(|i| (format!("p{i}"), "\"".repeat(PARAM_VALUE_MAX_BYTES))).collect();
+    let built = Events::page(0, vec![sample_event(0, 0), huge, sample_event(2, 0)]);
+    assert_eq!(built.skipped, [1]);
+    assert_eq!(built.page.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [0, 2]);
+    assert_eq!(built.page.next, 3);
+}
+
+#[test]
+fn gate_events_and_fires_convert_to_the_pipeline_types_and_back() {
+    use jobz_core::gates::UpstreamEvent;
+    use jobz_core::pipeline::{GateReason, NewJob, Origin};
+    let event = sample_event(3, 2);
+    let UpstreamEvent::Succeeded(facts) = event.upstream() else { panic!("a success") };
+    assert_eq!((facts.id.as_str(), facts.job_name.as_str(), facts.run_id.as_str()), ("job-3", "shard", "run-1"));
+    assert_eq!(facts.params, event.params);
+    let failed = GateEvent { kind: GateEventKind::FailedForGood, ..event };
+    assert!(matches!(failed.upstream(), UpstreamEvent::FailedForGood(_)));
+
+    for reason in [GateReason::Then, GateReason::Timeout, GateReason::Failure] {
+        let job = NewJob {
+            job_name: "merge".into(),
+            params: BTreeMap::from([("date".to_string(), "d".to_string())]),
+            run_id: Some("r".into()),
+            parent_id: None,
+            origin: Origin::Gate { gate: "g".into(), key: "d".into(), reason },
+        };
+        let fire = Fire::from_new_job(&job).expect("a gate's job");
+        assert_eq!(GateReason::from(fire.reason), reason);
+        assert_eq!(fire.new_job(), job);
+    }
+    let plain =
+        NewJob { job_name: "x".into(), params: BTreeMap::new(), run_id: None, parent_id: None, origin: Origin::Start };
+    assert_eq!(Fire::from_new_job(&plain), None);
+}
+
+const GATES: &str = r#"
+jobs:
+  shard: { command: "echo {date}", params: { date: { required: true } } }
+  merge: { command: "echo {date}", params: { date: { required: true } } }
+  notify: { command: "echo {what}", params: { what: { required: true } } }
+gates:
+  done:
+    after: [ shard ]
+    count: 10
+    key: "{date}"
+    then: { job: merge, params: { date: "{date}" } }
+    timeout: 1h
+    on_failure: { job: notify, params: { what: "gate {gate} {key}" } }
+"#;
+
+fn gates_file(text: &str) -> config::JobFile {
+    config::parse("gates.yaml", text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn the_gates_digest_sees_every_gate_setting_and_nothing_else() {
+    let base = jobz_core::gates::digest(&gates_file(GATES));
+    assert_eq!(base.len(), 16);
+    assert_eq!(base, jobz_core::gates::digest(&gates_file(GATES)));
+    // Layout, comments and key order do not matter...
+    let reordered =
+        GATES.replace("    count: 10\n    key: \"{date}\"\n", "    key: \"{date}\"   # by day\n    count: 10\n");
+    assert_ne!(reordered, GATES);
+    assert_eq!(jobz_core::gates::digest(&gates_file(&reordered)), base);
+    // ...nor do the jobs' own definitions (their digests cover them).
+    let other_command = GATES.replace("shard: { command: \"echo {date}\"", "shard: { command: \"true {date}\"");
+    assert_eq!(jobz_core::gates::digest(&gates_file(&other_command)), base);
+    // Every gate setting does.
+    for (from, to) in [
+        ("count: 10", "count: 9"),
+        ("key: \"{date}\"", "key: \"d{date}\""),
+        ("then: { job: merge, params: { date: \"{date}\" } }", "then: { job: merge }"),
+        ("timeout: 1h", "timeout: 2h"),
+        ("gate {gate} {key}", "gate {key}"),
+        ("on_failure: { job: notify", "on_timeout: { job: notify"),
+        ("  done:\n", "  done2:\n"),
+    ] {
+        let changed = GATES.replace(from, to);
+        assert_ne!(changed, GATES, "{from}");
+        assert_ne!(jobz_core::gates::digest(&gates_file(&changed)), base, "{from} -> {to}");
+    }
+}
+
+#[test]
+fn a_timeout_fire_conflicts_with_every_other_reason_of_the_key() {
+    use jobz_core::gates::fire_conflicts;
+    use jobz_core::pipeline::GateReason::*;
+    assert!(!fire_conflicts(&[], Then));
+    assert!(!fire_conflicts(&[], Timeout));
+    assert!(!fire_conflicts(&[Failure], Then), "a failed key may still complete");
+    assert!(!fire_conflicts(&[Then], Failure));
+    assert!(!fire_conflicts(&[Then], Then), "a repeat is the same fire, not a conflict");
+    assert!(!fire_conflicts(&[Timeout], Timeout));
+    assert!(fire_conflicts(&[Then], Timeout));
+    assert!(fire_conflicts(&[Failure], Timeout));
+    assert!(fire_conflicts(&[Timeout], Then));
+    assert!(fire_conflicts(&[Timeout], Failure));
 }

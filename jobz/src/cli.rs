@@ -211,7 +211,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Worker { broker, config, topics, concurrency, name, exit_when_idle } => {
             crate::mesh_cmd::worker(WorkerArgs { broker, config, topics, concurrency, name, exit_when_idle })
         }
-        Command::Semaphore { .. } => not_built("semaphore"),
+        Command::Semaphore { broker, config } => crate::semaphore_cmd::semaphore(broker, config),
         Command::Start { name, params, wait, client } => {
             crate::client::start(&client.url, &name, &params, wait, client.json)
         }

@@ -9,6 +9,7 @@ mod client;
 mod eager_cmd;
 mod limits;
 mod mesh_cmd;
+mod semaphore_cmd;
 
 use std::process::ExitCode;
 

@@ -207,9 +207,23 @@ pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> 
                 }
             });
         }
+        let semaphore = semaphore::SemaphoreConfig {
+            broker: running.endpoint.clone(),
+            file: file.clone(),
+            name: format!("{}-up-semaphore", worker::mesh::hostname()),
+        };
+        let (ctx2, stop) = (ctx.clone(), shutdown.clone());
+        worker_tasks.spawn(async move {
+            if let Err(e) = semaphore::run(semaphore, &ctx2, stop).await {
+                tracing::error!(error = %e, "the local semaphore stopped");
+            }
+        });
         worker_tasks.close();
         let url = format!("http://{}", running.http_addr);
-        println!("jobz is up: front door {url}, {count} local worker(s), data in {}", args.data.display());
+        println!(
+            "jobz is up: front door {url}, {count} local worker(s) and a semaphore, data in {}",
+            args.data.display()
+        );
         println!("try:  curl '{url}/job_start?job_name=hello&who=alice&wait=10s'");
         println!("      curl '{url}/jobs'      (Ctrl-C stops jobz)");
         shutdown.cancelled().await;

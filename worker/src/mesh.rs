@@ -241,6 +241,8 @@ impl Worker {
                 self.hello();
             }
             ToWorker::Error(e) => tracing::warn!(message = %e.message, "the broker refused a message"),
+            // Gate traffic is between the broker and semaphores; a worker never asks for it.
+            ToWorker::Events(_) | ToWorker::Fired(_) => tracing::debug!("ignored gate traffic meant for a semaphore"),
         }
     }
 

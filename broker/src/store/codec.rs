@@ -19,7 +19,7 @@ use rusqlite::types::FromSql;
 use rusqlite::Row;
 
 use super::StoreError;
-use crate::model::{AttemptRecord, JobRecord, Progress};
+use crate::model::{AttemptRecord, FireRecord, GateEventKind, GateEventRecord, JobRecord, Progress};
 
 /// `t` as the store keeps it: truncated to whole microseconds. A caller that
 /// compares what it wrote with what it reads back rounds its clock with this.
@@ -219,6 +219,77 @@ pub(super) fn attempt_from_row(row: &Row<'_>) -> Result<AttemptRecord, StoreErro
             other => return Err(c.corrupt("stale", format!("{other} is not 0 or 1"))),
         },
         job_id: c.id,
+    })
+}
+
+pub(super) fn gate_event_kind_to_sql(kind: GateEventKind) -> &'static str {
+    match kind {
+        GateEventKind::Succeeded => "succeeded",
+        GateEventKind::FailedForGood => "failed_for_good",
+    }
+}
+
+pub(super) fn gate_reason_to_sql(reason: GateReason) -> &'static str {
+    match reason {
+        GateReason::Then => "then",
+        GateReason::Timeout => "timeout",
+        GateReason::Failure => "failure",
+    }
+}
+
+/// The columns a gate event query selects.
+pub(super) const GATE_EVENT_COLUMNS: &str = "seq, kind, job_id, job_name, params, run_id, attempt, at";
+
+/// A `gate_events` row as a record.
+pub(super) fn gate_event_from_row(row: &Row<'_>) -> Result<GateEventRecord, StoreError> {
+    let job_id: String = row.get("job_id").map_err(|e| StoreError::Corrupt {
+        id: String::new(),
+        column: "job_id",
+        reason: e.to_string(),
+    })?;
+    let c = Columns { row, id: job_id };
+    let kind: String = c.get("kind")?;
+    let kind = match kind.as_str() {
+        "succeeded" => GateEventKind::Succeeded,
+        "failed_for_good" => GateEventKind::FailedForGood,
+        other => return Err(c.corrupt("kind", format!("{other:?} is not a gate event kind"))),
+    };
+    let params: String = c.get("params")?;
+    let params = serde_json::from_str(&params).map_err(|e| c.corrupt("params", e.to_string()))?;
+    Ok(GateEventRecord {
+        seq: lease_from_sql(c.get("seq")?),
+        kind,
+        job_name: c.get("job_name")?,
+        params,
+        run_id: c.get("run_id")?,
+        attempt: c.count("attempt")?,
+        at: c.time("at")?,
+        job_id: c.id,
+    })
+}
+
+/// A `gate_fires` row as a record.
+pub(super) fn fire_from_row(row: &Row<'_>) -> Result<FireRecord, StoreError> {
+    let gate: String = row.get("gate").map_err(|e| StoreError::Corrupt {
+        id: String::new(),
+        column: "gate",
+        reason: e.to_string(),
+    })?;
+    let c = Columns { row, id: format!("(fire of gate {gate})") };
+    let reason: String = c.get("reason")?;
+    let reason = match reason.as_str() {
+        "then" => GateReason::Then,
+        "timeout" => GateReason::Timeout,
+        "failure" => GateReason::Failure,
+        other => return Err(c.corrupt("reason", format!("{other:?} is not a fire reason"))),
+    };
+    Ok(FireRecord {
+        key: c.get("key")?,
+        reason,
+        job_id: c.get("job_id")?,
+        error: c.get("error")?,
+        at: c.time("at")?,
+        gate,
     })
 }
 

@@ -89,6 +89,31 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (job_id, lease)
     ) STRICT, WITHOUT ROWID;
     ",
+    // Version 2: gates. Events of upstream jobs, numbered for semaphores to
+    // read in order; and one fire per (gate, key, reason), whoever asks.
+    "
+    CREATE TABLE gate_events (
+        seq      INTEGER PRIMARY KEY,
+        kind     TEXT NOT NULL CHECK (kind IN ('succeeded', 'failed_for_good')),
+        job_id   TEXT NOT NULL,
+        job_name TEXT NOT NULL,
+        params   TEXT NOT NULL,
+        run_id   TEXT NOT NULL,
+        attempt  INTEGER NOT NULL CHECK (attempt >= 0),
+        at       INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX gate_events_at ON gate_events (at);
+
+    CREATE TABLE gate_fires (
+        gate   TEXT NOT NULL,
+        key    TEXT NOT NULL,
+        reason TEXT NOT NULL CHECK (reason IN ('then', 'timeout', 'failure')),
+        job_id TEXT,
+        error  TEXT,
+        at     INTEGER NOT NULL,
+        PRIMARY KEY (gate, key, reason)
+    ) STRICT, WITHOUT ROWID;
+    ",
 ];
 
 /// The schema version this build writes and understands.

@@ -17,11 +17,17 @@ use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection};
 use tokio::sync::oneshot;
 
-use super::codec::{attempt_from_row, count_from_row, job_from_row, ATTEMPT_COLUMNS, JOB_COLUMNS};
+use super::codec::{
+    attempt_from_row, count_from_row, fire_from_row, gate_event_from_row, job_from_row, ATTEMPT_COLUMNS,
+    GATE_EVENT_COLUMNS, JOB_COLUMNS,
+};
 use super::schema::{open_reader, open_writer};
 use super::writer::{Request, Shared, Writer};
-use super::{Store, StoreError, StoreOptions, StoreStats, DB_FILE_NAME, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX};
-use crate::model::{AttemptRecord, Change, JobFilter, JobRecord};
+use super::{
+    Store, StoreError, StoreOptions, StoreStats, DB_FILE_NAME, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX,
+    WRITE_QUEUE_LATER_RESERVE_PERCENT,
+};
+use crate::model::{AttemptRecord, Change, FireRecord, GateEventRecord, JobFilter, JobRecord};
 
 /// The store on a SQLite file; a cheap clone. The writer thread stops once
 /// every clone is dropped (after committing what was queued) or on
@@ -39,6 +45,8 @@ struct Inner {
     /// Set by `close`: later writes fail with `Closed` even while the writer
     /// still drains what came before.
     closed: AtomicBool,
+    /// Queued requests beyond which only `commit_later` is accepted.
+    waited_max: u64,
 }
 
 /// Read-only connections, each behind its own lock; a read takes the next one
@@ -97,10 +105,14 @@ impl SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
         let readers = Arc::new(Readers { connections, next: AtomicUsize::new(0) });
         let shared = Arc::new(Shared::default());
-        let (requests, receiver) = std::sync::mpsc::sync_channel(options.queue_capacity.max(1));
+        let capacity = options.queue_capacity.max(1);
+        let (requests, receiver) = std::sync::mpsc::sync_channel(capacity);
+        let waited_max = capacity - capacity * WRITE_QUEUE_LATER_RESERVE_PERCENT / 100;
         Writer::spawn(writer, shared.clone(), options.batch_changes_max, receiver)
             .map_err(io_error("start the store writer thread for", &path))?;
-        Ok(SqliteStore { inner: Arc::new(Inner { path, requests, shared, readers, closed: AtomicBool::new(false) }) })
+        let closed = AtomicBool::new(false);
+        let waited_max = waited_max as u64;
+        Ok(SqliteStore { inner: Arc::new(Inner { path, requests, shared, readers, closed, waited_max }) })
     }
 
     /// The database file.
@@ -121,6 +133,20 @@ impl SqliteStore {
         self.send(Request::Pause { paused, resume })?;
         paused_rx.await.map_err(|_| StoreError::Closed)?;
         Ok(WritesPaused { _resume: resume_tx })
+    }
+
+    /// Queues a request the caller will wait for, leaving the reserve of the
+    /// queue to `commit_later`.
+    fn send_waited(&self, request: Request) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        // A soft bound: concurrent senders may overshoot it by a few, which
+        // the reserve absorbs.
+        if self.inner.shared.queued.load(Ordering::Relaxed) >= self.inner.waited_max {
+            return Err(StoreError::Busy);
+        }
+        self.send(request)
     }
 
     /// Queues a request without waiting for room: a full queue is back-pressure.
@@ -160,7 +186,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let (reply, answer) = oneshot::channel();
-        self.send(Request::Commit { changes, reply: Some(reply) })?;
+        self.send_waited(Request::Commit { changes, reply: Some(reply) })?;
         // A dropped reply means the writer stopped before answering.
         answer.await.map_err(|_| StoreError::Closed)?
     }
@@ -259,7 +285,7 @@ impl Store for SqliteStore {
 
     async fn prune(&self, finished_before: DateTime<Utc>, limit: usize) -> Result<Vec<String>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Request::Prune { finished_before, limit, reply })?;
+        self.send_waited(Request::Prune { finished_before, limit, reply })?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -276,6 +302,50 @@ impl Store for SqliteStore {
                 counts.push(count_from_row(row)?);
             }
             Ok(counts)
+        })
+        .await
+    }
+
+    async fn gate_events(&self, from: u64, through: u64, limit: usize) -> Result<Vec<GateEventRecord>, StoreError> {
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare_cached(&format!(
+                    "SELECT {GATE_EVENT_COLUMNS} FROM gate_events WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3"
+                ))
+                .map_err(StoreError::sqlite("prepare the gate events query"))?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let mut rows = statement
+                .query(rusqlite::params![from as i64, through as i64, limit])
+                .map_err(StoreError::sqlite("read gate events"))?;
+            let mut events = Vec::new();
+            while let Some(row) = rows.next().map_err(StoreError::sqlite("read gate events"))? {
+                events.push(gate_event_from_row(row)?);
+            }
+            Ok(events)
+        })
+        .await
+    }
+
+    async fn last_gate_event(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM gate_events", [], |row| row.get::<_, i64>(0))
+                .map(|seq| seq.max(0) as u64)
+                .map_err(StoreError::sqlite("read the last gate event"))
+        })
+        .await
+    }
+
+    async fn gate_fires(&self) -> Result<Vec<FireRecord>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT gate, key, reason, job_id, error, at FROM gate_fires ORDER BY at, gate, key")
+                .map_err(StoreError::sqlite("prepare the gate fires query"))?;
+            let mut rows = statement.query([]).map_err(StoreError::sqlite("read gate fires"))?;
+            let mut fires = Vec::new();
+            while let Some(row) = rows.next().map_err(StoreError::sqlite("read gate fires"))? {
+                fires.push(fire_from_row(row)?);
+            }
+            Ok(fires)
         })
         .await
     }

@@ -22,7 +22,10 @@ use rusqlite::{params, Connection, ErrorCode};
 use tokio::sync::oneshot;
 use tracing::{debug, error, warn};
 
-use super::codec::{lease_to_sql, opt_time_to_sql, origin_to_sql, params_to_sql, time_to_sql};
+use super::codec::{
+    gate_event_kind_to_sql, gate_reason_to_sql, lease_to_sql, opt_time_to_sql, origin_to_sql, params_to_sql,
+    time_to_sql,
+};
 use super::{StoreError, StoreStats, PRUNE_BATCH_MAX};
 use crate::model::{Change, JobRecord};
 
@@ -299,6 +302,35 @@ impl Writer {
                 self.insert(job)?;
                 true
             }
+            Change::GateEvent(event) => {
+                let params_json = params_to_sql(&event.params).map_err(|e| {
+                    Failure::Rejected(StoreError::Rejected {
+                        context: describe(change),
+                        reason: e.to_string(),
+                        code: None,
+                    })
+                })?;
+                self.execute(
+                    change,
+                    "INSERT INTO gate_events (seq, kind, job_id, job_name, params, run_id, attempt, at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        lease_to_sql(event.seq),
+                        gate_event_kind_to_sql(event.kind),
+                        event.job_id,
+                        event.job_name,
+                        params_json,
+                        event.run_id,
+                        event.attempt,
+                        time_to_sql(event.at)
+                    ],
+                )?
+            }
+            Change::Fire(fire) => self.execute(
+                change,
+                "INSERT OR IGNORE INTO gate_fires (gate, key, reason, job_id, error, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![fire.gate, fire.key, gate_reason_to_sql(fire.reason), fire.job_id, fire.error, time_to_sql(fire.at)],
+            )?,
             Change::Dispatch { id, attempt, worker, lease, at } => {
                 let changed = self.execute(
                     change,
@@ -601,6 +633,8 @@ fn classify(change: &Change, e: rusqlite::Error) -> Failure {
 fn kind_and_id(change: &Change) -> (&'static str, &str) {
     match change {
         Change::Insert(job) => ("Insert", &job.id),
+        Change::GateEvent(event) => ("GateEvent", &event.job_id),
+        Change::Fire(fire) => ("Fire", &fire.gate),
         Change::Dispatch { id, .. } => ("Dispatch", id),
         Change::AttemptStart { id, .. } => ("AttemptStart", id),
         Change::AttemptEnd { id, .. } => ("AttemptEnd", id),

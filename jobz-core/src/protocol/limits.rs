@@ -47,3 +47,15 @@ pub const HOLDING_MAX: usize = 2048;
 
 /// A worker's `concurrency`, its `credit` in `Hello`, and one `Credit` grant.
 pub const CONCURRENCY_MAX: u32 = 1024;
+
+/// A gate key in `Fire` and `Fired`: a key template filled with param values,
+/// so room for a few of them at [`PARAM_VALUE_MAX_BYTES`].
+pub const GATE_KEY_MAX_BYTES: usize = 4 * PARAM_VALUE_MAX_BYTES;
+
+/// Gate events in one `Events` page.
+pub const EVENTS_PAGE_MAX: usize = 1000;
+
+/// The JSON of one page's events, at most: the rest of [`FRAME_MAX_BYTES`] is
+/// headroom for the header and the page's own fields, so a page built by
+/// [`super::Events::page`] always fits one frame.
+pub const EVENTS_PAGE_MAX_BYTES: usize = FRAME_MAX_BYTES - 4096;

@@ -145,6 +145,20 @@ impl Mesh {
         )
     }
 
+    /// Starts a semaphore (`jobz semaphore`) against this mesh's broker; its log is `<name>.log`
+    /// (appended to, so a restarted semaphore's log follows its earlier life).
+    pub fn semaphore(&self, name: &str) -> Proc {
+        let endpoint = self.endpoint();
+        let config = self.config.display().to_string();
+        self.spawn(name, &["semaphore", "--broker", &endpoint, "--config", &config])
+    }
+
+    /// How many lines of process `name`'s log contain `needle`.
+    pub fn log_lines_with(&self, name: &str, needle: &str) -> usize {
+        let text = std::fs::read_to_string(self.path().join(format!("{name}.log"))).unwrap_or_default();
+        text.lines().filter(|l| l.contains(needle)).count()
+    }
+
     /// Waits until `n` workers are registered.
     pub fn wait_workers(&self, n: usize) {
         wait_until(Duration::from_secs(30), "workers to register", || {
