@@ -959,3 +959,25 @@ async fn a_fire_is_recorded_once_per_gate_key_and_reason() {
         Some("first")
     );
 }
+
+#[tokio::test]
+async fn pruning_drops_old_gate_events_and_fires_but_keeps_the_newest_event_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let events: Vec<GateEventRecord> = (1..=4).map(|i| gate_event(i, &format!("j{i}"))).collect();
+    let fire = FireRecord {
+        gate: "g".into(),
+        key: "k".into(),
+        reason: GateReason::Then,
+        job_id: None,
+        error: None,
+        at: at(1),
+    };
+    let mut changes: Vec<Change> = events.iter().cloned().map(Change::GateEvent).collect();
+    changes.push(Change::Fire(fire));
+    store.commit(changes).await.unwrap();
+    store.prune(at(100), 1000).await.unwrap();
+    assert_eq!(store.gate_events(1, 99, 100).await.unwrap(), events[3..].to_vec(), "only the newest stays");
+    assert_eq!(store.last_gate_event().await.unwrap(), 4);
+    assert!(store.gate_fires().await.unwrap().is_empty());
+}

@@ -585,6 +585,26 @@ impl Writer {
                 .map_err(StoreError::sqlite("prune"))?;
             rows.collect::<Result<Vec<String>, _>>().map_err(StoreError::sqlite("prune"))?
         };
+        // Gate events and fires past the same retention go too, in the same bounded steps:
+        // a key older than the retention is settled or given up long ago.
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let cutoff = time_to_sql(finished_before);
+        self.conn
+            .execute(
+                // The newest event always stays: its `seq` is where numbering resumes after a restart.
+                "DELETE FROM gate_events WHERE seq IN (
+                     SELECT seq FROM gate_events WHERE at < ?1 AND seq < (SELECT MAX(seq) FROM gate_events)
+                     ORDER BY seq LIMIT ?2)",
+                params![cutoff, limit],
+            )
+            .map_err(StoreError::sqlite("prune gate events"))?;
+        self.conn
+            .execute(
+                "DELETE FROM gate_fires WHERE (gate, key, reason) IN (
+                     SELECT gate, key, reason FROM gate_fires WHERE at < ?1 LIMIT ?2)",
+                params![cutoff, limit],
+            )
+            .map_err(StoreError::sqlite("prune gate fires"))?;
         self.exec("COMMIT", "commit a prune")?;
         Ok(ids)
     }
