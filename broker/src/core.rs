@@ -419,7 +419,9 @@ impl State {
             self.publish();
         }
         self.shared.bound.store(false, Ordering::Relaxed);
-        tracing::info!("broker loop stopped");
+        // SPEC: on shutdown the broker flushes its store.
+        self.shared.store.close().await;
+        tracing::info!("broker loop stopped; store flushed");
     }
 
     fn handle(&mut self, event: Event) {
@@ -453,15 +455,11 @@ impl State {
         let now = Utc::now();
         for record in unfinished {
             if !self.shared.config.file.jobs.contains_key(&record.job_name) {
-                batch.changes.push(Change::Finish {
+                tracing::warn!(job = %record.id, name = %record.job_name, "job no longer in the job file; failed");
+                batch.changes.push(Change::Fail {
                     id: record.id.clone(),
-                    lease: record.lease.unwrap_or(0),
-                    status: Status::Failed,
-                    exit_code: None,
-                    signal: None,
                     at: now,
-                    output_tail: String::new(),
-                    error: Some(format!("job {:?} is no longer in the broker's job file", record.job_name)),
+                    error: format!("job {:?} is no longer in the broker's job file", record.job_name),
                 });
                 batch.finished.push(record.id.clone());
                 continue;
@@ -1504,6 +1502,8 @@ pub fn new_id() -> String {
 
 /// The record of a new job about to be stored as queued.
 fn new_record(new: &NewJob, now: DateTime<Utc>, priority: Option<i32>, file: &JobFile) -> JobRecord {
+    // The store keeps microseconds: the 202's times are the ones every later read shows.
+    let now = crate::store::to_store_precision(now);
     let id = new_id();
     let priority = priority.or_else(|| file.jobs.get(&new.job_name).map(|d| d.priority)).unwrap_or(0);
     JobRecord {

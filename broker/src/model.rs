@@ -144,6 +144,12 @@ pub enum Change {
         at: DateTime<Utc>,
         not_before: Option<DateTime<Utc>>,
     },
+    /// Queued or running → failed without a result, e.g. its job left the job file.
+    Fail {
+        id: String,
+        at: DateTime<Utc>,
+        error: String,
+    },
     /// Queued or running → cancelled.
     Cancel {
         id: String,

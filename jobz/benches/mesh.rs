@@ -80,8 +80,9 @@ const LATENCY_WARMUP_SAMPLES: usize = 20;
 /// (3): the first look at a started job's status, then the poll interval.
 const LATENCY_FIRST_POLL: Duration = Duration::from_millis(5);
 const LATENCY_POLL: Duration = Duration::from_millis(2);
-/// (4): jobs queued before the workers attach.
+/// (4): jobs queued before the workers attach, in slices timed one by one.
 const BACKLOG: usize = 100_000;
+const BACKLOG_SLICES: usize = 5;
 
 /// The longest a single HTTP exchange may take.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
@@ -95,7 +96,7 @@ const SAMPLE_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the completion count is read from `/metrics` (it counts in the
 /// store, so it is not free); the end time itself comes from the jobs' own
 /// `finished_at` where it can.
-const COUNT_POLL: Duration = Duration::from_millis(20);
+const COUNT_POLL: Duration = Duration::from_millis(50);
 const COUNT_POLL_BACKLOG: Duration = Duration::from_millis(100);
 
 /// Targets from the brief, printed beside the figures.
@@ -681,6 +682,8 @@ fn print_latency(f: &LatencyFigures) {
 struct BacklogFigures {
     /// Starts per second while filling the backlog.
     fill_rate: f64,
+    /// Starts per second of each slice of the fill, in order.
+    fill_slices: Vec<f64>,
     /// The first E2E_JOBS completions with the backlog, from the workers' spawn.
     rate: f64,
     /// The same, from the first completion (worker start-up left out).
@@ -714,15 +717,21 @@ fn backlog_rates(bench: &Bench) -> BenchResult<BacklogFigures> {
     let mut mesh = Processes::broker(bench, &binary)?;
     let rss_idle_kib = vm_rss_kib(mesh.broker_pid())?;
     let measured = bench.client.block_on(async {
+        // In slices, to see whether accepting slows down as the table grows.
         let clock = Instant::now();
-        start_many(mesh.http, "/job_start?job_name=noop", BACKLOG).await?;
-        let fill_rate = BACKLOG as f64 / clock.elapsed().as_secs_f64();
+        let mut slices = Vec::new();
+        for _ in 0..BACKLOG_SLICES {
+            let slice = Instant::now();
+            start_many(mesh.http, "/job_start?job_name=noop", BACKLOG / BACKLOG_SLICES).await?;
+            slices.push((BACKLOG / BACKLOG_SLICES) as f64 / slice.elapsed().as_secs_f64());
+        }
+        let fill_rate = (BACKLOG / BACKLOG_SLICES * BACKLOG_SLICES) as f64 / clock.elapsed().as_secs_f64();
         let mut client = Client::connect(mesh.http).await?;
         wait_metric(&mut client, r#"jobz_queue_depth{job_name="noop"}"#, BACKLOG as f64).await?;
-        BenchResult::Ok(fill_rate)
+        BenchResult::Ok((fill_rate, slices))
     });
-    let fill_rate = match measured {
-        Ok(rate) => rate,
+    let (fill_rate, fill_slices) = match measured {
+        Ok(rates) => rates,
         Err(e) => {
             mesh.stop();
             return Err(e);
@@ -739,6 +748,7 @@ fn backlog_rates(bench: &Bench) -> BenchResult<BacklogFigures> {
     let (rate, steady_rate, metrics) = drained?;
     Ok(BacklogFigures {
         fill_rate,
+        fill_slices,
         rate,
         steady_rate,
         control_rate,
@@ -779,7 +789,13 @@ async fn count_completions(addr: SocketAddr, from: Instant) -> BenchResult<(f64,
 }
 
 fn print_backlog(f: &BacklogFigures, in_process: Option<f64>) {
-    println!("    filling the backlog: {:.0} starts/s", f.fill_rate);
+    let slices: Vec<String> = f.fill_slices.iter().map(|r| format!("{r:.0}")).collect();
+    println!(
+        "    filling the backlog: {:.0} starts/s ({CLIENTS} clients; by slice of {}: {})",
+        f.fill_rate,
+        BACKLOG / BACKLOG_SLICES,
+        slices.join(", ")
+    );
     println!(
         "    broker VmRSS: {} idle, {} with {BACKLOG} queued ({:.2} KiB per queued job), {} after the run",
         fmt_kib(f.rss_idle_kib),

@@ -304,3 +304,21 @@ fn a_broadcast_job_runs_once_on_each_of_three_workers_with_one_result_each() {
     let lines = std::fs::read_to_string(mesh.path().join("broadcast")).unwrap_or_default();
     assert_eq!(lines.lines().count(), 3, "ran three times: {lines}");
 }
+
+#[test]
+fn a_queued_job_whose_definition_left_the_job_file_fails_at_restart_with_a_reason() {
+    let mesh = Mesh::new(CHAIN);
+    let mut broker = mesh.broker(&[]);
+    let started = mesh.start("job_name=noop");
+    let id = started["id"].as_str().unwrap_or_default().to_string();
+    broker.kill9();
+    let without = CHAIN.replace("  noop:\n    command: \"true\"\n", "");
+    let without = without.replace("$DIR", &mesh.path().display().to_string());
+    if let Err(e) = std::fs::write(&mesh.config, without) {
+        panic!("rewriting the job file: {e}");
+    }
+    let _broker = mesh.broker(&[]);
+    let job = mesh.wait_final(&id, Duration::from_secs(30));
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["error"].as_str().is_some_and(|e| e.contains("no longer")), "{job}");
+}

@@ -409,6 +409,21 @@ impl Writer {
                     params![id, time_to_sql(*at), opt_time_to_sql(*not_before)],
                 )?
             }
+            Change::Fail { id, at, error } => {
+                self.execute(
+                    change,
+                    "UPDATE attempts SET finished_at = ?2
+                     WHERE job_id = ?1 AND finished_at IS NULL
+                       AND lease = (SELECT lease FROM jobs WHERE id = ?1 AND status = 'running')",
+                    params![id, time_to_sql(*at)],
+                )?;
+                self.execute(
+                    change,
+                    "UPDATE jobs SET status = 'failed', finished_at = ?2, error = ?3
+                     WHERE id = ?1 AND status IN ('queued', 'running')",
+                    params![id, time_to_sql(*at), error],
+                )?
+            }
             Change::Cancel { id, at } => {
                 self.execute(
                     change,
@@ -656,6 +671,7 @@ fn kind_and_id(change: &Change) -> (&'static str, &str) {
         Change::GateEvent(event) => ("GateEvent", &event.job_id),
         Change::Fire(fire) => ("Fire", &fire.gate),
         Change::Dispatch { id, .. } => ("Dispatch", id),
+        Change::Fail { id, .. } => ("Fail", id),
         Change::AttemptStart { id, .. } => ("AttemptStart", id),
         Change::AttemptEnd { id, .. } => ("AttemptEnd", id),
         Change::Finish { id, .. } => ("Finish", id),
