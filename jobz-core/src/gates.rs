@@ -76,6 +76,8 @@ pub enum GateEffect {
 #[derive(Debug, Clone, Default)]
 pub struct GateBook {
     keys: BTreeMap<String, BTreeMap<String, KeyState>>,
+    /// Open keys per gate: the bound applies to these, not to keys long settled.
+    open: BTreeMap<String, usize>,
 }
 
 impl GateBook {
@@ -104,13 +106,17 @@ impl GateBook {
                 }
             };
             let keys = self.keys.entry(gate.name.clone()).or_default();
-            if !keys.contains_key(&key) && keys.len() >= GATE_OPEN_KEYS_MAX {
+            let open = self.open.entry(gate.name.clone()).or_default();
+            if !keys.contains_key(&key) && *open >= GATE_OPEN_KEYS_MAX {
                 effects.push(GateEffect::KeyError {
                     gate: gate.name.clone(),
                     job_id: job.id.clone(),
-                    message: format!("gate tracks {GATE_OPEN_KEYS_MAX} keys already; key {key:?} refused"),
+                    message: format!("gate has {GATE_OPEN_KEYS_MAX} open keys already; key {key:?} refused"),
                 });
                 continue;
+            }
+            if !keys.contains_key(&key) {
+                *open += 1;
             }
             let state = keys.entry(key.clone()).or_insert_with(|| KeyState {
                 opened_at: now,
@@ -136,6 +142,7 @@ impl GateBook {
             state.succeeded.entry(job.job_name.clone()).or_default().insert(job.id.clone());
             if state.is_complete(gate) {
                 state.fired = true;
+                *open = open.saturating_sub(1);
                 effects.push(start(file, gate, &key, state, &gate.then, GateReason::Then, Some(job)));
             }
         }
@@ -152,6 +159,9 @@ impl GateBook {
                 // A failed key has told its story through `on_failure`; it does not time out as well.
                 if state.is_open() && !state.failed && now >= state.opened_at + timeout {
                     state.timed_out = true;
+                    if let Some(open) = self.open.get_mut(gate_name) {
+                        *open = open.saturating_sub(1);
+                    }
                     if let Some(on_timeout) = &gate.on_timeout {
                         effects.push(start(file, gate, key, state, on_timeout, GateReason::Timeout, None));
                     }

@@ -239,3 +239,21 @@ fn a_key_template_that_cannot_be_filled_is_an_error_not_a_crash() {
     assert!(matches!(&effects[..], [GateEffect::KeyError { gate, .. }] if gate == "shards_done"), "{effects:?}");
     assert!(book.keys("shards_done").is_none_or(|k| k.is_empty()), "nothing changed");
 }
+
+#[test]
+fn the_open_keys_bound_counts_open_keys_not_settled_ones() {
+    let file = file();
+    let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().unwrap_or_default();
+    let mut book = GateBook::new();
+    // Settle more keys than the bound allows open at once: each one completes (count 3) and fires.
+    let keys = jobz_core::limits::GATE_OPEN_KEYS_MAX + 10;
+    for k in 0..keys {
+        let date = format!("d{k}");
+        for shard in ["a", "b", "c"] {
+            book.observe(&file, &succeeded(&format!("{shard}{k}"), &date), now);
+        }
+    }
+    let effects = book.observe(&file, &succeeded("fresh", "another-day"), now);
+    assert!(!effects.iter().any(|e| matches!(e, GateEffect::KeyError { .. })), "{effects:?}");
+    assert_eq!(book.keys("shards_done").map(|k| k.len()), Some(keys + 1));
+}

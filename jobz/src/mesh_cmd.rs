@@ -41,7 +41,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Cancels the returned token on the first SIGTERM or SIGINT.
-fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
+pub(crate) fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
     use tokio::signal::unix::{signal, SignalKind};
     let token = CancellationToken::new();
     let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use semaphore::SemaphoreConfig;
-use tokio_util::sync::CancellationToken;
 
 use crate::cli::{load_config, ConfigArg};
 
@@ -26,27 +25,9 @@ pub fn semaphore(broker: String, config: ConfigArg) -> anyhow::Result<ExitCode> 
     let config = SemaphoreConfig { broker, file, name: default_name() };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
-        let shutdown = shutdown_on_signals()?;
+        let shutdown = crate::mesh_cmd::shutdown_on_signals()?;
         let ctx = zmq::Context::new();
         semaphore::run(config, &ctx, shutdown).await.context("semaphore")?;
         Ok(ExitCode::SUCCESS)
     })
-}
-
-/// Cancels the returned token on the first SIGTERM or SIGINT.
-// The same as `mesh_cmd`'s; kept here until the two share one place.
-fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let token = CancellationToken::new();
-    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-        cancel.cancel();
-    });
-    Ok(token)
 }
