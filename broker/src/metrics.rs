@@ -145,7 +145,7 @@ impl Metrics {
         );
         let _ = writeln!(out, "# HELP jobz_dispatch_latency_seconds Time from queued to handed to a worker.\n# TYPE jobz_dispatch_latency_seconds histogram");
         self.dispatch.render(&mut out, "jobz_dispatch_latency_seconds", "");
-        let _ = writeln!(out, "# HELP jobz_start_latency_seconds Time from queued to the process start.\n# TYPE jobz_start_latency_seconds histogram");
+        let _ = writeln!(out, "# HELP jobz_start_latency_seconds Time from queued to the worker starting the process (reported just before the spawn).\n# TYPE jobz_start_latency_seconds histogram");
         self.start_latency.render(&mut out, "jobz_start_latency_seconds", "");
         let _ = writeln!(out, "# HELP jobz_run_time_seconds Run time of finished attempts, by job name.\n# TYPE jobz_run_time_seconds histogram");
         if let Ok(map) = self.run_time.lock() {

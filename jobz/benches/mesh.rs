@@ -23,10 +23,22 @@
 //!    N completions once 2 `jobz worker` processes attach; against the same
 //!    separate processes with no backlog, and against (2).
 //!
+//! Beside each rate it prints where the CPU went, per job and per thread name
+//! (from `/proc/*/task/*/stat` and `status`: CPU time and context switches),
+//! the job processes' CPU (reaped children), and how busy the whole machine
+//! was, with the share of processes outside the bench ("others"): a run with
+//! a high "others" share was disturbed and its figures are not to be trusted.
+//!
+//! The in-process parts start the broker, front door and workers with the same
+//! library calls as `jobz up` (jobz/src/mesh_cmd.rs), on a runtime of their
+//! own; the load generator has its own runtime, as a separate client would.
+//! Part 4 runs the binary Cargo built for this bench (`CARGO_BIN_EXE_jobz`),
+//! falling back to `target/release/jobz`.
+//!
 //! The data directories live under Cargo's target tmp dir, on the build's disk
 //! (fsync is real there; tmpfs would flatter the store); `JOBZ_BENCH_DIR`
-//! measures another disk. Every wait has a deadline; every process started is
-//! killed by its PID at the end.
+//! measures another disk. `JOBZ_BENCH_PARTS=1,3` runs only some parts. Every
+//! wait has a deadline; every process started is killed by its PID at the end.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -341,8 +353,6 @@ struct E2eRun {
     cpu: CpuSnapshot,
     /// How long the starts themselves took (all 202s in).
     accepted_in: Duration,
-    /// Figures read from `/metrics` after the batch.
-    metrics: String,
     /// The in-process store's commits (each one fsync) and changes in all, from its counters.
     store_commits: u64,
     store_changes: u64,
@@ -423,15 +433,7 @@ async fn run_batch(addr: SocketAddr, jobs: usize) -> BenchResult<E2eRun> {
     let last = SystemTime::from(last);
     let elapsed = last.duration_since(first_start).map_err(|_| "the last job finished before the first start")?;
     let cpu = cpu_from.until(&CpuSnapshot::take());
-    let metrics = client.text("/metrics").await?;
-    Ok(E2eRun {
-        rate: jobs as f64 / elapsed.as_secs_f64(),
-        cpu,
-        accepted_in,
-        metrics,
-        store_commits: 0,
-        store_changes: 0,
-    })
+    Ok(E2eRun { rate: jobs as f64 / elapsed.as_secs_f64(), cpu, accepted_in, store_commits: 0, store_changes: 0 })
 }
 
 /// The machine's ceiling: `threads` threads each spawning `/bin/true` and
@@ -533,12 +535,8 @@ fn print_e2e(f: &E2eFigures) {
         f.mesh.store_changes as f64 / f.mesh.store_commits.max(1) as f64
     );
     println!(
-        "    (the {E2E_JOBS} starts of the median run took {}; from /metrics: dispatch latency p50 ~{} p99 ~{}, queued-to-spawn p50 ~{} p99 ~{})",
-        fmt_duration(f.mesh.accepted_in),
-        fmt_seconds(histogram_quantile(&f.mesh.metrics, "jobz_dispatch_latency_seconds", 0.5)),
-        fmt_seconds(histogram_quantile(&f.mesh.metrics, "jobz_dispatch_latency_seconds", 0.99)),
-        fmt_seconds(histogram_quantile(&f.mesh.metrics, "jobz_start_latency_seconds", 0.5)),
-        fmt_seconds(histogram_quantile(&f.mesh.metrics, "jobz_start_latency_seconds", 0.99)),
+        "    (the {E2E_JOBS} starts of the median run were all answered 202 in {}; the jobs queue meanwhile)",
+        fmt_duration(f.mesh.accepted_in)
     );
 }
 
@@ -696,7 +694,6 @@ struct BacklogFigures {
     rss_idle_kib: u64,
     rss_backlog_kib: u64,
     rss_after_kib: u64,
-    metrics: String,
 }
 
 fn backlog_rates(bench: &Bench) -> BenchResult<BacklogFigures> {
@@ -745,7 +742,7 @@ fn backlog_rates(bench: &Bench) -> BenchResult<BacklogFigures> {
     let backlog_cpu = spent_per_job(&broker_before, &mesh.snapshots(), E2E_JOBS as f64);
     let rss_after_kib = vm_rss_kib(mesh.broker_pid()).unwrap_or(0);
     mesh.stop();
-    let (rate, steady_rate, metrics) = drained?;
+    let (rate, steady_rate) = drained?;
     Ok(BacklogFigures {
         fill_rate,
         fill_slices,
@@ -757,13 +754,12 @@ fn backlog_rates(bench: &Bench) -> BenchResult<BacklogFigures> {
         rss_idle_kib,
         rss_backlog_kib,
         rss_after_kib,
-        metrics,
     })
 }
 
 /// Polls the succeeded count until [`E2E_JOBS`] have finished; returns the rate
 /// since `from` and the rate since the first poll that saw a completion.
-async fn count_completions(addr: SocketAddr, from: Instant) -> BenchResult<(f64, f64, String)> {
+async fn count_completions(addr: SocketAddr, from: Instant) -> BenchResult<(f64, f64)> {
     let mut client = Client::connect(addr).await?;
     let deadline = Instant::now() + RUN_DEADLINE;
     let mut first: Option<(Instant, f64)> = None;
@@ -779,7 +775,7 @@ async fn count_completions(addr: SocketAddr, from: Instant) -> BenchResult<(f64,
         if done >= E2E_JOBS as f64 {
             let rate = done / (at - from).as_secs_f64();
             let steady = first.map_or(rate, |(t, n)| (done - n) / (at - t).as_secs_f64());
-            return Ok((rate, steady, metrics));
+            return Ok((rate, steady));
         }
         if Instant::now() > deadline {
             return Err(format!("only {done} of {E2E_JOBS} backlog jobs succeeded within {RUN_DEADLINE:?}").into());
@@ -813,10 +809,6 @@ fn print_backlog(f: &BacklogFigures, in_process: Option<f64>) {
     println!(
         "    ratio backlog / (2) in-process: {versus_in_process}; backlog / control: {:.2}",
         f.rate / f.control_rate
-    );
-    println!(
-        "    (from /metrics: dispatch latency of these jobs includes their time in the backlog; queued-to-spawn p50 ~{})",
-        fmt_seconds(histogram_quantile(&f.metrics, "jobz_start_latency_seconds", 0.5))
     );
 }
 
