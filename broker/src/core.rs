@@ -195,6 +195,12 @@ struct Worker {
     dispatchable: Vec<String>,
     jobs: Vec<ServedJob>,
     running: HashSet<String>,
+    /// Attempts (job, lease) this worker took a slot for (dispatched to it, or
+    /// held running in its `Hello`) whose `Result` has not arrived. The first
+    /// `Result` of each, current or stale, frees the slot: it adds one credit
+    /// (Credit is folded into Result). Removing the entry makes a resend after
+    /// a lost ack free nothing more.
+    owed: HashSet<(String, u64)>,
     last_seen: Instant,
     last_heartbeat: DateTime<Utc>,
     connected_at: DateTime<Utc>,
@@ -558,8 +564,12 @@ impl State {
             attempt: job.attempts + 1,
             lease,
         });
-        if let Err(e) = self.router.send(peer, &message) {
-            tracing::warn!(worker = %worker.name, error = %e, "cannot reach the worker; it gets no more jobs until it is heard from");
+        // Not waiting for the transport: a worker that vanished is not learnt
+        // of here. Its attempt then waits for the lease: the silent worker is
+        // dropped after `lease_timeout` (or replaced by its own new Hello) and
+        // the job is requeued. Only local failures (the transport's queue) show.
+        if let Err(e) = self.router.send_nowait(peer, &message) {
+            tracing::warn!(worker = %worker.name, error = %e, "cannot send to the worker; it gets no more jobs until it is heard from");
             worker.credit = 0;
             self.enqueue(job);
             return false;
@@ -567,6 +577,7 @@ impl State {
         job.attempts += 1;
         worker.credit -= 1;
         worker.running.insert(job.id.clone());
+        worker.owed.insert((job.id.clone(), lease));
         let queued_for = (now - job.queued_at).to_std().unwrap_or_default();
         self.shared.metrics.dispatched(&job.job_name, queued_for);
         let change =
@@ -608,13 +619,15 @@ impl State {
                 attempt,
                 lease,
             });
-            if let Err(e) = self.router.send(&peer, &message) {
-                tracing::warn!(worker = %worker.name, error = %e, "cannot reach the worker for a broadcast");
+            // Not waiting: a vanished worker's copy is lost with the worker (see `send_job`).
+            if let Err(e) = self.router.send_nowait(&peer, &message) {
+                tracing::warn!(worker = %worker.name, error = %e, "cannot send a broadcast to the worker");
                 continue;
             }
             // A broadcast takes every serving worker at once, whatever its credit says.
             worker.credit = worker.credit.saturating_sub(1);
             worker.running.insert(job.id.clone());
+            worker.owed.insert((job.id.clone(), lease));
             let name = worker.name.clone();
             changes.push(if copies.is_empty() {
                 Change::Dispatch { id: job.id.clone(), attempt, worker: name.clone(), lease, at: now }
@@ -671,6 +684,7 @@ impl State {
                 // Typically a worker that outlived a broker restart: it must register again.
                 let _ = self.router.send(&peer, &ToWorker::Reconnect);
             }
+            // Results give their slot back themselves; Credit is for other grants.
             ToBroker::Credit(protocol::Credit { n }) => {
                 if let Some(w) = self.workers.get_mut(&peer) {
                     let free = w.concurrency.saturating_sub(w.running.len() as u32);
@@ -977,6 +991,18 @@ impl State {
         }
         let connected_at = self.workers.get(&peer).map(|w| w.connected_at).unwrap_or(now);
         let credit = credit.min(concurrency.saturating_sub(running.len() as u32));
+        // `credit` counts the slots free now: a result the worker holds (`done`)
+        // freed its slot already; a running attempt frees its slot with its Result.
+        // The same connection keeps what it owed (a dispatch may have crossed this Hello).
+        let mut owed = self.workers.get(&peer).map(|w| w.owed.clone()).unwrap_or_default();
+        for held in &holding {
+            let key = (held.job_id.clone(), held.lease);
+            if held.done {
+                owed.remove(&key);
+            } else {
+                owed.insert(key);
+            }
+        }
         self.workers.insert(
             peer,
             Worker {
@@ -987,6 +1013,7 @@ impl State {
                 dispatchable,
                 jobs: served,
                 running,
+                owed,
                 last_seen: Instant::now(),
                 last_heartbeat: now,
                 connected_at,
@@ -1092,19 +1119,25 @@ impl State {
 
     fn on_result(&mut self, peer: PeerId, result: ResultReport) {
         let key = (result.job_id.clone(), result.lease);
+        // The worker's slot for this attempt is free: the first Result of an
+        // attempt, whatever becomes of it, gives its credit back.
+        let frees = self.workers.get_mut(&peer).is_some_and(|w| w.owed.remove(&key));
         if self.recently_done_set.contains(&key) {
             // A resend after a lost ack: already durable, acknowledge again.
-            let _ =
-                self.router.send(&peer, &ToWorker::ResultAck(LeaseRef { job_id: result.job_id, lease: result.lease }));
+            self.return_credit(&peer, frees);
+            let ack = ToWorker::ResultAck(LeaseRef { job_id: result.job_id, lease: result.lease });
+            let _ = self.router.send_nowait(&peer, &ack);
             return;
         }
         if !self.running.get(&result.job_id).is_some_and(|r| r.holds(result.lease)) {
+            self.return_credit(&peer, frees);
             self.record_stale(peer, result);
             return;
         }
         if let Some(w) = self.workers.get_mut(&peer) {
             w.running.remove(&result.job_id);
         }
+        self.return_credit(&peer, frees);
         let mut status = Status::from(result.status);
         let now = Utc::now();
         let mut batch = Batch::new();
@@ -1140,6 +1173,14 @@ impl State {
             run_time: (result.finished_at - result.started_at).to_std().unwrap_or_default(),
         };
         self.conclude(running, ending, batch);
+    }
+
+    /// One credit back to `peer` for a freed slot, within `concurrency − running`.
+    fn return_credit(&mut self, peer: &PeerId, frees: bool) {
+        if let Some(w) = self.workers.get_mut(peer).filter(|_| frees) {
+            let free = w.concurrency.saturating_sub(w.running.len() as u32);
+            w.credit = w.credit.saturating_add(1).min(free);
+        }
     }
 
     /// Ends `running` for good or for a retry, as the pipeline decides, and commits it with `batch`.
@@ -1297,7 +1338,8 @@ impl State {
         }
         for (peer, job_id, lease) in batch.acks {
             self.remember_done(job_id.clone(), lease);
-            let _ = self.router.send(&peer, &ToWorker::ResultAck(LeaseRef { job_id, lease }));
+            // Not waiting: a lost ack is asked for again by the worker's resend.
+            let _ = self.router.send_nowait(&peer, &ToWorker::ResultAck(LeaseRef { job_id, lease }));
         }
         for job in batch.enqueue {
             self.enqueue(job);
@@ -1409,7 +1451,7 @@ impl State {
             self.last_heartbeat_sent = now;
             for peer in self.workers.keys().chain(self.gates.semaphores.keys()) {
                 // A worker that cannot be reached is dropped by its lease, not here.
-                let _ = self.router.send(peer, &ToWorker::Heartbeat);
+                let _ = self.router.send_nowait(peer, &ToWorker::Heartbeat);
             }
         }
         if now.duration_since(self.last_prune) >= limits::PRUNE_INTERVAL {

@@ -457,7 +457,7 @@ async fn a_returned_commit_is_visible_to_a_fresh_connection_while_the_store_is_o
     let (journal_mode, version): (String, i64) = raw
         .query_row("SELECT * FROM pragma_journal_mode, pragma_user_version", [], |row| Ok((row.get(0)?, row.get(1)?)))
         .unwrap();
-    assert_eq!((journal_mode.as_str(), version), ("wal", 2));
+    assert_eq!((journal_mode.as_str(), version), ("wal", 3));
     drop(store);
 }
 
@@ -744,7 +744,7 @@ async fn a_database_from_a_newer_jobz_is_refused() {
     raw.pragma_update(None, "user_version", 99).unwrap();
     drop(raw);
     let err = SqliteStore::open(dir.path(), StoreOptions::default()).err().expect("refused");
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 2, .. }), "{err:?}");
+    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 3, .. }), "{err:?}");
 }
 
 // ---- Queries ----
@@ -837,6 +837,30 @@ async fn jobs_filters_newest_first_and_limits() {
     assert_eq!(ids(store.jobs(all_three).await.unwrap()), ["j05"]);
     let none = JobFilter { job_name: Some("nope".into()), ..JobFilter::default() };
     assert!(store.jobs(none).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn jobs_are_listed_by_created_at_then_id_whatever_the_insertion_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Inserted neither in created_at order nor in id order.
+    let inserted = [("b", 5), ("d", 7), ("a", 7), ("e", 1), ("c", 7), ("f", 5)];
+    let job = |id: &str, created: i64| {
+        Change::Insert(JobRecord { run_id: "run".into(), ..queued(id, "import", at(created)) })
+    };
+    store.commit(inserted.iter().map(|&(id, created)| job(id, created)).collect()).await.unwrap();
+    store.commit(vec![job("g", 6)]).await.unwrap();
+    store.commit(vec![job("0", 7)]).await.unwrap();
+    let ids = |jobs: Vec<JobRecord>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    let expected = ["d", "c", "a", "0", "g", "f", "b", "e"];
+    assert_eq!(ids(store.jobs(JobFilter::default()).await.unwrap()), expected);
+    assert_eq!(ids(store.jobs(JobFilter { limit: 3, ..JobFilter::default() }).await.unwrap()), expected[..3]);
+    let by_name = JobFilter { job_name: Some("import".into()), limit: 5, ..JobFilter::default() };
+    assert_eq!(ids(store.jobs(by_name).await.unwrap()), expected[..5]);
+    let by_status = JobFilter { status: Some(Status::Queued), limit: 6, ..JobFilter::default() };
+    assert_eq!(ids(store.jobs(by_status).await.unwrap()), expected[..6]);
+    let by_run = JobFilter { run_id: Some("run".into()), limit: 100, ..JobFilter::default() };
+    assert_eq!(ids(store.jobs(by_run).await.unwrap()), expected);
 }
 
 #[tokio::test]

@@ -10,11 +10,16 @@
 //! sends through the matching PUSH socket, guarded by a `std::sync::Mutex` (a
 //! zmq socket may move between threads given a full memory barrier, which the
 //! mutex provides), so an outgoing message wakes the pump at once and nothing
-//! ever busy-polls. Each send waits for the pump's answer, so a send to a
+//! ever busy-polls. A `send` waits for the pump's answer, so a send to a
 //! vanished peer (`ZMQ_ROUTER_MANDATORY`) or into a full queue is an error the
 //! caller sees, never a silent drop or a hang. The pump never blocks on the
 //! network (it sends and receives with `DONTWAIT` after polling), so that
-//! answer comes within microseconds.
+//! answer comes within microseconds, but waiting for it costs two thread
+//! switches per message. `send_nowait` skips the wait: it only queues the
+//! message for the pump, which logs (and otherwise drops) a send that fails.
+//! It is for messages the protocol already recovers from losing (resent
+//! results, leased dispatches, heartbeats, acks that a resend asks for again).
+//! Both kinds of send go through the same queue, so they keep their order.
 //!
 //! Incoming messages are decoded on the pump and go to a bounded tokio channel.
 //! When the channel is full the pump stops reading the network, so back-pressure
@@ -114,9 +119,10 @@ impl Default for SocketOptions {
     }
 }
 
-/// Commands queued on the inproc socket, plus wake-ups; far more than the one
-/// command in flight at a time needs.
-const COMMAND_QUEUE_MAX: i32 = 64;
+/// Commands queued on the inproc socket, plus wake-ups: room for a burst of
+/// `send_nowait` messages (a commit's acks, a dispatch round) while the pump
+/// catches up; beyond it `send_nowait` is [`TransportError::Busy`].
+const COMMAND_QUEUE_MAX: i32 = 1024;
 /// Answers waiting for a caller (a caller that timed out leaves one behind).
 const REPLIES_MAX: usize = 16;
 /// Messages the pump takes from one socket before it looks at the other.
@@ -196,6 +202,8 @@ pub enum TransportError {
     UnknownPeer { peer: PeerId },
     #[error("the send queue is full (high-water mark reached)")]
     Full,
+    #[error("the transport thread's command queue is full")]
+    Busy,
     #[error("cannot send: {source}")]
     Send { source: zmq::Error },
     #[error(transparent)]
@@ -258,6 +266,24 @@ impl Router {
             }
             e => e,
         })
+    }
+
+    /// Queues `message` for `peer` without waiting for the pump: an unknown
+    /// peer or a full queue is not reported, only logged by the pump (and
+    /// counted in [`Router::failed_sends`]). Errors here are local: the message
+    /// does not encode, the pump has stopped, or its command queue is full
+    /// ([`TransportError::Busy`]).
+    pub fn send_nowait(&self, peer: &PeerId, message: &ToWorker) -> Result<(), TransportError> {
+        let frames = protocol::try_encode(message)?;
+        let mut command = Vec::with_capacity(1 + frames.len());
+        command.push(peer.0.clone());
+        command.extend(frames);
+        self.pump.post(command)
+    }
+
+    /// How many `send_nowait` messages the pump could not send so far.
+    pub fn failed_sends(&self) -> u64 {
+        self.pump.failed_posts.load(Ordering::Relaxed)
     }
 
     /// The next message from any peer; `None` once the transport has stopped. Cancel-safe.
@@ -324,6 +350,19 @@ impl Dealer {
     pub fn send(&self, message: &ToBroker) -> Result<(), TransportError> {
         let frames = protocol::try_encode(message)?;
         self.pump.call(Tag::Send, frames)
+    }
+
+    /// Queues `message` for the broker without waiting for the pump: a full
+    /// queue is not reported, only logged by the pump (and counted in
+    /// [`Dealer::failed_sends`]). Errors here are local: the message does not
+    /// encode, the pump has stopped, or its command queue is full ([`TransportError::Busy`]).
+    pub fn send_nowait(&self, message: &ToBroker) -> Result<(), TransportError> {
+        self.pump.post(protocol::try_encode(message)?)
+    }
+
+    /// How many `send_nowait` messages the pump could not send so far.
+    pub fn failed_sends(&self) -> u64 {
+        self.pump.failed_posts.load(Ordering::Relaxed)
     }
 
     /// The next message from the broker; `None` once the transport has stopped. Cancel-safe.
@@ -485,6 +524,8 @@ enum Tag {
     /// The consumer made room in the incoming channel.
     Wake = 3,
     Stop = 4,
+    /// Like `Send`, but nobody waits for the answer: a failure is logged and counted.
+    Post = 5,
 }
 
 type Reply = (u64, Result<(), TransportError>);
@@ -501,6 +542,11 @@ struct Pump<In> {
     incoming: tokio::sync::Mutex<mpsc::Receiver<In>>,
     /// Set by the pump when the incoming channel was full; the consumer wakes it.
     stalled: Arc<AtomicBool>,
+    /// Set by `stop` when its `Stop` command found the command queue full;
+    /// checked by the pump on every turn, so that stop is not lost.
+    stopping: Arc<AtomicBool>,
+    /// `Post` commands the pump could not send.
+    failed_posts: Arc<AtomicU64>,
     /// The pump thread and what tells of its end; in a mutex only because a
     /// `Receiver` is not `Sync` and a `Router` is shared between tasks.
     thread: Mutex<Option<(JoinHandle<()>, std_mpsc::Receiver<()>)>>,
@@ -533,7 +579,11 @@ impl<In: Send + 'static> Pump<In> {
         // Never sent on: the pump drops it when it ends, which is what `stop` waits for.
         let (exited_tx, exited_rx) = std_mpsc::sync_channel(0);
         let stalled = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let failed_posts = Arc::new(AtomicU64::new(0));
         let owner = Owner {
+            stopping: Arc::clone(&stopping),
+            failed_posts: Arc::clone(&failed_posts),
             net,
             pull,
             incoming: incoming_tx,
@@ -554,6 +604,8 @@ impl<In: Send + 'static> Pump<In> {
             commander: Mutex::new(Commander { push, replies: reply_rx, sequence: 0 }),
             incoming: tokio::sync::Mutex::new(incoming_rx),
             stalled,
+            stopping,
+            failed_posts,
             thread: Mutex::new(Some((handle, exited_rx))),
             command_timeout: options.command_timeout,
             shutdown_timeout: options.shutdown_timeout,
@@ -590,14 +642,37 @@ impl<In> Pump<In> {
         }
     }
 
+    /// Queues a `Post` command: the frames go to the network, nobody waits.
+    fn post(&self, frames: Vec<Vec<u8>>) -> Result<(), TransportError> {
+        let queued = {
+            let commander = self.commander.lock().unwrap_or_else(PoisonError::into_inner);
+            send_refreshing(&commander.push, std::iter::once(command_head(Tag::Post, 0)).chain(frames).collect())
+        };
+        match queued {
+            Ok(()) => Ok(()),
+            Err(_) if self.running() => Err(TransportError::Busy),
+            Err(_) => Err(TransportError::Stopped),
+        }
+    }
+
+    /// Whether the pump thread is still there.
+    fn running(&self) -> bool {
+        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner);
+        thread.as_ref().is_some_and(|(_, exited)| matches!(exited.try_recv(), Err(std_mpsc::TryRecvError::Empty)))
+    }
+
     /// A command without an answer. Failing to queue it is fine: it means the
     /// pump is gone (nothing to wake or stop) or already has commands queued
     /// (it is awake).
-    fn signal(&self, tag: Tag) {
+    fn signal(&self, tag: Tag) -> bool {
         let commander = self.commander.lock().unwrap_or_else(PoisonError::into_inner);
         refresh(&commander.push);
-        if let Err(e) = commander.push.send(command_head(tag, 0), zmq::DONTWAIT) {
-            tracing::debug!(?tag, error = %e, "transport signal not queued");
+        match commander.push.send(command_head(tag, 0), zmq::DONTWAIT) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(?tag, error = %e, "transport signal not queued");
+                false
+            }
         }
     }
 
@@ -617,7 +692,10 @@ impl<In> Pump<In> {
         let Some((handle, exited)) = thread else {
             return Ok(());
         };
-        self.signal(Tag::Stop);
+        // Normally the Stop command queues behind the sends before it, which go out first.
+        if !self.signal(Tag::Stop) {
+            self.stopping.store(true, Ordering::SeqCst);
+        }
         match exited.recv_timeout(self.shutdown_timeout) {
             Ok(()) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
                 handle.join().map_err(|_| TransportError::Panicked)
@@ -648,6 +726,31 @@ fn refresh(socket: &zmq::Socket) {
     }
 }
 
+/// A `DONTWAIT` send that refreshes the socket's state (see [`refresh`]) only
+/// when the pipe looks full: refreshing costs a system call, and the pipe is
+/// almost never full. A message that fails with EAGAIN was not queued, so the
+/// retry cannot send it twice.
+fn send_refreshing(socket: &zmq::Socket, frames: Vec<Vec<u8>>) -> zmq::Result<()> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    let last = frames.len() - 1;
+    // Frame by frame, so that the frames survive a first EAGAIN, which can only
+    // come on the first frame (the rest of a message always follows).
+    for (i, frame) in frames.iter().enumerate() {
+        let flags = if i < last { zmq::DONTWAIT | zmq::SNDMORE } else { zmq::DONTWAIT };
+        match socket.send(&frame[..], flags) {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) if i == 0 => {
+                refresh(socket);
+                socket.send(&frame[..], flags)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn command_head(tag: Tag, sequence: u64) -> Vec<u8> {
     let mut head = Vec::with_capacity(9);
     head.push(tag as u8);
@@ -662,6 +765,7 @@ fn parse_head(head: &[u8]) -> Option<(Tag, u64)> {
         2 => Tag::Reconnect,
         3 => Tag::Wake,
         4 => Tag::Stop,
+        5 => Tag::Post,
         _ => return None,
     };
     Some((tag, u64::from_le_bytes(sequence.try_into().ok()?)))
@@ -674,6 +778,8 @@ struct Owner<In> {
     incoming: mpsc::Sender<In>,
     replies: std_mpsc::SyncSender<Reply>,
     stalled: Arc<AtomicBool>,
+    stopping: Arc<AtomicBool>,
+    failed_posts: Arc<AtomicU64>,
     /// A decoded message the full channel did not take yet; while it waits, the
     /// network is not read.
     pending: Option<In>,
@@ -691,7 +797,7 @@ impl<In> Owner<In> {
     fn run(mut self) {
         tracing::debug!("transport pump started");
         loop {
-            if !self.deliver() {
+            if self.stopping.load(Ordering::SeqCst) || !self.deliver() {
                 break;
             }
             let listening = self.pending.is_none();
@@ -767,6 +873,17 @@ impl<In> Owner<In> {
                 Tag::Wake => continue, // `deliver` at the top of the loop does the work
                 Tag::Send => self.send(frames),
                 Tag::Reconnect => self.reconnect(),
+                Tag::Post => {
+                    if let Err(e) = self.send(frames) {
+                        self.failed_posts.fetch_add(1, Ordering::Relaxed);
+                        // Unknown peers are routine (heartbeats to a worker that just left).
+                        match e {
+                            TransportError::Full => tracing::warn!("a message was dropped: the send queue is full"),
+                            e => tracing::debug!(error = %e, "a message was dropped"),
+                        }
+                    }
+                    continue;
+                }
             };
             // A full reply queue means callers gave up on their answers long ago.
             if self.replies.try_send((sequence, result)).is_err() {
@@ -777,8 +894,7 @@ impl<In> Owner<In> {
     }
 
     fn send(&self, frames: Vec<Vec<u8>>) -> Result<(), TransportError> {
-        refresh(&self.net);
-        self.net.send_multipart(frames, zmq::DONTWAIT).map_err(|source| match source {
+        send_refreshing(&self.net, frames).map_err(|source| match source {
             zmq::Error::EAGAIN => TransportError::Full,
             source => TransportError::Send { source },
         })

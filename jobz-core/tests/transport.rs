@@ -341,3 +341,61 @@ async fn reconnect_works_after_the_router_restarts_on_the_same_port() {
     second.send(&peer, &welcome()).unwrap();
     assert_eq!(next_from_broker(&dealer).await, welcome());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nowait_sends_keep_their_order_with_waiting_sends_both_ways() {
+    const COUNT: u64 = 500;
+    let ctx = zmq::Context::new();
+    let router = bind(&ctx);
+    let dealer = Dealer::connect(&ctx, router.local_endpoint(), &options(), Some(b"mixer".to_vec())).unwrap();
+    dealer.send_nowait(&hello("mixer")).unwrap();
+    let (peer, message) = next_good(&router).await;
+    assert_eq!(message, hello("mixer"));
+    let chunk = |offset: u64| ToBroker::Output(Output { job_id: "j".into(), lease: 1, offset, data: vec![1] });
+    let ack = |lease: u64| ToWorker::ResultAck(LeaseRef { job_id: "j".into(), lease });
+    for i in 0..COUNT {
+        // Every third message waits for the pump; the rest only queue.
+        if i % 3 == 0 {
+            dealer.send(&chunk(i)).unwrap();
+            router.send(&peer, &ack(i)).unwrap();
+        } else {
+            dealer.send_nowait(&chunk(i)).unwrap();
+            router.send_nowait(&peer, &ack(i)).unwrap();
+        }
+    }
+    for i in 0..COUNT {
+        let (_, message) = next_good(&router).await;
+        assert_eq!(message, chunk(i));
+        assert_eq!(next_from_broker(&dealer).await, ack(i));
+    }
+    assert_eq!((router.failed_sends(), dealer.failed_sends()), (0, 0));
+}
+
+#[tokio::test]
+async fn a_nowait_send_to_an_unknown_peer_is_counted_not_reported() {
+    let ctx = zmq::Context::new();
+    let router = bind(&ctx);
+    let nobody = PeerId::from(b"nobody".as_slice());
+    router.send_nowait(&nobody, &ToWorker::Heartbeat).expect("queued; the pump finds out");
+    // The waiting send queues behind it, so once it answers the nowait one was tried.
+    assert!(matches!(router.send(&nobody, &ToWorker::Heartbeat), Err(TransportError::UnknownPeer { .. })));
+    assert_eq!(router.failed_sends(), 1);
+    // Local problems are still errors at once.
+    let dealer = Dealer::connect(&ctx, router.local_endpoint(), &options(), None).unwrap();
+    let bad = ToBroker::Progress(Progress { job_id: "j".into(), lease: 1, percent: f64::NAN, message: None });
+    assert!(matches!(dealer.send_nowait(&bad), Err(TransportError::Encode(_))));
+}
+
+#[tokio::test]
+async fn nowait_sends_queued_before_shutdown_still_go_out() {
+    let ctx = zmq::Context::new();
+    let router = bind(&ctx);
+    let options = SocketOptions { linger: Duration::from_secs(2), ..options() };
+    let dealer = Dealer::connect(&ctx, router.local_endpoint(), &options, Some(b"goer".to_vec())).unwrap();
+    dealer.send_nowait(&hello("goer")).unwrap();
+    let goodbye = ToBroker::Goodbye(Goodbye { hand_back: vec![LeaseRef { job_id: "j".into(), lease: 3 }] });
+    dealer.send_nowait(&goodbye).unwrap();
+    dealer.shutdown().unwrap();
+    assert_eq!(next_good(&router).await.1, hello("goer"));
+    assert_eq!(next_good(&router).await.1, goodbye);
+}

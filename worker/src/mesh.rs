@@ -15,7 +15,7 @@ use config::JobFile;
 use jobz_core::command;
 use jobz_core::pipeline::JobFacts;
 use jobz_core::protocol::{
-    self, Credit, Dispatch, Goodbye, Held, Hello, LeaseRef, Outcome, ResultReport, Role, ServedJob, ToBroker, ToWorker,
+    self, Dispatch, Goodbye, Held, Hello, LeaseRef, Outcome, ResultReport, Role, ServedJob, ToBroker, ToWorker,
 };
 use jobz_core::transport::{Dealer, SocketOptions, TransportError};
 use tokio::sync::mpsc;
@@ -173,8 +173,11 @@ pub async fn run(config: WorkerConfig, ctx: &zmq::Context, shutdown: Cancellatio
 }
 
 impl Worker {
+    /// Queues `message` for the broker without waiting for the transport
+    /// thread: every message here is either resent (Hello, Result) or harmless
+    /// to lose, so a failure is only logged (by the transport, or here).
     fn send(&mut self, message: &ToBroker) {
-        match self.dealer.send(message) {
+        match self.dealer.send_nowait(message) {
             Ok(()) => self.last_sent = Instant::now(),
             // The broker is unreachable right now; heartbeats notice and reconnect, results are resent.
             Err(e) => tracing::debug!(error = %e, "send to the broker failed"),
@@ -184,6 +187,9 @@ impl Worker {
     /// Registers (again), listing what this worker holds, with the credit it has.
     fn hello(&mut self) {
         let free = if self.draining { 0 } else { self.config.concurrency.saturating_sub(self.running.len() as u32) };
+        // A draining worker registers with concurrency 0: the broker then gives
+        // it no credit, not even for the results it still sends.
+        let concurrency = if self.draining { 0 } else { self.config.concurrency };
         let mut holding: Vec<Held> =
             self.running.iter().map(|(id, a)| Held { job_id: id.clone(), lease: a.lease, done: false }).collect();
         holding.extend(self.unacked.keys().map(|(id, lease)| Held { job_id: id.clone(), lease: *lease, done: true }));
@@ -192,7 +198,7 @@ impl Worker {
             name: self.config.name.clone(),
             host: self.config.host.clone(),
             pid: std::process::id(),
-            concurrency: self.config.concurrency,
+            concurrency,
             credit: free,
             jobs: self.digests.clone(),
             holding,
@@ -319,7 +325,9 @@ impl Worker {
         }
     }
 
-    /// Records a result until it is acknowledged, sends it, and frees the slot.
+    /// Records a result until it is acknowledged and sends it. The Result also
+    /// gives the slot back: the broker adds one credit for the first Result of
+    /// each attempt, so no `Credit` follows it.
     fn finish(&mut self, report: ResultReport) {
         self.idle_since = Instant::now();
         let message = ToBroker::Result(report.clone());
@@ -329,9 +337,6 @@ impl Worker {
             let _ = self.unacked.pop_first();
         }
         self.send(&message);
-        if !self.draining {
-            self.send(&ToBroker::Credit(Credit { n: 1 }));
-        }
     }
 
     fn resend_results(&mut self) {

@@ -114,6 +114,21 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (gate, key, reason)
     ) STRICT, WITHOUT ROWID;
     ",
+    // Version 3: the listing indexes end at `created_at`. Their `id` tie-break
+    // put a 36-byte key in every entry, written on every insert; the few jobs
+    // sharing a `created_at` are now put in `id` order after the index walk
+    // (SQLite sorts only the right part of the ORDER BY, and stops at the
+    // LIMIT), so listings keep their order.
+    "
+    DROP INDEX jobs_newest;
+    DROP INDEX jobs_by_name;
+    DROP INDEX jobs_by_run;
+    DROP INDEX jobs_by_status;
+    CREATE INDEX jobs_newest ON jobs (created_at);
+    CREATE INDEX jobs_by_name ON jobs (job_name, created_at);
+    CREATE INDEX jobs_by_run ON jobs (run_id, created_at);
+    CREATE INDEX jobs_by_status ON jobs (status, created_at);
+    ",
 ];
 
 /// The schema version this build writes and understands.

@@ -3,11 +3,13 @@
 //!
 //! It blocks for the first request, drains whatever else is already queued (up
 //! to the batch limit), applies all of it in one transaction and commits once,
-//! so one fsync covers many callers, and then answers every waiter. Each
-//! caller's changes run inside their own savepoint: a change that breaks a rule
-//! of the schema (a caller's bug) rolls back only that caller's changes, while
-//! a storage failure (disk full, I/O error) rolls back the whole transaction
-//! and every waiter gets the error. Nothing is answered before the commit
+//! so one fsync covers many callers, and then answers every waiter. A change
+//! that breaks a rule of the schema (a caller's bug) fails only that caller:
+//! the batch is first applied plainly, and only if a change is rejected is the
+//! transaction rolled back and the batch redone with each caller's changes in
+//! their own savepoint, which rolls back only the rejected caller's changes. A
+//! storage failure (disk full, I/O error) rolls back the whole transaction and
+//! every waiter gets the error. Nothing is answered before the commit
 //! returned, so no 202 is ever sent for a job that is not on disk.
 //!
 //! It is a `std::thread`, not a tokio task, because every SQLite call blocks.
@@ -245,7 +247,44 @@ impl Writer {
     /// Applies every caller's changes in one transaction and commits. Returns
     /// each caller's outcome and the number of skipped changes, or the storage
     /// failure that aborted the transaction (the caller rolls back).
+    ///
+    /// The common case, where no change breaks a rule of the schema, applies
+    /// the batch plainly, without a savepoint per caller. Only when some change
+    /// is rejected is the whole transaction rolled back and the batch applied
+    /// again with each caller in its own savepoint, so that the rejected
+    /// callers alone fail.
     fn apply_batch(&mut self, batch: &[Pending]) -> Result<(Vec<Result<(), StoreError>>, u64), StoreError> {
+        if let Some(skipped) = self.apply_batch_plainly(batch)? {
+            return Ok((batch.iter().map(|_| Ok(())).collect(), skipped));
+        }
+        self.rollback();
+        self.apply_batch_carefully(batch)
+    }
+
+    /// Applies the whole batch in one transaction without savepoints and
+    /// commits. `Ok(None)` when a change was rejected: the transaction is then
+    /// left open for the caller to roll back.
+    fn apply_batch_plainly(&mut self, batch: &[Pending]) -> Result<Option<u64>, StoreError> {
+        self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
+        let mut skipped = 0;
+        for change in batch.iter().flat_map(|pending| &pending.changes) {
+            match self.apply(change) {
+                Ok(true) => {}
+                Ok(false) => skipped += 1,
+                Err(Failure::Rejected(e)) => {
+                    debug!(error = %e, "store refused a change; the batch is redone caller by caller");
+                    return Ok(None);
+                }
+                Err(Failure::Storage(e)) => return Err(e),
+            }
+        }
+        self.exec("COMMIT", "commit")?;
+        Ok(Some(skipped))
+    }
+
+    /// Applies the batch in one transaction with each caller's changes in
+    /// their own savepoint, so a rejected caller rolls back alone, and commits.
+    fn apply_batch_carefully(&mut self, batch: &[Pending]) -> Result<(Vec<Result<(), StoreError>>, u64), StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut skipped_total = 0;
