@@ -1210,7 +1210,7 @@ impl State {
             Some(def) => {
                 let end = AttemptEnd { status, exit_code: ending.exit_code };
                 let decision = if running.copies.is_empty() {
-                    pipeline::decide(&file, def, &facts, end, jitter(&facts))
+                    pipeline::decide(&file, def, &facts, end, jobz_core::ids::jitter(&facts))
                 } else {
                     // A broadcast is not retried as a whole: each worker ran it once.
                     let (follow_ups, rejected) = pipeline::follow_ups(&file, def, &facts, end);
@@ -1528,50 +1528,12 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-/// A jitter value in `[0, 1)` for a retry's backoff.
-fn jitter(job: &JobFacts) -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write(job.id.as_bytes());
-    hasher.write_u32(job.attempt);
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// A new job id: a UUID v7, so ids sort by creation time.
-pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
-}
-
 /// The record of a new job about to be stored as queued.
 fn new_record(new: &NewJob, now: DateTime<Utc>, priority: Option<i32>, file: &JobFile) -> JobRecord {
     // The store keeps microseconds: the 202's times are the ones every later read shows.
     let now = crate::store::to_store_precision(now);
-    let id = new_id();
     let priority = priority.or_else(|| file.jobs.get(&new.job_name).map(|d| d.priority)).unwrap_or(0);
-    JobRecord {
-        run_id: new.run_id.clone().unwrap_or_else(|| id.clone()),
-        id,
-        job_name: new.job_name.clone(),
-        params: new.params.clone(),
-        status: Status::Queued,
-        attempts: 0,
-        parent_id: new.parent_id.clone(),
-        origin: new.origin.clone(),
-        priority,
-        worker: None,
-        lease: None,
-        exit_code: None,
-        signal: None,
-        created_at: now,
-        queued_at: Some(now),
-        started_at: None,
-        finished_at: None,
-        cancelled_at: None,
-        not_before: None,
-        output_tail: String::new(),
-        progress: None,
-        error: None,
-    }
+    JobRecord::queued(jobz_core::ids::new_id(), new, priority, now)
 }
 
 impl Shared {

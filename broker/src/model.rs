@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use jobz_core::pipeline::{GateReason, Origin};
+use jobz_core::pipeline::{GateReason, NewJob, Origin};
 use jobz_core::Status;
 
 /// One job: its identity, params, where it stands and its timestamps (SPEC `GET /jobs/{id}`).
@@ -39,6 +39,37 @@ pub struct JobRecord {
     pub progress: Option<Progress>,
     /// Why the job failed without a process result, e.g. the worker does not know the job.
     pub error: Option<String>,
+}
+
+impl JobRecord {
+    /// A new job with id `id`, queued at `now`: the record a start, a follow-up or a gate stores.
+    /// A job that starts a run (`new.run_id` is `None`) is its own run.
+    pub fn queued(id: String, new: &NewJob, priority: i32, now: DateTime<Utc>) -> JobRecord {
+        JobRecord {
+            run_id: new.run_id.clone().unwrap_or_else(|| id.clone()),
+            id,
+            job_name: new.job_name.clone(),
+            params: new.params.clone(),
+            status: Status::Queued,
+            attempts: 0,
+            parent_id: new.parent_id.clone(),
+            origin: new.origin.clone(),
+            priority,
+            worker: None,
+            lease: None,
+            exit_code: None,
+            signal: None,
+            created_at: now,
+            queued_at: Some(now),
+            started_at: None,
+            finished_at: None,
+            cancelled_at: None,
+            not_before: None,
+            output_tail: String::new(),
+            progress: None,
+            error: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -2,13 +2,14 @@
 //! (retries, follow-ups, gate counting) and the preparation of a job's
 //! commands from its definition.
 //!
-//! Everything here but [`transport`] is pure: no I/O, no clock, no randomness.
+//! Everything here but [`transport`] and [`ids`] is pure: no I/O, no clock, no randomness.
 //! Time and jitter come in as arguments, so eager mode, the broker and the
 //! semaphore share one implementation and tests need no sleeping. The
 //! transport (ZeroMQ sockets on their own threads) is kept apart in its module.
 
 pub mod command;
 pub mod gates;
+pub mod ids;
 pub mod job;
 pub mod limits;
 pub mod pipeline;

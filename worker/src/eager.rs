@@ -7,7 +7,6 @@
 //! time, first in, first out, so output never interleaves.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -161,7 +160,7 @@ async fn run_job(
     config: &EagerConfig,
     report: &mut impl FnMut(EagerEvent<'_>),
 ) -> Result<(EagerJob, Vec<NewJob>), EagerError> {
-    let id = new_id();
+    let id = jobz_core::ids::new_id();
     let run_id = new.run_id.clone().unwrap_or_else(|| id.clone());
     let mut facts = JobFacts { id, job_name: new.job_name.clone(), params: new.params.clone(), run_id, attempt: 1 };
     let started = Instant::now();
@@ -225,7 +224,7 @@ async fn run_job(
         ended.status = status;
         ended.exit_code = outcome.exit_code;
         let end = AttemptEnd { status, exit_code: outcome.exit_code };
-        match pipeline::decide(file, def, &facts, end, jitter(&facts)) {
+        match pipeline::decide(file, def, &facts, end, jobz_core::ids::jitter(&facts)) {
             Decision::Retry { attempt, delay } => {
                 report(EagerEvent::AttemptEnded { job: &facts, outcome: &outcome, retry_in: Some(delay) });
                 tokio::time::sleep(delay).await;
@@ -243,18 +242,4 @@ async fn run_job(
     }
     ended.elapsed = started.elapsed();
     Ok((ended, follow_ups))
-}
-
-/// A new job id: a UUID v7, so ids sort by creation time.
-pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
-}
-
-/// A jitter value in `[0, 1)` that differs between jobs and attempts, drawn
-/// from the standard library's per-process random hasher keys.
-fn jitter(job: &JobFacts) -> f64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write(job.id.as_bytes());
-    hasher.write_u32(job.attempt);
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use config::params::{ParamError, ParamProblem};
-use jobz_core::pipeline::Origin;
+use jobz_core::pipeline::{NewJob, Origin};
 use jobz_core::Status;
 use tokio::sync::watch;
 
@@ -281,30 +281,14 @@ impl Api for MemoryApi {
                 },
             };
             let now = Utc::now();
-            let job = JobRecord {
-                id: id.clone(),
+            let new = NewJob {
                 job_name: request.job_name.clone(),
                 params: request.params.clone(),
-                status: Status::Queued,
-                attempts: 0,
-                run_id,
+                run_id: Some(run_id),
                 parent_id: request.parent_id.clone(),
                 origin: Origin::Start,
-                priority: request.priority.unwrap_or(0),
-                worker: None,
-                lease: None,
-                exit_code: None,
-                signal: None,
-                created_at: now,
-                queued_at: Some(now),
-                started_at: None,
-                finished_at: None,
-                cancelled_at: None,
-                not_before: None,
-                output_tail: String::new(),
-                progress: None,
-                error: None,
             };
+            let job = JobRecord::queued(id.clone(), &new, request.priority.unwrap_or(0), now);
             state.jobs.insert(id.clone(), job.clone());
             if let Some(key) = &request.idempotency_key {
                 state.idempotency.insert(key.clone(), id);
