@@ -1062,11 +1062,7 @@ impl State {
                 continue;
             }
             if let Some(r) = self.running.remove(&job_id) {
-                batch.changes.push(Change::Requeue { id: job_id.clone(), at: now, not_before: None });
-                let mut job = r.job;
-                job.queued_at = now;
-                job.not_before = None;
-                batch.enqueue.push(job);
+                requeue(&mut batch, r, now);
             }
         }
         if !batch.changes.is_empty() {
@@ -1429,11 +1425,7 @@ impl State {
             for id in orphans {
                 if let Some(r) = self.running.remove(&id) {
                     tracing::warn!(job = %id, worker = %r.worker, "no worker claimed the attempt after the restart; queued again");
-                    batch.changes.push(Change::Requeue { id: id.clone(), at, not_before: None });
-                    let mut job = r.job;
-                    job.queued_at = at;
-                    job.not_before = None;
-                    batch.enqueue.push(job);
+                    requeue(&mut batch, r, at);
                 }
             }
             self.commit(batch);
@@ -1510,6 +1502,16 @@ impl State {
             *snapshot = Snapshot { workers, depth };
         }
     }
+}
+
+/// Puts an attempt whose worker is gone back in its queue at `at`: recorded as a
+/// `Requeue`, queued again once that is committed.
+fn requeue(batch: &mut Batch, running: Running, at: DateTime<Utc>) {
+    let mut job = running.job;
+    batch.changes.push(Change::Requeue { id: job.id.clone(), at, not_before: None });
+    job.queued_at = at;
+    job.not_before = None;
+    batch.enqueue.push(job);
 }
 
 /// Appends `data` to the log; with an `offset`, skips what the file already holds there (a resend).

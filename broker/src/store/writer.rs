@@ -433,13 +433,7 @@ impl Writer {
             Change::Requeue { id, at, not_before } => {
                 // The attempt that held the lease ended without a result; close
                 // it before the job lets go of the lease.
-                self.execute(
-                    change,
-                    "UPDATE attempts SET finished_at = ?2
-                     WHERE job_id = ?1 AND finished_at IS NULL
-                       AND lease = (SELECT lease FROM jobs WHERE id = ?1 AND status = 'running')",
-                    params![id, time_to_sql(*at)],
-                )?;
+                self.close_running_attempt(change, id, *at)?;
                 self.execute(
                     change,
                     "UPDATE jobs SET status = 'queued', lease = NULL, queued_at = ?2, not_before = ?3,
@@ -449,13 +443,7 @@ impl Writer {
                 )?
             }
             Change::Fail { id, at, error } => {
-                self.execute(
-                    change,
-                    "UPDATE attempts SET finished_at = ?2
-                     WHERE job_id = ?1 AND finished_at IS NULL
-                       AND lease = (SELECT lease FROM jobs WHERE id = ?1 AND status = 'running')",
-                    params![id, time_to_sql(*at)],
-                )?;
+                self.close_running_attempt(change, id, *at)?;
                 self.execute(
                     change,
                     "UPDATE jobs SET status = 'failed', finished_at = ?2, error = ?3
@@ -505,6 +493,18 @@ impl Writer {
             self.log_skip(change);
         }
         Ok(changed)
+    }
+
+    /// Closes the attempt that holds a running job's lease, without a result
+    /// (its worker is gone, or the job fails without one), before the job lets go of the lease.
+    fn close_running_attempt(&self, change: &Change, id: &str, at: DateTime<Utc>) -> Result<bool, Failure> {
+        self.execute(
+            change,
+            "UPDATE attempts SET finished_at = ?2
+             WHERE job_id = ?1 AND finished_at IS NULL
+               AND lease = (SELECT lease FROM jobs WHERE id = ?1 AND status = 'running')",
+            params![id, time_to_sql(at)],
+        )
     }
 
     fn insert(&self, job: &JobRecord) -> Result<(), Failure> {
