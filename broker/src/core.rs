@@ -29,6 +29,7 @@ use crate::limits;
 use crate::metrics::Metrics;
 use crate::model::{AttemptRecord, Change, FireRecord, GateEventKind, GateEventRecord, JobFilter, JobRecord, Progress};
 use crate::store::{SqliteStore, Store, StoreError};
+use crate::throttle::{Hold, Throttle};
 
 /// How the broker runs.
 #[derive(Debug, Clone)]
@@ -88,6 +89,8 @@ struct Snapshot {
     workers: Vec<WorkerView>,
     /// Queued and running jobs per job name.
     depth: BTreeMap<String, (u64, u64)>,
+    /// Names whose queued jobs a limit holds back now, and which.
+    holds: BTreeMap<String, Hold>,
 }
 
 /// Everything that can happen to the broker's loop.
@@ -118,6 +121,8 @@ enum Event {
         reply: oneshot::Sender<serde_json::Value>,
     },
     Tick,
+    /// The time a rate limit held a name back is up.
+    Wake,
 }
 
 /// A job waiting in a queue (or for its retry time).
@@ -186,6 +191,45 @@ impl Running {
     }
 }
 
+/// The attempts handed out, by job id, with a running count per job name that
+/// the mesh-wide limits ([`Throttle`]) read. Every insert and removal goes
+/// through here, so the counts cannot drift from the map.
+struct RunningJobs {
+    map: HashMap<String, Running>,
+    throttle: Throttle,
+}
+
+impl RunningJobs {
+    fn insert(&mut self, id: String, running: Running) {
+        self.throttle.started(&running.job.job_name);
+        if let Some(old) = self.map.insert(id, running) {
+            self.throttle.ended(&old.job.job_name);
+        }
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Running> {
+        let running = self.map.remove(id)?;
+        self.throttle.ended(&running.job.job_name);
+        Some(running)
+    }
+
+    fn get(&self, id: &str) -> Option<&Running> {
+        self.map.get(id)
+    }
+
+    fn get_mut(&mut self, id: &str) -> Option<&mut Running> {
+        self.map.get_mut(id)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &Running)> {
+        self.map.iter()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Running> {
+        self.map.values()
+    }
+}
+
 struct Worker {
     name: String,
     host: String,
@@ -251,7 +295,7 @@ struct State {
     queued_keys: HashMap<String, (String, QueueKey)>,
     /// Retries waiting for their time, by time.
     delayed: BTreeMap<(DateTime<Utc>, String), Queued>,
-    running: HashMap<String, Running>,
+    running: RunningJobs,
     workers: HashMap<PeerId, Worker>,
     /// Results already committed, so a resend (lost ack) is acknowledged again, not recorded as stale.
     recently_done: VecDeque<(String, u64)>,
@@ -324,7 +368,7 @@ pub async fn start(
         queues: HashMap::new(),
         queued_keys: HashMap::new(),
         delayed: BTreeMap::new(),
-        running: HashMap::new(),
+        running: RunningJobs { map: HashMap::new(), throttle: Throttle::new(&shared.config.file) },
         workers: HashMap::new(),
         recently_done: VecDeque::new(),
         recently_done_set: HashSet::new(),
@@ -414,11 +458,14 @@ impl State {
         let mut tick = tokio::time::interval(limits::TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let wake = self.rate_wake();
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(event) = events.recv() => event,
                 Some(incoming) = self.router.recv() => Event::Net(incoming),
                 _ = tick.tick() => Event::Tick,
+                // A rate-limited name may dispatch again: nothing to handle, `dispatch` below does it.
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => Event::Wake,
             };
             self.handle(event);
             self.dispatch();
@@ -445,6 +492,7 @@ impl State {
                 let _ = reply.send(known);
             }
             Event::Tick => self.on_tick(),
+            Event::Wake => {}
             Event::EventsRead { peer, from, through, events } => self.on_events_read(peer, from, through, events),
             Event::Gates { reply } => {
                 // The caller may have hung up; nothing to do then.
@@ -516,33 +564,47 @@ impl State {
 
     /// Hands queued jobs to workers that have credit, round-robin over the
     /// names each serves. Each hand-over is O(log n) in the backlog.
+    /// A name held back by its `concurrency` or `rate` is skipped, so the
+    /// names behind it keep flowing.
     fn dispatch(&mut self) {
         let peers: Vec<PeerId> = self.workers.iter().filter(|(_, w)| w.credit > 0).map(|(p, _)| p.clone()).collect();
+        let now = Instant::now();
         for peer in peers {
-            while let Some(name) = self.next_name_for(&peer) {
+            while let Some(name) = self.next_name_for(&peer, now) {
                 let Some(job) = self.pop(&name) else { break };
                 let broadcast = self.shared.config.file.jobs.get(&name).is_some_and(|d| d.mode == Mode::Broadcast);
                 let sent = if broadcast { self.broadcast_job(job) } else { self.send_job(&peer, job) };
                 if !sent {
                     break;
                 }
+                self.running.throttle.dispatched(&name, now);
             }
         }
     }
 
-    /// The next name with queued jobs that `peer` serves, if it has credit; advances its round-robin.
-    fn next_name_for(&mut self, peer: &PeerId) -> Option<String> {
+    /// The next name with queued jobs that `peer` serves and its limits let
+    /// go now, if the worker has credit; advances its round-robin.
+    fn next_name_for(&mut self, peer: &PeerId, now: Instant) -> Option<String> {
         let queues = &self.queues;
+        let throttle = &self.running.throttle;
         let worker = self.workers.get_mut(peer)?;
         if worker.credit == 0 || worker.dispatchable.is_empty() {
             return None;
         }
         let count = worker.dispatchable.len();
-        let found = (0..count)
-            .map(|i| (worker.next_name + i) % count)
-            .find(|&i| queues.get(&worker.dispatchable[i]).is_some_and(|q| !q.is_empty()))?;
+        let found = (0..count).map(|i| (worker.next_name + i) % count).find(|&i| {
+            let name = &worker.dispatchable[i];
+            queues.get(name).is_some_and(|q| !q.is_empty()) && throttle.admits(name, now).is_ok()
+        })?;
         worker.next_name = (found + 1) % count;
         Some(worker.dispatchable[found].clone())
+    }
+
+    /// When the loop must wake to dispatch a rate-limited name that has jobs waiting.
+    fn rate_wake(&self) -> Option<Instant> {
+        let throttle = &self.running.throttle;
+        let waiting = throttle.rate_limited().filter(|name| self.queues.get(*name).is_some_and(|q| !q.is_empty()));
+        throttle.next_wake(waiting, Instant::now())
     }
 
     /// Sends `job` to `peer` under a fresh lease; false (and the job back in
@@ -1498,8 +1560,16 @@ impl State {
                 connected_at: w.connected_at,
             })
             .collect();
+        let now = Instant::now();
+        let throttle = &self.running.throttle;
+        let holds = self
+            .queues
+            .iter()
+            .filter(|(name, q)| !q.is_empty() && throttle.limits(name))
+            .filter_map(|(name, _)| Some((name.clone(), throttle.admits(name, now).err()?)))
+            .collect();
         if let Ok(mut snapshot) = self.shared.snapshot.lock() {
-            *snapshot = Snapshot { workers, depth };
+            *snapshot = Snapshot { workers, depth, holds };
         }
     }
 }
@@ -1728,6 +1798,11 @@ pub(crate) async fn progress(
     }
     let change = Change::Progress { id: id.to_string(), progress: Progress { percent, message } };
     b.inner.store.commit(vec![change]).await.map_err(store_error)
+}
+
+/// What holds the queued jobs of `job_name` back now, if a limit does.
+pub(crate) fn hold(b: &BrokerHandle, job_name: &str) -> Option<Hold> {
+    b.inner.snapshot.lock().ok()?.holds.get(job_name).cloned()
 }
 
 pub(crate) async fn workers(b: &BrokerHandle) -> Vec<WorkerView> {

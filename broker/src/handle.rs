@@ -133,6 +133,11 @@ impl BrokerHandle {
         crate::core::progress(self, id, percent, message).await
     }
 
+    /// What holds the queued jobs of `job_name` back now (`concurrency` or `rate`), if anything.
+    pub fn hold(&self, job_name: &str) -> Option<crate::throttle::Hold> {
+        crate::core::hold(self, job_name)
+    }
+
     pub async fn workers(&self) -> Vec<WorkerView> {
         crate::core::workers(self).await
     }

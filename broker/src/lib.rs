@@ -8,3 +8,4 @@ pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod store;
+pub mod throttle;

@@ -256,7 +256,10 @@ async fn follow(
                 if trail.last() != Some(&view.status) {
                     trail.push(view.status);
                 }
-                let progress = render::progress(view.progress.as_ref());
+                let progress = match &view.held_by {
+                    Some(hold) => format!("(held by {})", hold.message),
+                    None => render::progress(view.progress.as_ref()),
+                };
                 let state = format!("{} {progress}", view.status).trim_end().to_owned();
                 let changed = shown.as_deref() != Some(state.as_str());
                 if show && io.err_is_terminal {

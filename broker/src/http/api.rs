@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::handle::{ApiError, BrokerHandle, StartRequest, Started, Waited, WorkerView};
 use crate::model::{AttemptRecord, JobFilter, JobRecord};
+use crate::throttle::Hold;
 
 /// The broker as the front door sees it; the methods mirror [`BrokerHandle`]'s.
 ///
@@ -41,9 +42,17 @@ pub trait Api: Clone + Send + Sync + 'static {
     fn schedules(&self) -> impl Future<Output = serde_json::Value> + Send;
     /// True when the store answers and the ZeroMQ endpoint is bound.
     fn healthy(&self) -> impl Future<Output = bool> + Send;
+    /// What holds the queued jobs of `job_name` back now, if a limit does.
+    fn hold(&self, _job_name: &str) -> Option<Hold> {
+        None
+    }
 }
 
 impl Api for BrokerHandle {
+    fn hold(&self, job_name: &str) -> Option<Hold> {
+        BrokerHandle::hold(self, job_name)
+    }
+
     fn start(&self, request: StartRequest) -> impl Future<Output = Result<Started, ApiError>> + Send {
         BrokerHandle::start(self, request)
     }

@@ -30,7 +30,7 @@ use super::limits::{
 use super::log_body::LogBody;
 use super::metrics::HttpMetrics;
 use super::reject::Reject;
-use super::wire::{CancelledList, JobList, JobView, ProgressReport, StartedView, WorkerEntry, WorkerList};
+use super::wire::{CancelledList, HoldView, JobList, JobView, ProgressReport, StartedView, WorkerEntry, WorkerList};
 use super::HttpOptions;
 use crate::handle::{StartRequest, Waited};
 use crate::model::{JobFilter, JobRecord};
@@ -76,7 +76,21 @@ impl<A: Api> Shared<A> {
     /// A single job's view, with its attempts.
     async fn full_view(&self, job: &JobRecord) -> Result<JobView, Reject> {
         let attempts = self.call(self.api.attempts(&job.id)).await?;
-        Ok(JobView::with_attempts(job, &attempts))
+        Ok(self.held(JobView::with_attempts(job, &attempts)))
+    }
+
+    /// A job's view in a list.
+    fn view(&self, job: &JobRecord) -> JobView {
+        self.held(JobView::new(job))
+    }
+
+    /// Says which limit holds a queued job back (not one waiting for its retry time).
+    fn held(&self, mut view: JobView) -> JobView {
+        let waiting_for_retry = view.not_before.is_some_and(|t| t > chrono::Utc::now());
+        if view.status == jobz_core::Status::Queued && !waiting_for_retry {
+            view.held_by = self.api.hold(&view.job_name).as_ref().map(HoldView::new);
+        }
+        view
     }
 }
 
@@ -454,7 +468,7 @@ async fn list<A: Api>(State(shared): AppState<A>, uri: Uri) -> Result<Json<JobLi
     };
     let filter = JobFilter { status, job_name: query.remove("job_name"), run_id: query.remove("run_id"), limit };
     let jobs = shared.call(shared.api.jobs(filter)).await?;
-    Ok(Json(JobList { jobs: jobs.iter().map(JobView::new).collect() }))
+    Ok(Json(JobList { jobs: jobs.iter().map(|j| shared.view(j)).collect() }))
 }
 
 /// `GET /jobs/{id}/log[?offset=N]`: the log from byte N to its size now, as text/plain.

@@ -57,6 +57,9 @@ pub struct JobView {
     /// Every attempt so far; in single-job answers only, not in lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_list: Option<Vec<AttemptView>>,
+    /// A queued job that a limit of its name holds back: which limit, and where it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<HoldView>,
     /// Present (true) when a start returned an existing job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deduplicated: Option<bool>,
@@ -87,6 +90,7 @@ impl JobView {
             origin: OriginView::new(&job.origin),
             not_before: job.not_before,
             attempt_list: None,
+            held_by: None,
             deduplicated: None,
         }
     }
@@ -94,6 +98,20 @@ impl JobView {
     /// The view with its attempts, as single-job answers give it.
     pub fn with_attempts(job: &JobRecord, attempts: &[AttemptRecord]) -> JobView {
         JobView { attempt_list: Some(attempts.iter().map(AttemptView::new).collect()), ..JobView::new(job) }
+    }
+}
+
+/// Why a queued job is not dispatched yet (`held_by` in the job view).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HoldView {
+    /// `concurrency` or `rate`.
+    pub limit: String,
+    pub message: String,
+}
+
+impl HoldView {
+    pub fn new(hold: &crate::throttle::Hold) -> HoldView {
+        HoldView { limit: hold.limit.to_string(), message: hold.message.clone() }
     }
 }
 

@@ -119,6 +119,9 @@ pub fn job(view: &JobView) -> String {
     if view.not_before.is_some() {
         rows.push(("retry at", time(view.not_before.as_ref())));
     }
+    if let Some(hold) = &view.held_by {
+        rows.push(("held by", hold.message.clone()));
+    }
     let mut text = String::new();
     for (key, value) in rows {
         text.push_str(&format!("{key:<10} {value}\n"));
