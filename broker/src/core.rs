@@ -303,6 +303,8 @@ struct State {
     /// The broker's digest of each job definition, for drift detection.
     digests: HashMap<String, String>,
     seq: u64,
+    /// Which worker dispatch starts from, turning each time.
+    dispatch_turn: usize,
     next_lease: u64,
     last_heartbeat_sent: Instant,
     last_prune: Instant,
@@ -374,6 +376,7 @@ pub async fn start(
         recently_done_set: HashSet::new(),
         digests,
         seq: 0,
+        dispatch_turn: 0,
         next_lease: lease_seed(),
         last_heartbeat_sent: now,
         last_prune: now,
@@ -566,19 +569,34 @@ impl State {
     /// names each serves. Each hand-over is O(log n) in the backlog.
     /// A name held back by its `concurrency` or `rate` is skipped, so the
     /// names behind it keep flowing.
+    ///
+    /// Workers take turns, one job each per round, starting from a different
+    /// worker each time, so jobs spread over the mesh instead of filling the
+    /// first worker's slots.
     fn dispatch(&mut self) {
-        let peers: Vec<PeerId> = self.workers.iter().filter(|(_, w)| w.credit > 0).map(|(p, _)| p.clone()).collect();
+        let mut active: Vec<PeerId> =
+            self.workers.iter().filter(|(_, w)| w.credit > 0).map(|(p, _)| p.clone()).collect();
+        if active.is_empty() {
+            return;
+        }
+        self.dispatch_turn = self.dispatch_turn.wrapping_add(1);
+        let turn = self.dispatch_turn % active.len();
+        active.rotate_left(turn);
         let now = Instant::now();
-        for peer in peers {
-            while let Some(name) = self.next_name_for(&peer, now) {
-                let Some(job) = self.pop(&name) else { break };
+        while !active.is_empty() {
+            let mut again = Vec::with_capacity(active.len());
+            for peer in active {
+                let Some(name) = self.next_name_for(&peer, now) else { continue };
+                let Some(job) = self.pop(&name) else { continue };
                 let broadcast = self.shared.config.file.jobs.get(&name).is_some_and(|d| d.mode == Mode::Broadcast);
                 let sent = if broadcast { self.broadcast_job(job) } else { self.send_job(&peer, job) };
-                if !sent {
-                    break;
+                // A worker that could not be sent to sits out until the next event.
+                if sent {
+                    self.running.throttle.dispatched(&name, now);
+                    again.push(peer);
                 }
-                self.running.throttle.dispatched(&name, now);
             }
+            active = again;
         }
     }
 
