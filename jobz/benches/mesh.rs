@@ -68,10 +68,12 @@ use worker::runner::{self, JobSpec};
 
 type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
-/// The bench's job file: one job that does nothing, one that prints its start time.
+/// The bench's job file: one job that does nothing, one that prints its start
+/// time, and (5) a slow one limited to two running across the mesh.
 const JOB_FILE: &str = r#"jobs:
   noop: { command: "/bin/true" }
   stamp: { command: "/bin/date +%s%N" }
+  capped: { command: "/bin/sleep 5", concurrency: 2 }
 "#;
 
 /// Concurrent keep-alive HTTP connections of every load.
@@ -95,6 +97,10 @@ const LATENCY_POLL: Duration = Duration::from_millis(2);
 /// (4): jobs queued before the workers attach, in slices timed one by one.
 const BACKLOG: usize = 100_000;
 const BACKLOG_SLICES: usize = 5;
+/// (5): jobs of the limited name and free jobs queued beside them.
+const LIMITED_JOBS: usize = 10_000;
+/// (5): slots per worker: two of the four are taken by the limited name.
+const LIMITED_WORKER_SLOTS: usize = 2;
 
 /// The longest a single HTTP exchange may take.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
@@ -189,21 +195,30 @@ fn main() -> BenchResult<()> {
         None
     };
 
+    let limited = if parts.contains(&5) {
+        println!("\n(5) free jobs beside {LIMITED_JOBS} jobs of a name under `concurrency: 2`: separate processes");
+        let limited = limited_rates(&bench)?;
+        print_limited(&limited);
+        Some(limited)
+    } else {
+        None
+    };
+
     println!("\nsummary");
-    summary(accept.as_ref(), e2e.as_ref(), latency.as_ref(), backlog.as_ref());
+    summary(accept.as_ref(), e2e.as_ref(), latency.as_ref(), backlog.as_ref(), limited.as_ref());
     println!("\nwhole run: {:.0}s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
-/// The parts to run: `JOBZ_BENCH_PARTS=1,3` runs (1) and (3); all four by default.
+/// The parts to run: `JOBZ_BENCH_PARTS=1,3` runs (1) and (3); all five by default.
 fn parts() -> BenchResult<Vec<u8>> {
     match std::env::var("JOBZ_BENCH_PARTS") {
-        Err(_) => Ok(vec![1, 2, 3, 4]),
+        Err(_) => Ok(vec![1, 2, 3, 4, 5]),
         Ok(text) => text
             .split(',')
             .map(|p| match p.trim().parse::<u8>() {
-                Ok(n @ 1..=4) => Ok(n),
-                _ => Err(format!("JOBZ_BENCH_PARTS: {p:?} is not a part from 1 to 4").into()),
+                Ok(n @ 1..=5) => Ok(n),
+                _ => Err(format!("JOBZ_BENCH_PARTS: {p:?} is not a part from 1 to 5").into()),
             })
             .collect(),
     }
@@ -703,7 +718,7 @@ fn backlog_rates(bench: &Bench) -> BenchResult<BacklogFigures> {
     // The control: the same processes, workers attached first, no backlog.
     let (control_rate, control_cpu) = {
         let mut mesh = Processes::broker(bench, &binary)?;
-        mesh.workers(&binary, WORKERS)?;
+        mesh.workers(&binary, WORKERS, 1)?;
         let before = mesh.snapshots();
         let run = bench.client.block_on(run_batch(mesh.http, E2E_JOBS));
         let spent = spent_per_job(&before, &mesh.snapshots(), E2E_JOBS as f64);
@@ -738,7 +753,7 @@ fn backlog_rates(bench: &Bench) -> BenchResult<BacklogFigures> {
     let attached = Instant::now();
     let broker_before = mesh.snapshots();
     let drained =
-        mesh.workers(&binary, WORKERS).and_then(|()| bench.client.block_on(count_completions(mesh.http, attached)));
+        mesh.workers(&binary, WORKERS, 1).and_then(|()| bench.client.block_on(count_completions(mesh.http, attached)));
     let backlog_cpu = spent_per_job(&broker_before, &mesh.snapshots(), E2E_JOBS as f64);
     let rss_after_kib = vm_rss_kib(mesh.broker_pid()).unwrap_or(0);
     mesh.stop();
@@ -755,6 +770,73 @@ fn backlog_rates(bench: &Bench) -> BenchResult<BacklogFigures> {
         rss_backlog_kib,
         rss_after_kib,
     })
+}
+
+// ---------------------------------------------------------------------------
+// (5) free jobs beside a limited name
+// ---------------------------------------------------------------------------
+
+struct LimitedFigures {
+    /// `noop` jobs/s with only `noop` queued, 2 workers of 1 slot (2 slots for noop).
+    control_rate: f64,
+    /// `noop` jobs/s with 10,000 `capped` queued beside them, 2 workers of 2 slots
+    /// (two held by `capped` sleeping, two left for noop).
+    rate: f64,
+    steady_rate: f64,
+    /// `capped` jobs running at the end (never more than 2).
+    capped_running: f64,
+}
+
+fn limited_rates(bench: &Bench) -> BenchResult<LimitedFigures> {
+    let binary = jobz_binary()?;
+    let fill = |mesh: &Processes, names: &'static [&'static str]| {
+        bench.client.block_on(async {
+            for name in names {
+                let path: &'static str =
+                    if *name == "capped" { "/job_start?job_name=capped" } else { "/job_start?job_name=noop" };
+                start_many(mesh.http, path, LIMITED_JOBS).await?;
+            }
+            let mut client = Client::connect(mesh.http).await?;
+            wait_metric(&mut client, r#"jobz_queue_depth{job_name="noop"}"#, LIMITED_JOBS as f64).await
+        })
+    };
+    let (control_rate, _) = {
+        let mut mesh = Processes::broker(bench, &binary)?;
+        fill(&mesh, &["noop"])?;
+        let attached = Instant::now();
+        let run = mesh
+            .workers(&binary, WORKERS, 1)
+            .and_then(|()| bench.client.block_on(count_completions(mesh.http, attached)));
+        mesh.stop();
+        run?
+    };
+    let mut mesh = Processes::broker(bench, &binary)?;
+    fill(&mesh, &["capped", "noop"])?;
+    let attached = Instant::now();
+    let run = mesh
+        .workers(&binary, WORKERS, LIMITED_WORKER_SLOTS)
+        .and_then(|()| bench.client.block_on(count_completions(mesh.http, attached)));
+    let capped_running = bench.client.block_on(async {
+        let mut client = Client::connect(mesh.http).await?;
+        let metrics = client.text("/metrics").await?;
+        BenchResult::Ok(metric(&metrics, r#"jobz_running{job_name="capped"}"#).unwrap_or(0.0))
+    });
+    mesh.stop();
+    let (rate, steady_rate) = run?;
+    Ok(LimitedFigures { control_rate, rate, steady_rate, capped_running: capped_running? })
+}
+
+fn print_limited(f: &LimitedFigures) {
+    println!("    {:<60} {:>10}", "", "jobs/s");
+    println!("    {:<60} {:>10.0}", "noop alone, 2 workers x 1 slot (control)", f.control_rate);
+    println!(
+        "    {:<60} {:>10.0}",
+        format!("noop beside {LIMITED_JOBS} capped, 2 workers x {LIMITED_WORKER_SLOTS} slots"),
+        f.rate
+    );
+    println!("    {:<60} {:>10.0}", "the same, from the first completion (steady state)", f.steady_rate);
+    println!("    capped running at the end: {} (limit 2)", f.capped_running);
+    println!("    ratio beside the limited name / control: {:.2}", f.rate / f.control_rate);
 }
 
 /// Polls the succeeded count until [`E2E_JOBS`] have finished; returns the rate
@@ -907,12 +989,13 @@ impl Processes {
         self.broker.as_ref().map_or(0, Child::id)
     }
 
-    /// Starts `count` workers with concurrency 1 and waits until the broker lists them.
-    fn workers(&mut self, binary: &Path, count: usize) -> BenchResult<()> {
+    /// Starts `count` workers with `slots` concurrency each and waits until the broker lists them.
+    fn workers(&mut self, binary: &Path, count: usize, slots: usize) -> BenchResult<()> {
         for i in 0..count {
             let log = File::create(self.dir.path().join(format!("worker-{i}.log")))?;
+            let slots = slots.to_string();
             let child = Command::new(binary)
-                .args(["worker", "--broker", &self.endpoint, "--concurrency", "1", "--name", &format!("bench-{i}")])
+                .args(["worker", "--broker", &self.endpoint, "--concurrency", &slots, "--name", &format!("bench-{i}")])
                 .arg("--config")
                 .arg(&self.job_path)
                 .stdin(Stdio::null())
@@ -1453,6 +1536,7 @@ fn summary(
     e2e: Option<&E2eFigures>,
     latency: Option<&LatencyFigures>,
     backlog: Option<&BacklogFigures>,
+    limited: Option<&LimitedFigures>,
 ) {
     let mut rows: Vec<(String, String, String, &str)> = Vec::new();
     if let Some(a) = accept {
@@ -1502,6 +1586,14 @@ fn summary(
             verdict(b.rate / b.control_rate >= TARGET_E2E_RATIO),
         ));
         rows.push(("(4) broker VmRSS with the backlog".into(), fmt_kib(b.rss_backlog_kib), "-".into(), ""));
+    }
+    if let Some(l) = limited {
+        rows.push((
+            "(5) free jobs/s beside a limited name".into(),
+            format!("{:.0} vs {:.0} alone, ratio {:.2}", l.rate, l.control_rate, l.rate / l.control_rate),
+            format!(">= {TARGET_E2E_RATIO}"),
+            verdict(l.rate / l.control_rate >= TARGET_E2E_RATIO && l.capped_running <= 2.0),
+        ));
     }
     println!("    {:<40} {:<44} {:<10}", "figure", "measured", "target");
     for (name, value, target, verdict) in rows {
