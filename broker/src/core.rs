@@ -109,6 +109,13 @@ enum Event {
         id: String,
         reply: oneshot::Sender<bool>,
     },
+    /// Whether the loop has handed the job to a worker. The store learns of a
+    /// dispatch a moment later (it is recorded without waiting), so a job that
+    /// has just started can still read as queued there.
+    IsRunning {
+        id: String,
+        reply: oneshot::Sender<bool>,
+    },
     /// Gate events read from the store for a semaphore's `Subscribe`.
     EventsRead {
         peer: PeerId,
@@ -493,6 +500,10 @@ impl State {
                 let known = self.cancel(&id);
                 // The caller may have gone away (client hung up); the cancel stands regardless.
                 let _ = reply.send(known);
+            }
+            Event::IsRunning { id, reply } => {
+                // The caller may have hung up; nothing to do then.
+                let _ = reply.send(self.running.contains_key(&id));
             }
             Event::Tick => self.on_tick(),
             Event::Wake => {}
@@ -1811,8 +1822,20 @@ pub(crate) async fn progress(
         return Err(ApiError::BadRequest(format!("percent {percent} is not between 0 and 100")));
     }
     let record = job(b, id).await?;
-    if record.status != Status::Running {
-        return Err(ApiError::Conflict(format!("job {id} is {}, not running", record.status)));
+    let not_running = |status: Status| ApiError::Conflict(format!("job {id} is {status}, not running"));
+    if record.status.is_final() {
+        return Err(not_running(record.status));
+    }
+    // A job reporting progress as soon as it starts can be ahead of its
+    // dispatch in the store (recorded without waiting): the loop knows. Asked
+    // after the dispatch was queued to the store's writer, so the progress
+    // change below is applied after it.
+    let (tx, rx) = oneshot::channel();
+    let gone = || ApiError::Unavailable("the broker is shutting down".into());
+    b.inner.events.send(Event::IsRunning { id: id.to_string(), reply: tx }).await.map_err(|_| gone())?;
+    if !rx.await.map_err(|_| gone())? {
+        let record = job(b, id).await?;
+        return Err(not_running(record.status));
     }
     let change = Change::Progress { id: id.to_string(), progress: Progress { percent, message } };
     b.inner.store.commit(vec![change]).await.map_err(store_error)

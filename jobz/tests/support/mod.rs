@@ -292,3 +292,93 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+impl Mesh {
+    /// Starts a worker with extra flags (`--topics`, `--exit-when-idle`, …) after the usual ones.
+    pub fn worker_with(&self, name: &str, concurrency: u32, extra: &[&str]) -> Proc {
+        let endpoint = self.endpoint();
+        let config = self.config.display().to_string();
+        let concurrency = concurrency.to_string();
+        let mut args =
+            vec!["worker", "--broker", &endpoint, "--config", &config, "--name", name, "--concurrency", &concurrency];
+        args.extend_from_slice(extra);
+        self.spawn(name, &args)
+    }
+
+    /// Runs a client command (`jobz cancel ID`, …) against this mesh's front door and
+    /// waits for it, up to `limit` (then kills it by PID and panics).
+    pub fn client(&self, args: &[&str], limit: Duration) -> std::process::Output {
+        let child = Command::new(env!("CARGO_BIN_EXE_jobz"))
+            .args(args)
+            .arg("--url")
+            .arg(self.url())
+            .current_dir(self.path())
+            .env_remove("JOBZ_JOB_ID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(child) => child,
+            Err(e) => panic!("cannot run jobz {args:?}: {e}"),
+        };
+        let deadline = Instant::now() + limit;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("jobz {args:?} did not finish within {limit:?}");
+                }
+            }
+        }
+        match child.wait_with_output() {
+            Ok(output) => output,
+            Err(e) => panic!("reading the output of jobz {args:?}: {e}"),
+        }
+    }
+
+    /// Jobs with this name in the store, newest first.
+    pub fn jobs_named(&self, name: &str) -> Vec<serde_json::Value> {
+        let list = json(&get(&self.url(), &format!("/jobs?job_name={name}&limit=1000")).1);
+        list["jobs"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// The pids a job wrote to `path`, one a line.
+pub fn read_pids(path: &Path) -> Vec<i32> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// Whether process `pid` exists and is not a zombie (a zombie has exited; only its parent has
+/// not collected it yet, which for an orphan is init's business).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may contain spaces.
+        Ok(stat) => {
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s != "Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// Kills (SIGKILL) the processes whose pids a job wrote to a file, when dropped: a
+/// failing test leaves no `sleep 300` behind. Only a pid whose command is still `sh`
+/// or `sleep` is signalled, so a recycled pid is left alone.
+pub struct PidFileGuard(pub PathBuf);
+
+impl Drop for PidFileGuard {
+    fn drop(&mut self) {
+        for pid in read_pids(&self.0) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if alive(pid) && (comm.trim() == "sleep" || comm.trim() == "sh") {
+                // SAFETY: kill(2) on a pid our test's job recorded; no memory is involved.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
