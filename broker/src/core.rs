@@ -228,6 +228,10 @@ impl RunningJobs {
         self.map.get_mut(id)
     }
 
+    fn contains_key(&self, id: &str) -> bool {
+        self.map.contains_key(id)
+    }
+
     fn iter(&self) -> impl Iterator<Item = (&String, &Running)> {
         self.map.iter()
     }
