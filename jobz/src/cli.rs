@@ -102,6 +102,9 @@ pub enum Command {
         /// Exit after this long without a job (e.g. 30s)
         #[arg(long, value_name = "DURATION")]
         exit_when_idle: Option<String>,
+        /// On SIGTERM/SIGINT, how long running jobs may finish before they are stopped and handed back [default: 30s]
+        #[arg(long, value_name = "DURATION")]
+        grace: Option<String>,
     },
     /// Evaluates the gates of the job file
     Semaphore {
@@ -208,8 +211,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Broker { config, http, bind, data, allow_drift, tuning } => {
             crate::mesh_cmd::broker(BrokerArgs { config, http, bind, data, allow_drift, tuning })
         }
-        Command::Worker { broker, config, topics, concurrency, name, exit_when_idle } => {
-            crate::mesh_cmd::worker(WorkerArgs { broker, config, topics, concurrency, name, exit_when_idle })
+        Command::Worker { broker, config, topics, concurrency, name, exit_when_idle, grace } => {
+            crate::mesh_cmd::worker(WorkerArgs { broker, config, topics, concurrency, name, exit_when_idle, grace })
         }
         Command::Semaphore { broker, config } => crate::semaphore_cmd::semaphore(broker, config),
         Command::Start { name, params, wait, client } => {

@@ -34,6 +34,7 @@ pub struct WorkerArgs {
     pub concurrency: Option<usize>,
     pub name: Option<String>,
     pub exit_when_idle: Option<String>,
+    pub grace: Option<String>,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -157,6 +158,9 @@ fn worker_config(
     if let Some(idle) = &args.exit_when_idle {
         config.exit_when_idle = Some(duration_flag("--exit-when-idle", idle)?);
     }
+    if let Some(grace) = &args.grace {
+        config.drain_grace = duration_flag("--grace", grace)?;
+    }
     Ok(config)
 }
 
@@ -197,6 +201,7 @@ pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> 
                 concurrency: Some(1),
                 name: Some(name.clone()),
                 exit_when_idle: None,
+                grace: None,
             };
             let config = worker_config(&wargs, file.clone(), running.endpoint.clone(), name)?;
             let ctx = ctx.clone();

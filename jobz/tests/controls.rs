@@ -14,6 +14,13 @@ use support::{alive, get, json, post, read_pids, wait_until, Mesh, PidFileGuard}
 /// `$DIR` is the test's temp dir; `@JOBZ@` the jobz binary under test.
 const CONTROLS: &str = r#"
 jobs:
+  lingering:
+    shell: true
+    command: >-
+      echo S $JOBZ_ATTEMPT $(date +%s%N) >> $DIR/linger;
+      if [ "$JOBZ_ATTEMPT" -gt 1 ]; then exit 0; fi;
+      trap 'sleep 2; echo E $JOBZ_ATTEMPT $(date +%s%N) >> $DIR/linger; exit 0' TERM;
+      sleep 60 & wait
   flaky:
     shell: true
     command: "echo run >> $DIR/flaky-runs; test $(wc -l < $DIR/flaky-runs) -ge 3"
@@ -551,4 +558,28 @@ fn metrics_show_the_queue_depth_per_job_name() {
     assert!(value("jobz_queue_depth{job_name=\"a\"}").unwrap_or(0.0) == 0.0, "{metrics}");
     assert_eq!(value("jobz_jobs{job_name=\"a\",status=\"succeeded\"}"), Some(1.0), "{metrics}");
     assert_eq!(value("jobz_workers"), Some(1.0), "{metrics}");
+}
+
+#[test]
+fn a_job_past_the_drain_grace_is_handed_back_only_once_its_processes_are_gone() {
+    let mesh = mesh();
+    let _broker = mesh.broker(&[]);
+    let mut w1 = mesh.worker_with("w1", 1, &["--grace", "1s"]);
+    mesh.wait_workers(1);
+    let id = id_of(&mesh.start("job_name=lingering"));
+    wait_until(Duration::from_secs(30), "the job to start", || !lines(&mesh, "linger").is_empty());
+    // A second worker is there to take the job as soon as it is handed back.
+    let _w2 = mesh.worker("w2", 1);
+    mesh.wait_workers(2);
+    let status = w1.terminate(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "w1 exit: {status:?}\n{}", mesh.logs());
+    let job = mesh.wait_final(&id, Duration::from_secs(30));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["worker"], "w2", "{job}");
+    let stamps = lines(&mesh, "linger");
+    let fields: Vec<Vec<&str>> = stamps.iter().map(|l| l.split_whitespace().collect()).collect();
+    let kinds: Vec<(&str, &str)> = fields.iter().map(|f| (f[0], f[1])).collect();
+    assert_eq!(kinds, [("S", "1"), ("E", "1"), ("S", "2")], "{stamps:?}");
+    let ns = |i: usize| fields[i][2].parse::<u128>().unwrap_or_else(|e| panic!("stamp {stamps:?}: {e}"));
+    assert!(ns(1) <= ns(2), "the second attempt started before the first one's processes were gone: {stamps:?}");
 }

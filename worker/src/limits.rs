@@ -76,3 +76,6 @@ pub const ATTEMPT_EVENTS: usize = 1024;
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// On shutdown, how long the worker waits for its last results to be acknowledged.
 pub const RESULT_ACK_WAIT: Duration = Duration::from_secs(5);
+/// On shutdown, beyond the kill grace, how long the worker waits for a stopped job's
+/// processes to be gone before handing the job back anyway.
+pub const KILL_WAIT_SLACK: Duration = Duration::from_secs(2);

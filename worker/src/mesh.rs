@@ -6,7 +6,7 @@
 //! backoff (Paranoid Pirate), and registers again listing what it holds, so the
 //! broker re-adopts those attempts instead of running them twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -408,7 +408,27 @@ impl Worker {
             for attempt in self.running.values() {
                 attempt.cancel.cancel();
             }
-            // Their results are stale once handed back; forget them.
+            // Handed back only once their processes are gone (TERM, the kill grace, KILL),
+            // so the broker never has the job run twice at once.
+            let killed_by = Instant::now() + self.config.kill_grace + limits::KILL_WAIT_SLACK;
+            let mut gone: HashSet<(String, u64)> = HashSet::new();
+            let leases: HashSet<(String, u64)> = hand_back.iter().map(|l| (l.job_id.clone(), l.lease)).collect();
+            while gone.len() < leases.len() && Instant::now() < killed_by {
+                tokio::select! {
+                    Some(event) = events.recv() => match event {
+                        // Their results are stale once handed back: not reported.
+                        AttemptEvent::Finished(report) if leases.contains(&(report.job_id.clone(), report.lease)) => {
+                            gone.insert((report.job_id.clone(), report.lease));
+                        }
+                        other => self.on_attempt_event(other),
+                    },
+                    Some(message) = self.dealer.recv() => self.on_message(message),
+                    _ = tick.tick() => self.on_tick(),
+                }
+            }
+            if gone.len() < leases.len() {
+                tracing::warn!(left = leases.len() - gone.len(), "some handed-back jobs did not stop in time");
+            }
             self.running.clear();
             self.send(&ToBroker::Goodbye(Goodbye { hand_back }));
         } else {
