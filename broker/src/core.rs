@@ -259,8 +259,6 @@ struct Worker {
     last_seen: Instant,
     last_heartbeat: DateTime<Utc>,
     connected_at: DateTime<Utc>,
-    /// Where the round-robin over `dispatchable` resumes.
-    next_name: usize,
 }
 
 /// A change set the loop is committing, with what to do once it is durable.
@@ -615,22 +613,24 @@ impl State {
         }
     }
 
-    /// The next name with queued jobs that `peer` serves and its limits let
-    /// go now, if the worker has credit; advances its round-robin.
-    fn next_name_for(&mut self, peer: &PeerId, now: Instant) -> Option<String> {
-        let queues = &self.queues;
-        let throttle = &self.running.throttle;
-        let worker = self.workers.get_mut(peer)?;
-        if worker.credit == 0 || worker.dispatchable.is_empty() {
+    /// The name whose next job `peer` should run, if it has credit: of the
+    /// names it serves that have jobs queued and whose limits let one go now,
+    /// the one whose first job has the highest priority, and among equals the
+    /// one queued first. So priorities and first-in, first-out hold across
+    /// names too, and a held name is passed over.
+    fn next_name_for(&self, peer: &PeerId, now: Instant) -> Option<String> {
+        let worker = self.workers.get(peer)?;
+        if worker.credit == 0 {
             return None;
         }
-        let count = worker.dispatchable.len();
-        let found = (0..count).map(|i| (worker.next_name + i) % count).find(|&i| {
-            let name = &worker.dispatchable[i];
-            queues.get(name).is_some_and(|q| !q.is_empty()) && throttle.admits(name, now).is_ok()
-        })?;
-        worker.next_name = (found + 1) % count;
-        Some(worker.dispatchable[found].clone())
+        let throttle = &self.running.throttle;
+        worker
+            .dispatchable
+            .iter()
+            .filter_map(|name| Some((self.queues.get(name)?.first_key_value()?.0, name)))
+            .filter(|(_, name)| throttle.admits(name, now).is_ok())
+            .min_by_key(|(key, _)| **key)
+            .map(|(_, name)| name.clone())
     }
 
     /// When the loop must wake to dispatch a rate-limited name that has jobs waiting.
@@ -1112,7 +1112,6 @@ impl State {
                 last_seen: Instant::now(),
                 last_heartbeat: now,
                 connected_at,
-                next_name: 0,
             },
         );
     }

@@ -185,3 +185,44 @@ fn concurrency_holds_across_a_broker_restart() {
     assert_eq!(runs.len(), 2, "each ran once: {runs:?}");
     assert_eq!(max_overlap(&runs), 1, "concurrency 1 held across the restart: {runs:?}");
 }
+
+#[test]
+fn priority_orders_the_queue_and_equal_priorities_stay_first_in_first_out() {
+    let mesh = Mesh::new(
+        r#"
+jobs:
+  step:
+    shell: true
+    command: "echo {tag} >> $DIR/order"
+    params:
+      tag: { pattern: '^[a-z0-9]+$' }
+  urgent:
+    shell: true
+    priority: 5
+    command: "echo {tag} >> $DIR/order"
+    params:
+      tag: { pattern: '^[a-z0-9]+$' }
+"#,
+    );
+    let _broker = mesh.broker(&[]);
+    // Queued before any worker is there, so the queue decides the order.
+    let starts = [
+        "job_name=step&tag=low1&priority=-3",
+        "job_name=step&tag=plain1",
+        "job_name=step&tag=high1&priority=10",
+        "job_name=urgent&tag=urgent1",
+        "job_name=step&tag=plain2",
+        "job_name=step&tag=high2&priority=10",
+        "job_name=step&tag=low2&priority=-3",
+    ];
+    let ids: Vec<String> = starts.iter().map(|q| id(&mesh.start(q))).collect();
+    assert_eq!(mesh.job(&ids[2])["priority"], 10);
+    assert_eq!(mesh.job(&ids[3])["priority"], 5, "the job file's priority applies when the start gives none");
+    let _worker = mesh.worker("w1", 1);
+    for id in &ids {
+        assert_eq!(mesh.wait_final(id, Duration::from_secs(30))["status"], "succeeded");
+    }
+    let order: Vec<String> = read(&mesh, "order").lines().map(str::to_string).collect();
+    // By priority across names (the job file's 5 between a start's 10 and the default 0), then first in, first out.
+    assert_eq!(order, ["high1", "high2", "urgent1", "plain1", "plain2", "low1", "low2"]);
+}
