@@ -52,6 +52,7 @@ fn queued(id: &str, job_name: &str, created: DateTime<Utc>) -> JobRecord {
         output_tail: String::new(),
         progress: None,
         error: None,
+        unique_key: None,
     }
 }
 
@@ -139,6 +140,7 @@ async fn insert_round_trips_every_field_including_unicode_and_none_vs_some() {
         output_tail: "last line ✓\n".into(),
         progress: Some(Progress { percent: 42.5, message: Some("halfway ½".into()) }),
         error: Some("worker does not know the job".into()),
+        unique_key: Some("2024_01_31/Zürich".into()),
     };
     let mut origins = vec![bare.clone(), full.clone()];
     for (i, origin) in [
@@ -457,7 +459,7 @@ async fn a_returned_commit_is_visible_to_a_fresh_connection_while_the_store_is_o
     let (journal_mode, version): (String, i64) = raw
         .query_row("SELECT * FROM pragma_journal_mode, pragma_user_version", [], |row| Ok((row.get(0)?, row.get(1)?)))
         .unwrap();
-    assert_eq!((journal_mode.as_str(), version), ("wal", 3));
+    assert_eq!((journal_mode.as_str(), version), ("wal", 4));
     drop(store);
 }
 
@@ -744,7 +746,7 @@ async fn a_database_from_a_newer_jobz_is_refused() {
     raw.pragma_update(None, "user_version", 99).unwrap();
     drop(raw);
     let err = SqliteStore::open(dir.path(), StoreOptions::default()).err().expect("refused");
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 3, .. }), "{err:?}");
+    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 4, .. }), "{err:?}");
 }
 
 // ---- Queries ----
