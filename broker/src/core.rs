@@ -1719,7 +1719,7 @@ pub(crate) async fn start_job(b: &BrokerHandle, request: StartRequest) -> Result
             let admissions = shared.store.commit_admitting(vec![guarded]).await.map_err(store_error)?;
             match admissions.into_iter().next() {
                 Some(Admission::Inserted) => {}
-                Some(Admission::Existing(job)) => return Ok(Started { job, deduplicated: true }),
+                Some(Admission::Existing(job)) => return Ok(Started { job: *job, deduplicated: true }),
                 Some(Admission::KeyReused { job_id, job_name, params }) => {
                     return Err(ApiError::Conflict(format!(
                         "this Idempotency-Key was first given to start {job_name:?} with params {params:?} \

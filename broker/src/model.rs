@@ -164,7 +164,7 @@ pub enum Admission {
     Inserted,
     /// Nothing was inserted: this job stands for the start (the job of the
     /// idempotency key, or the holder of the unique key).
-    Existing(JobRecord),
+    Existing(Box<JobRecord>),
     /// Nothing was inserted: the idempotency key was first given with another
     /// job name or other params (after defaults) than this start's.
     KeyReused {

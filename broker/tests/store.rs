@@ -1126,7 +1126,7 @@ async fn an_idempotency_key_answers_with_its_first_job_refuses_other_params_and_
     assert_eq!(admit(&store, guarded(first.clone(), at(0), Some(("cron-1", at(0))))).await, Admission::Inserted);
     // The same start again: the first job, nothing stored.
     let repeat = admit(&store, guarded(queued("second", "import", at(101)), at(0), Some(("cron-1", at(0))))).await;
-    assert_eq!(repeat, Admission::Existing(first.clone()));
+    assert_eq!(repeat, Admission::Existing(Box::new(first.clone())));
     assert_eq!(store.job("second").await.unwrap(), None);
     // Other params, or another job name, under the same key: refused, nothing stored.
     let mut other_params = queued("third", "import", at(102));

@@ -110,6 +110,9 @@ struct Pending {
     reply: Option<Reply<Vec<Admission>>>,
 }
 
+/// Each caller's outcome in a batch: its admissions, or why its changes were refused.
+type Outcomes = Vec<Result<Vec<Admission>, StoreError>>;
+
 /// What applying one transaction's changes learnt so far.
 #[derive(Default)]
 struct Applying {
@@ -276,10 +279,9 @@ impl Writer {
     /// is rejected is the whole transaction rolled back and the batch applied
     /// again with each caller in its own savepoint, so that the rejected
     /// callers alone fail.
-    #[allow(clippy::type_complexity)]
-    fn apply_batch(&mut self, batch: &[Pending]) -> Result<(Vec<Result<Vec<Admission>, StoreError>>, u64), StoreError> {
-        if let Some((admissions, skipped)) = self.apply_batch_plainly(batch)? {
-            return Ok((admissions.into_iter().map(Ok).collect(), skipped));
+    fn apply_batch(&mut self, batch: &[Pending]) -> Result<(Outcomes, u64), StoreError> {
+        if let Some(applied) = self.apply_batch_plainly(batch)? {
+            return Ok(applied);
         }
         self.rollback();
         self.apply_batch_carefully(batch)
@@ -289,8 +291,7 @@ impl Writer {
     /// commits; returns each caller's admissions and the skipped count.
     /// `Ok(None)` when a change was rejected: the transaction is then left open
     /// for the caller to roll back.
-    #[allow(clippy::type_complexity)]
-    fn apply_batch_plainly(&mut self, batch: &[Pending]) -> Result<Option<(Vec<Vec<Admission>>, u64)>, StoreError> {
+    fn apply_batch_plainly(&mut self, batch: &[Pending]) -> Result<Option<(Outcomes, u64)>, StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
         let mut skipped = 0;
         let mut applying = Applying::default();
@@ -307,7 +308,7 @@ impl Writer {
                     Err(Failure::Storage(e)) => return Err(e),
                 }
             }
-            admissions.push(std::mem::take(&mut applying.admissions));
+            admissions.push(Ok(std::mem::take(&mut applying.admissions)));
         }
         self.exec("COMMIT", "commit")?;
         Ok(Some((admissions, skipped)))
@@ -315,11 +316,7 @@ impl Writer {
 
     /// Applies the batch in one transaction with each caller's changes in
     /// their own savepoint, so a rejected caller rolls back alone, and commits.
-    #[allow(clippy::type_complexity)]
-    fn apply_batch_carefully(
-        &mut self,
-        batch: &[Pending],
-    ) -> Result<(Vec<Result<Vec<Admission>, StoreError>>, u64), StoreError> {
+    fn apply_batch_carefully(&mut self, batch: &[Pending]) -> Result<(Outcomes, u64), StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut skipped_total = 0;
@@ -654,7 +651,7 @@ impl Writer {
                 }
                 let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
                 if let Some(existing) = self.read_job(&sql, params![job_id], &change)? {
-                    return Ok(Admission::Existing(existing));
+                    return Ok(Admission::Existing(Box::new(existing)));
                 }
             }
         }
@@ -672,7 +669,7 @@ impl Writer {
             }
         };
         let admission = match holder {
-            Some(holder) => Admission::Existing(holder),
+            Some(holder) => Admission::Existing(Box::new(holder)),
             None => {
                 self.insert(job)?;
                 Admission::Inserted
