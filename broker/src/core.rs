@@ -848,10 +848,14 @@ impl State {
                 batch.fires.push((peer, answer(Some(job.id.clone()), true, None)));
                 batch.enqueue.push(Queued::from_record(&job));
                 // The job first: if another job holds its unique key, the store
-                // records the fire with that job (see `on_committed`).
-                batch.changes.push(insert_change(job, &file, now, None));
+                // records the fire with that job (see `drop_held`).
+                let change = insert_change(job, &file, now, None);
+                let guarded = matches!(change, Change::InsertUnlessHeld(_));
+                batch.changes.push(change);
                 batch.changes.push(Change::Fire(fire_record.clone()));
-                fire_record
+                // Which job answers a guarded fire is known once it is committed
+                // (`settle_fires`); until then `GET /gates` shows no job for it.
+                FireRecord { job_id: fire_record.job_id.filter(|_| !guarded), ..fire_record }
             }
             Err(error) => {
                 tracing::warn!(gate = %fire.gate, key = %fire.key, %error, "gate fire refused");
@@ -1327,6 +1331,7 @@ impl State {
             }
         };
         self.drop_held(&mut batch, admissions);
+        self.settle_fires(&batch);
         for event in &batch.events {
             self.gates.book.observe(&self.shared.config.file, &upstream_event(event), event.at);
         }
@@ -1395,9 +1400,16 @@ impl State {
                 fired.created = false;
             }
         }
-        for fire in self.gates.fires.values_mut().flatten() {
-            if let Some(holder) = fire.job_id.as_ref().and_then(|id| stood_for.get(id)) {
-                fire.job_id = Some(holder.clone());
+    }
+
+    /// Gives the committed fires of `batch` whose job was still open (guarded
+    /// inserts) the job that answers them: the gate's own or a holder's.
+    fn settle_fires(&mut self, batch: &Batch) {
+        for (_, fired) in batch.fires.iter().filter(|(_, f)| !f.job_id.is_empty()) {
+            let Some(list) = self.gates.fires.get_mut(&(fired.gate.clone(), fired.key.clone())) else { continue };
+            let reason = GateReason::from(fired.reason);
+            for fire in list.iter_mut().filter(|f| f.reason == reason && f.job_id.is_none() && f.error.is_none()) {
+                fire.job_id = Some(fired.job_id.clone());
             }
         }
     }
