@@ -169,6 +169,7 @@ fn job(id: &str) -> JobRecord {
         output_tail: String::new(),
         progress: None,
         error: None,
+        unique_key: None,
     }
 }
 

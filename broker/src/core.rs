@@ -27,7 +27,10 @@ use tokio_util::sync::CancellationToken;
 use crate::handle::{ApiError, BrokerHandle, ServedJob, StartRequest, Started, Waited, WorkerView};
 use crate::limits;
 use crate::metrics::Metrics;
-use crate::model::{AttemptRecord, Change, FireRecord, GateEventKind, GateEventRecord, JobFilter, JobRecord, Progress};
+use crate::model::{
+    Admission, AttemptRecord, Change, FireRecord, GateEventKind, GateEventRecord, GuardedInsert, IdempotencyClaim,
+    JobFilter, JobRecord, Progress,
+};
 use crate::store::{SqliteStore, Store, StoreError};
 use crate::throttle::{Hold, Throttle};
 
@@ -99,10 +102,11 @@ enum Event {
     Enqueue(Vec<Queued>),
     /// A message (or garbage) from a worker.
     Net(Incoming),
-    /// A batch the loop handed to the store is committed (or not).
+    /// A batch the loop handed to the store is committed (or not), with the
+    /// admissions of its guarded inserts.
     Committed {
         batch: Batch,
-        result: Result<(), StoreError>,
+        result: Result<Vec<Admission>, StoreError>,
     },
     /// Cancel a queued or running job; the answer says whether the loop knew it.
     Cancel {
@@ -938,9 +942,15 @@ impl State {
                 tracing::info!(gate = %fire.gate, key = %fire.key, ?reason, job = %job.id, "gate fired");
                 batch.fires.push((peer, answer(Some(job.id.clone()), true, None)));
                 batch.enqueue.push(Queued::from_record(&job));
+                // The job first: if another job holds its unique key, the store
+                // records the fire with that job (see `drop_held`).
+                let change = insert_change(job, &file, now, None);
+                let guarded = matches!(change, Change::InsertUnlessHeld(_));
+                batch.changes.push(change);
                 batch.changes.push(Change::Fire(fire_record.clone()));
-                batch.changes.push(Change::Insert(job));
-                fire_record
+                // Which job answers a guarded fire is known once it is committed
+                // (`settle_fires`); until then `GET /gates` shows no job for it.
+                FireRecord { job_id: fire_record.job_id.filter(|_| !guarded), ..fire_record }
             }
             Err(error) => {
                 tracing::warn!(gate = %fire.gate, key = %fire.key, %error, "gate fire refused");
@@ -1327,7 +1337,7 @@ impl State {
                         for new in follow_ups {
                             let record = new_record(&new, now, None, &file);
                             batch.enqueue.push(Queued::from_record(&record));
-                            batch.changes.push(Change::Insert(record));
+                            batch.changes.push(insert_change(record, &file, now, None));
                         }
                         batch.finished.push(facts.id.clone());
                     }
@@ -1397,29 +1407,25 @@ impl State {
         let store = self.shared.store.clone();
         let events = self.shared.events.clone();
         tokio::spawn(async move {
-            let result = store.commit(batch.changes.clone()).await;
+            let result = store.commit_admitting(batch.changes.clone()).await;
             // The loop is gone only at shutdown, when nothing is left to acknowledge.
             let _ = events.send(Event::Committed { batch, result }).await;
         });
     }
 
-    fn on_committed(&mut self, batch: Batch, result: Result<(), StoreError>) {
+    fn on_committed(&mut self, mut batch: Batch, result: Result<Vec<Admission>, StoreError>) {
         for event in &batch.events {
             self.gates.pending.remove(&event.seq);
         }
-        if let Err(e) = result {
-            tracing::error!(error = %e, "store commit failed; the results stay unacknowledged and will be resent");
-            for r in batch.restore {
-                self.running.insert(r.job.id.clone(), r);
+        let admissions = match result {
+            Ok(admissions) => admissions,
+            Err(e) => {
+                self.on_commit_failed(batch, e);
+                return;
             }
-            // The fires were not recorded: the semaphores ask again.
-            for (_, fired) in &batch.fires {
-                if let Some(list) = self.gates.fires.get_mut(&(fired.gate.clone(), fired.key.clone())) {
-                    list.retain(|f| f.reason != GateReason::from(fired.reason));
-                }
-            }
-            return;
-        }
+        };
+        self.drop_held(&mut batch, admissions);
+        self.settle_fires(&batch);
         for event in &batch.events {
             self.gates.book.observe(&self.shared.config.file, &upstream_event(event), event.at);
         }
@@ -1435,6 +1441,71 @@ impl State {
             self.enqueue(job);
         }
         self.shared.wake(&batch.finished);
+    }
+
+    fn on_commit_failed(&mut self, batch: Batch, e: StoreError) {
+        tracing::error!(error = %e, "store commit failed; the results stay unacknowledged and will be resent");
+        for r in batch.restore {
+            self.running.insert(r.job.id.clone(), r);
+        }
+        // The fires were not recorded: the semaphores ask again.
+        for (_, fired) in &batch.fires {
+            if let Some(list) = self.gates.fires.get_mut(&(fired.gate.clone(), fired.key.clone())) {
+                list.retain(|f| f.reason != GateReason::from(fired.reason));
+            }
+        }
+    }
+
+    /// Takes the jobs the store did not insert, because another job held their
+    /// unique key, out of `batch`: they are not queued, and a gate's fire names
+    /// the holder instead (the store recorded it so).
+    fn drop_held(&mut self, batch: &mut Batch, admissions: Vec<Admission>) {
+        let guarded = batch.changes.iter().filter_map(|c| match c {
+            Change::InsertUnlessHeld(guarded) => Some(&guarded.job),
+            _ => None,
+        });
+        let mut stood_for: HashMap<String, String> = HashMap::new();
+        let mut dropped: HashSet<String> = HashSet::new();
+        for (job, admission) in guarded.zip(admissions) {
+            match admission {
+                Admission::Inserted => {}
+                Admission::Existing(holder) => {
+                    tracing::info!(
+                        job_name = %job.job_name, unique_key = ?job.unique_key, holder = %holder.id,
+                        "not started: a job holds its unique key"
+                    );
+                    dropped.insert(job.id.clone());
+                    stood_for.insert(job.id.clone(), holder.id);
+                }
+                // The loop gives no idempotency keys; the store said no all the same.
+                Admission::KeyReused { .. } => {
+                    tracing::warn!(job = %job.id, "not started: its idempotency key was given to another start");
+                    dropped.insert(job.id.clone());
+                }
+            }
+        }
+        if dropped.is_empty() {
+            return;
+        }
+        batch.enqueue.retain(|q| !dropped.contains(&q.id));
+        for (_, fired) in &mut batch.fires {
+            if let Some(holder) = stood_for.get(&fired.job_id) {
+                fired.job_id = holder.clone();
+                fired.created = false;
+            }
+        }
+    }
+
+    /// Gives the committed fires of `batch` whose job was still open (guarded
+    /// inserts) the job that answers them: the gate's own or a holder's.
+    fn settle_fires(&mut self, batch: &Batch) {
+        for (_, fired) in batch.fires.iter().filter(|(_, f)| !f.job_id.is_empty()) {
+            let Some(list) = self.gates.fires.get_mut(&(fired.gate.clone(), fired.key.clone())) else { continue };
+            let reason = GateReason::from(fired.reason);
+            for fire in list.iter_mut().filter(|f| f.reason == reason && f.job_id.is_none() && f.error.is_none()) {
+                fire.job_id = Some(fired.job_id.clone());
+            }
+        }
     }
 
     fn remember_done(&mut self, job_id: String, lease: u64) {
@@ -1551,7 +1622,13 @@ impl State {
         let cutoff = Utc::now() - retention;
         let store = self.shared.store.clone();
         let logs = self.shared.config.data_dir.join("logs");
+        let keys_cutoff = before(Utc::now(), limits::IDEMPOTENCY_KEY_TTL);
         tokio::spawn(async move {
+            match store.prune_idempotency_keys(keys_cutoff, limits::PRUNE_BATCH).await {
+                Ok(0) => {}
+                Ok(keys) => tracing::info!(keys, "forgot idempotency keys past their time"),
+                Err(e) => tracing::warn!(error = %e, "pruning idempotency keys failed"),
+            }
             match store.prune(cutoff, limits::PRUNE_BATCH).await {
                 Ok(ids) => {
                     for id in &ids {
@@ -1632,12 +1709,44 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-/// The record of a new job about to be stored as queued.
+/// The record of a new job about to be stored as queued, with its unique key filled.
 fn new_record(new: &NewJob, now: DateTime<Utc>, priority: Option<i32>, file: &JobFile) -> JobRecord {
     // The store keeps microseconds: the 202's times are the ones every later read shows.
     let now = crate::store::to_store_precision(now);
-    let priority = priority.or_else(|| file.jobs.get(&new.job_name).map(|d| d.priority)).unwrap_or(0);
-    JobRecord::queued(jobz_core::ids::new_id(), new, priority, now)
+    let def = file.jobs.get(&new.job_name);
+    let priority = priority.or_else(|| def.map(|d| d.priority)).unwrap_or(0);
+    let mut record = JobRecord::queued(jobz_core::ids::new_id(), new, priority, now);
+    if let Some(def) = def {
+        match pipeline::unique_key(def, &record.params, &record.run_id) {
+            Ok(key) => record.unique_key = key,
+            // `jobz check` allows only placeholders a start can fill, so this is a bug; the job still runs.
+            Err(e) => {
+                tracing::error!(job_name = %def.name, error = %e, "cannot fill the unique key; started without one")
+            }
+        }
+    }
+    record
+}
+
+/// The change that stores `record`, made at `now`: guarded when it has a unique
+/// key or an idempotency key (the store then decides whether another job
+/// stands for it), a plain insert otherwise, so starts without keys pay nothing.
+fn insert_change(
+    record: JobRecord,
+    file: &JobFile,
+    now: DateTime<Utc>,
+    idempotency: Option<IdempotencyClaim>,
+) -> Change {
+    if record.unique_key.is_none() && idempotency.is_none() {
+        return Change::Insert(record);
+    }
+    let ttl = file.jobs.get(&record.job_name).and_then(|d| d.unique.as_ref()).map(|u| u.ttl).unwrap_or_default();
+    Change::InsertUnlessHeld(Box::new(GuardedInsert { succeeded_since: before(now, ttl), job: record, idempotency }))
+}
+
+/// The instant `span` before `now`, or the earliest instant when that is out of range.
+fn before(now: DateTime<Utc>, span: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(span).ok().and_then(|d| now.checked_sub_signed(d)).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 impl Shared {
@@ -1714,8 +1823,27 @@ pub(crate) async fn start_job(b: &BrokerHandle, request: StartRequest) -> Result
         None => (None, None),
     };
     let new = NewJob { job_name: request.job_name.clone(), params, run_id, parent_id, origin: Origin::Start };
-    let record = new_record(&new, Utc::now(), Some(priority), file);
-    shared.store.commit(vec![Change::Insert(record.clone())]).await.map_err(store_error)?;
+    let now = Utc::now();
+    let record = new_record(&new, now, Some(priority), file);
+    let idempotency =
+        request.idempotency_key.map(|key| IdempotencyClaim { key, since: before(now, limits::IDEMPOTENCY_KEY_TTL) });
+    match insert_change(record.clone(), file, now, idempotency) {
+        change @ Change::Insert(_) => shared.store.commit(vec![change]).await.map_err(store_error)?,
+        guarded => {
+            let admissions = shared.store.commit_admitting(vec![guarded]).await.map_err(store_error)?;
+            match admissions.into_iter().next() {
+                Some(Admission::Inserted) => {}
+                Some(Admission::Existing(job)) => return Ok(Started { job: *job, deduplicated: true }),
+                Some(Admission::KeyReused { job_id, job_name, params }) => {
+                    return Err(ApiError::Conflict(format!(
+                        "this Idempotency-Key was first given to start {job_name:?} with params {params:?} \
+                         (job {job_id}); a repeat must be the same start, a different start needs a new key"
+                    )))
+                }
+                None => return Err(ApiError::Unavailable("the store did not answer for the start".into())),
+            }
+        }
+    }
     shared.metrics.accepted();
     // Stored: from here on the job is safe. If the loop is gone (shutdown), the next start recovers it.
     let _ = shared.events.send(Event::Enqueue(vec![Queued::from_record(&record)])).await;

@@ -12,6 +12,9 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const LEASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Finished jobs and their logs are kept this long.
 pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A start's `Idempotency-Key` answers with the job it was first given to for
+/// this long (SPEC: kept 24 h); then it is forgotten and starts a job anew.
+pub const IDEMPOTENCY_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How often finished jobs past their retention are pruned.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Jobs pruned in one go, so pruning never holds the store for long.

@@ -39,6 +39,10 @@ pub struct JobRecord {
     pub progress: Option<Progress>,
     /// Why the job failed without a process result, e.g. the worker does not know the job.
     pub error: Option<String>,
+    /// The job's filled `unique` key, when its definition has one: while the
+    /// job is queued or running, or succeeded within the ttl, a start of the
+    /// same job name with the same key returns this job.
+    pub unique_key: Option<String>,
 }
 
 impl JobRecord {
@@ -68,6 +72,7 @@ impl JobRecord {
             output_tail: String::new(),
             progress: None,
             error: None,
+            unique_key: None,
         }
     }
 }
@@ -128,12 +133,59 @@ pub struct FireRecord {
     pub at: DateTime<Utc>,
 }
 
+/// A new job stored only if no job already stands for it: the job its
+/// idempotency key was first given to, or a job holding its unique key. The
+/// store decides inside its writer's transaction, so concurrent starts with
+/// one key are serialized there and at most one of them inserts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardedInsert {
+    /// The job to insert; its `unique_key`, when set, is checked.
+    pub job: JobRecord,
+    /// A succeeded job holds the unique key if it finished at or after this
+    /// instant (the start's time minus the `unique` ttl). Unused without a key.
+    pub succeeded_since: DateTime<Utc>,
+    /// The start's `Idempotency-Key`, if it has one.
+    pub idempotency: Option<IdempotencyClaim>,
+}
+
+/// An `Idempotency-Key` given with a start. Keys are global (not per job name)
+/// and remembered with the job name and params of the start that first gave them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdempotencyClaim {
+    pub key: String,
+    /// A key first given before this instant has expired: it is given again as new.
+    pub since: DateTime<Utc>,
+}
+
+/// What became of a [`GuardedInsert`], in the order of the guarded inserts of one commit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    /// The job was inserted as given.
+    Inserted,
+    /// Nothing was inserted: this job stands for the start (the job of the
+    /// idempotency key, or the holder of the unique key).
+    Existing(Box<JobRecord>),
+    /// Nothing was inserted: the idempotency key was first given with another
+    /// job name or other params (after defaults) than this start's.
+    KeyReused {
+        /// The job the key was first given to.
+        job_id: String,
+        /// The job name and params the key was first given with.
+        job_name: String,
+        params: BTreeMap<String, String>,
+    },
+}
+
 /// Everything that changes a job, as one durable step. The store applies a
 /// batch of changes in one transaction (group commit).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// A new job, queued.
     Insert(JobRecord),
+    /// A new job, queued, unless a job already stands for it; the commit answers
+    /// with an [`Admission`] for it. Later changes of the same commit that name
+    /// the job (a `Fire`) then name the job that stood for it instead.
+    InsertUnlessHeld(Box<GuardedInsert>),
     /// Queued → running: attempt `attempt` handed to `worker` under `lease`.
     Dispatch {
         id: String,

@@ -17,6 +17,7 @@
 //! | change | applies when the job is | does |
 //! |---|---|---|
 //! | `Insert` | absent (a duplicate id is refused) | the row as given |
+//! | `InsertUnlessHeld` | absent, and no job stands for it (see below) | the row as given; else nothing, and the commit answers with the job that stands for it |
 //! | `Dispatch` | queued | running; `attempts`, `worker`, `lease`, `started_at` set; `not_before` and progress cleared; an attempt row added |
 //! | `Finish` | running under `lease` | the final status, `finished_at`, `exit_code`, `signal`, `output_tail`, `error`; the attempt row gets status, end and exit code |
 //! | `Requeue` | running | queued, `lease` cleared, `queued_at = at`, `not_before`; progress cleared; the attempt row gets `finished_at` and keeps status NULL (it ended without a result) |
@@ -24,6 +25,16 @@
 //! | `Retry` | final (any of the four) | queued, `queued_at = at`, `not_before`; `attempts` kept; finish fields, lease and progress cleared |
 //! | `Progress` | running | the progress columns |
 //! | `Stale` | (the attempt row with that lease and worker exists) | that row: stale, its status, exit code and end; the job untouched |
+//!
+//! A guarded insert (`InsertUnlessHeld`) is the unique jobs and idempotency
+//! keys of SPEC `job_start`, decided in the writer's transaction so that
+//! concurrent starts are serialized there. A job stands for the start when its
+//! idempotency key was first given to that job (within the key's time, with
+//! the same job name and params; other params answer `KeyReused`), or when it
+//! has the same job name and `unique_key` and is queued or running, or
+//! succeeded at or after `succeeded_since`. Failed, timed-out and cancelled
+//! jobs hold no key. The idempotency key is then recorded for the job that
+//! stands for the start, new or not.
 //!
 //! `worker` and `started_at` stay on a requeued or retried job: they describe
 //! the last attempt until the next dispatch replaces them.
@@ -45,7 +56,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use jobz_core::Status;
 
-use crate::model::{AttemptRecord, Change, FireRecord, GateEventRecord, JobFilter, JobRecord};
+use crate::model::{Admission, AttemptRecord, Change, FireRecord, GateEventRecord, JobFilter, JobRecord};
 
 pub use codec::to_store_precision;
 pub use sqlite::{SqliteStore, WritesPaused};
@@ -117,6 +128,14 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// full, I/O error): then nothing of the whole transaction was applied.
     fn commit(&self, changes: Vec<Change>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Like [`Store::commit`], and answers what became of each
+    /// [`Change::InsertUnlessHeld`] among `changes`, in their order. The
+    /// decision is taken inside the writer's transaction, after every change
+    /// committed before it: of two guarded inserts with one key, in one batch
+    /// or not, the second sees the first.
+    fn commit_admitting(&self, changes: Vec<Change>)
+        -> impl Future<Output = Result<Vec<Admission>, StoreError>> + Send;
+
     /// Like [`Store::commit`], but the caller does not wait (dispatch
     /// bookkeeping); a failure to apply is logged. Only fails when the queue is
     /// full ([`StoreError::Busy`], back-pressure) or the store is closed.
@@ -148,6 +167,16 @@ pub trait Store: Clone + Send + Sync + 'static {
         finished_before: DateTime<Utc>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Forgets at most `limit` (and at most [`PRUNE_BATCH_MAX`]) idempotency
+    /// keys first given before `created_before`, oldest first, in one
+    /// transaction. Returns how many were forgotten; fewer than `limit` means
+    /// there is nothing more to prune for now.
+    fn prune_idempotency_keys(
+        &self,
+        created_before: DateTime<Utc>,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
     /// The number of jobs by name and status, for metrics. Pairs with no job
     /// are left out.

@@ -3,7 +3,7 @@
 //! `kill -9`, group commit, rollback on failure, back-pressure, and the
 //! queries recovery, listings, pruning and metrics use.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -11,7 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use broker::model::{
-    AttemptRecord, Change, FireRecord, GateEventKind, GateEventRecord, JobFilter, JobRecord, Progress,
+    Admission, AttemptRecord, Change, FireRecord, GateEventKind, GateEventRecord, GuardedInsert, IdempotencyClaim,
+    JobFilter, JobRecord, Progress,
 };
 use broker::store::{SqliteStore, Store, StoreError, StoreOptions, DB_FILE_NAME};
 use chrono::{DateTime, TimeDelta, Utc};
@@ -52,6 +53,7 @@ fn queued(id: &str, job_name: &str, created: DateTime<Utc>) -> JobRecord {
         output_tail: String::new(),
         progress: None,
         error: None,
+        unique_key: None,
     }
 }
 
@@ -139,6 +141,7 @@ async fn insert_round_trips_every_field_including_unicode_and_none_vs_some() {
         output_tail: "last line ✓\n".into(),
         progress: Some(Progress { percent: 42.5, message: Some("halfway ½".into()) }),
         error: Some("worker does not know the job".into()),
+        unique_key: Some("2024_01_31/Zürich".into()),
     };
     let mut origins = vec![bare.clone(), full.clone()];
     for (i, origin) in [
@@ -457,7 +460,7 @@ async fn a_returned_commit_is_visible_to_a_fresh_connection_while_the_store_is_o
     let (journal_mode, version): (String, i64) = raw
         .query_row("SELECT * FROM pragma_journal_mode, pragma_user_version", [], |row| Ok((row.get(0)?, row.get(1)?)))
         .unwrap();
-    assert_eq!((journal_mode.as_str(), version), ("wal", 3));
+    assert_eq!((journal_mode.as_str(), version), ("wal", 4));
     drop(store);
 }
 
@@ -744,7 +747,7 @@ async fn a_database_from_a_newer_jobz_is_refused() {
     raw.pragma_update(None, "user_version", 99).unwrap();
     drop(raw);
     let err = SqliteStore::open(dir.path(), StoreOptions::default()).err().expect("refused");
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 3, .. }), "{err:?}");
+    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 4, .. }), "{err:?}");
 }
 
 // ---- Queries ----
@@ -1004,4 +1007,251 @@ async fn pruning_drops_old_gate_events_and_fires_but_keeps_the_newest_event_numb
     assert_eq!(store.gate_events(1, 99, 100).await.unwrap(), events[3..].to_vec(), "only the newest stays");
     assert_eq!(store.last_gate_event().await.unwrap(), 4);
     assert!(store.gate_fires().await.unwrap().is_empty());
+}
+
+// ---- Unique jobs and idempotency keys (guarded inserts) ----
+
+/// A queued job of `job_name` holding `key`, created at `created`.
+fn keyed(id: &str, job_name: &str, key: &str, created: DateTime<Utc>) -> JobRecord {
+    JobRecord { unique_key: Some(key.to_owned()), ..queued(id, job_name, created) }
+}
+
+/// A guarded insert of `job`, where a succeeded holder counts if it finished at or after `since`.
+fn guarded(job: JobRecord, since: DateTime<Utc>, idempotency: Option<(&str, DateTime<Utc>)>) -> Change {
+    let idempotency = idempotency.map(|(key, since)| IdempotencyClaim { key: key.to_owned(), since });
+    Change::InsertUnlessHeld(Box::new(GuardedInsert { job, succeeded_since: since, idempotency }))
+}
+
+/// Commits one guarded insert and returns its admission.
+async fn admit(store: &SqliteStore, change: Change) -> Admission {
+    let mut admissions = store.commit_admitting(vec![change]).await.expect("commit");
+    assert_eq!(admissions.len(), 1, "one admission per guarded insert: {admissions:?}");
+    admissions.remove(0)
+}
+
+/// Runs job `id` to `status`, finishing at `finished`.
+async fn run_to(store: &SqliteStore, id: &str, status: Status, finished: DateTime<Utc>) {
+    let dispatch = Change::Dispatch { id: id.into(), attempt: 1, worker: "w1".into(), lease: 9, at: finished };
+    let finish = Change::Finish {
+        id: id.into(),
+        lease: 9,
+        status,
+        exit_code: Some(i32::from(status != Status::Succeeded)),
+        signal: None,
+        at: finished,
+        output_tail: String::new(),
+        error: None,
+    };
+    store.commit(vec![dispatch, finish]).await.unwrap();
+    assert_eq!(job(store, id).await.status, status);
+}
+
+fn existing_id(admission: &Admission) -> Option<&str> {
+    match admission {
+        Admission::Existing(job) => Some(&job.id),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_guarded_inserts_of_one_unique_key_insert_exactly_one_in_one_batch_or_many() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // First all 100 queued behind a paused writer (one transaction), then 100 more
+    // racing an unpaused writer (any split into transactions).
+    for round in ["paused", "racing"] {
+        let key = format!("key-{round}");
+        let paused = if round == "paused" { Some(store.pause_writes().await.unwrap()) } else { None };
+        let before = store.stats().queued;
+        let handles: Vec<_> = (0..100)
+            .map(|i| {
+                let store = store.clone();
+                let change = guarded(keyed(&format!("{round}-{i}"), "import", &key, at(i)), at(0), None);
+                tokio::spawn(async move { store.commit_admitting(vec![change]).await })
+            })
+            .collect();
+        if let Some(paused) = paused {
+            wait_until("every start is queued", || store.stats().queued == before + 100).await;
+            drop(paused);
+        }
+        let admissions: Vec<Admission> =
+            with_timeout(join_all(handles)).await.into_iter().map(|r| r.unwrap().remove(0)).collect();
+        let inserted = admissions.iter().filter(|a| **a == Admission::Inserted).count();
+        assert_eq!(inserted, 1, "{round}: exactly one start inserts: {admissions:?}");
+        let holders: BTreeSet<&str> = admissions.iter().filter_map(existing_id).collect();
+        assert_eq!(holders.len(), 1, "{round}: every other start gets one and the same job: {holders:?}");
+        let stored = store.jobs(JobFilter { limit: 1000, ..JobFilter::default() }).await.unwrap();
+        let with_key: Vec<&JobRecord> = stored.iter().filter(|j| j.unique_key.as_deref() == Some(&key)).collect();
+        assert_eq!(with_key.len(), 1, "{round}: one job stored for the key");
+        assert!(holders.contains(with_key[0].id.as_str()), "{round}: the holder is the stored job");
+    }
+}
+
+#[tokio::test]
+async fn a_succeeded_holder_holds_its_key_for_the_ttl_a_failed_one_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // The holder is queued, then running: it holds.
+    assert_eq!(admit(&store, guarded(keyed("h", "import", "k", at(0)), at(0), None)).await, Admission::Inserted);
+    let again = admit(&store, guarded(keyed("x1", "import", "k", at(1)), at(0), None)).await;
+    assert_eq!(existing_id(&again), Some("h"));
+    // The same key of another job name is another key.
+    let other = admit(&store, guarded(keyed("o", "export", "k", at(1)), at(0), None)).await;
+    assert_eq!(other, Admission::Inserted);
+    run_to(&store, "h", Status::Succeeded, at(10)).await;
+    // Succeeded at 10: a start whose ttl reaches back to 10 (or earlier) gets it...
+    let within = admit(&store, guarded(keyed("x2", "import", "k", at(20)), at(10), None)).await;
+    assert_eq!(existing_id(&within), Some("h"), "{within:?}");
+    // ...one whose ttl reaches back only to 11 does not: the job runs again.
+    let after = admit(&store, guarded(keyed("n", "import", "k", at(21)), at(11), None)).await;
+    assert_eq!(after, Admission::Inserted);
+    // A failed, timed-out or cancelled holder does not block, whatever the ttl.
+    run_to(&store, "n", Status::Failed, at(30)).await;
+    assert_eq!(admit(&store, guarded(keyed("t", "import", "k", at(31)), at(11), None)).await, Admission::Inserted);
+    run_to(&store, "t", Status::TimedOut, at(32)).await;
+    assert_eq!(admit(&store, guarded(keyed("c", "import", "k", at(33)), at(11), None)).await, Admission::Inserted);
+    store.commit(vec![Change::Cancel { id: "c".into(), at: at(34) }]).await.unwrap();
+    assert_eq!(admit(&store, guarded(keyed("z", "import", "k", at(35)), at(11), None)).await, Admission::Inserted);
+    for id in ["x1", "x2"] {
+        assert_eq!(store.job(id).await.unwrap(), None, "a deduplicated start stores nothing");
+    }
+    assert_eq!(job(&store, "z").await.unique_key.as_deref(), Some("k"));
+}
+
+#[tokio::test]
+async fn an_idempotency_key_answers_with_its_first_job_refuses_other_params_and_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let first = queued("first", "import", at(100));
+    assert_eq!(admit(&store, guarded(first.clone(), at(0), Some(("cron-1", at(0))))).await, Admission::Inserted);
+    // The same start again: the first job, nothing stored.
+    let repeat = admit(&store, guarded(queued("second", "import", at(101)), at(0), Some(("cron-1", at(0))))).await;
+    assert_eq!(repeat, Admission::Existing(Box::new(first.clone())));
+    assert_eq!(store.job("second").await.unwrap(), None);
+    // Other params, or another job name, under the same key: refused, nothing stored.
+    let mut other_params = queued("third", "import", at(102));
+    other_params.params.insert("category".into(), "books".into());
+    let reused = admit(&store, guarded(other_params, at(0), Some(("cron-1", at(0))))).await;
+    assert_eq!(
+        reused,
+        Admission::KeyReused { job_id: "first".into(), job_name: "import".into(), params: first.params.clone() }
+    );
+    let reused = admit(&store, guarded(queued("fourth", "export", at(103)), at(0), Some(("cron-1", at(0))))).await;
+    assert!(matches!(reused, Admission::KeyReused { .. }), "{reused:?}");
+    for id in ["third", "fourth"] {
+        assert_eq!(store.job(id).await.unwrap(), None);
+    }
+    // Keys are remembered from the first start's time: one asked with `since` past it has expired.
+    let expired = admit(&store, guarded(queued("fifth", "import", at(200)), at(0), Some(("cron-1", at(101))))).await;
+    assert_eq!(expired, Admission::Inserted);
+    let repeat = admit(&store, guarded(queued("sixth", "import", at(201)), at(0), Some(("cron-1", at(101))))).await;
+    assert_eq!(existing_id(&repeat), Some("fifth"), "the expired key now names the new job");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_whose_start_hit_a_unique_key_names_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert_eq!(admit(&store, guarded(keyed("h", "import", "k", at(0)), at(0), None)).await, Admission::Inserted);
+    let hit = admit(&store, guarded(keyed("a", "import", "k", at(1)), at(0), Some(("retry-me", at(0))))).await;
+    assert_eq!(existing_id(&hit), Some("h"));
+    // The holder fails: a new start of the key would run, but the repeated request still gets `h`.
+    run_to(&store, "h", Status::Failed, at(2)).await;
+    let repeat = admit(&store, guarded(keyed("b", "import", "k", at(3)), at(0), Some(("retry-me", at(0))))).await;
+    assert_eq!(existing_id(&repeat), Some("h"));
+    assert_eq!(store.job("b").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn unique_and_idempotency_keys_survive_a_reopen_and_keys_are_pruned_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        admit(&store, guarded(keyed("u", "import", "k", at(0)), at(0), None)).await;
+        admit(&store, guarded(queued("i", "import", at(0)), at(0), Some(("idem", at(0))))).await;
+        admit(&store, guarded(queued("old", "import", at(-50)), at(0), Some(("older", at(-100))))).await;
+        store.close().await;
+    }
+    let store = open(dir.path());
+    let unique = admit(&store, guarded(keyed("u2", "import", "k", at(5)), at(0), None)).await;
+    assert_eq!(existing_id(&unique), Some("u"));
+    let idem = admit(&store, guarded(queued("i2", "import", at(5)), at(0), Some(("idem", at(0))))).await;
+    assert_eq!(existing_id(&idem), Some("i"));
+    // Pruning forgets keys given before the cutoff, and only those; their jobs stay.
+    assert_eq!(store.prune_idempotency_keys(at(-1), 100).await.unwrap(), 1);
+    assert_eq!(store.prune_idempotency_keys(at(-1), 100).await.unwrap(), 0);
+    assert_eq!(job(&store, "old").await.id, "old");
+    let older = admit(&store, guarded(queued("old2", "import", at(6)), at(0), Some(("older", at(-100))))).await;
+    assert_eq!(older, Admission::Inserted, "a pruned key is given as new");
+    let idem = admit(&store, guarded(queued("i3", "import", at(6)), at(0), Some(("idem", at(0))))).await;
+    assert_eq!(existing_id(&idem), Some("i"), "a newer key is kept");
+}
+
+#[tokio::test]
+async fn a_fire_whose_job_was_held_records_the_holder_and_plain_changes_report_no_admissions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert!(store.commit_admitting(vec![Change::Insert(keyed("h", "merge", "2024", at(0)))]).await.unwrap().is_empty());
+    let fire = FireRecord {
+        gate: "g".into(),
+        key: "2024".into(),
+        reason: GateReason::Then,
+        job_id: Some("gate-job".into()),
+        error: None,
+        at: at(1),
+    };
+    let admissions = store
+        .commit_admitting(vec![guarded(keyed("gate-job", "merge", "2024", at(1)), at(0), None), Change::Fire(fire)])
+        .await
+        .unwrap();
+    assert_eq!(admissions.len(), 1);
+    assert_eq!(existing_id(&admissions[0]), Some("h"));
+    assert_eq!(store.gate_fires().await.unwrap()[0].job_id.as_deref(), Some("h"));
+    assert_eq!(store.job("gate-job").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_commit_in_the_batch_leaves_the_other_starts_admissions_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.commit(vec![Change::Insert(queued("dup", "import", at(0)))]).await.unwrap();
+    let paused = store.pause_writes().await.unwrap();
+    let before = store.stats().queued;
+    let batches = vec![
+        vec![guarded(keyed("a", "import", "k", at(1)), at(0), None)],
+        // A duplicate id breaks the schema: this caller alone fails.
+        vec![Change::Insert(queued("dup", "import", at(2)))],
+        vec![guarded(keyed("b", "import", "k", at(3)), at(0), None)],
+    ];
+    let mut handles = Vec::new();
+    for changes in batches {
+        let task_store = store.clone();
+        handles.push(tokio::spawn(async move { task_store.commit_admitting(changes).await }));
+        // One at a time, so the batch keeps this order.
+        let queued = before + handles.len() as u64;
+        wait_until("the commit is queued", || store.stats().queued == queued).await;
+    }
+    drop(paused);
+    let mut results = with_timeout(join_all(handles)).await.into_iter();
+    assert_eq!(results.next().map(|r| r.unwrap()), Some(vec![Admission::Inserted]));
+    assert!(matches!(results.next(), Some(Err(StoreError::Rejected { .. }))));
+    let held = results.next().map(|r| r.unwrap()).unwrap_or_default();
+    assert_eq!(held.first().and_then(existing_id), Some("a"), "b is held by a, though the batch was redone");
+    assert_eq!(job(&store, "a").await.unique_key.as_deref(), Some("k"));
+    assert_eq!(store.job("b").await.unwrap(), None);
+    let again = admit(&store, guarded(keyed("c", "import", "k", at(4)), at(0), None)).await;
+    assert_eq!(existing_id(&again), Some("a"));
+}
+
+#[tokio::test]
+async fn a_guarded_insert_with_an_id_already_stored_is_refused_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.commit(vec![Change::Insert(queued("j", "import", at(0)))]).await.unwrap();
+    let err =
+        store.commit_admitting(vec![guarded(keyed("j", "import", "k", at(1)), at(0), Some(("key", at(0))))]).await;
+    assert!(matches!(err, Err(StoreError::Rejected { .. })), "{err:?}");
+    // Nothing of it stayed: neither the key nor the idempotency record.
+    let fresh = admit(&store, guarded(keyed("j2", "import", "k", at(2)), at(0), Some(("key", at(0))))).await;
+    assert_eq!(fresh, Admission::Inserted);
 }

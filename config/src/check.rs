@@ -29,6 +29,10 @@ pub const BUILTINS: &[&str] = &["job_id", "job_name", "run_id", "attempt"];
 pub const FOLLOW_UP_BUILTINS: &[&str] = &["exit_code"];
 /// Placeholders of a gate's follow-up params, besides the upstream jobs' params.
 pub const GATE_BUILTINS: &[&str] = &["run_id", "gate", "key"];
+/// The built-ins a `unique` key may use besides the job's params: those known
+/// before the job exists. `{job_id}` would make every key different and
+/// `{attempt}` is always 1 at a start, so both are refused there.
+pub const UNIQUE_BUILTINS: &[&str] = &["job_name", "run_id"];
 /// How long a `unique` key holds when the job file gives no `ttl`.
 const UNIQUE_TTL_DEFAULT: Duration = Duration::from_secs(24 * 3600);
 const PRIORITY_RANGE: std::ops::RangeInclusive<i64> = -1000..=1000;
@@ -258,7 +262,23 @@ impl Checker<'_> {
         }
         let unique = raw.unique.as_ref().and_then(|unique| {
             let ttl = self.positive_duration(&path(job_path, &["unique", "ttl"]), unique.ttl.as_ref());
-            let key = self.template(&path(job_path, &["unique", "key"]), &unique.key.0, &allowed)?;
+            let key_path = path(job_path, &["unique", "key"]);
+            let key = self.template_unchecked(&key_path, &unique.key.0)?;
+            let (too_late, rest): (Vec<&str>, Vec<&str>) = key.placeholders().partition(|name| {
+                BUILTINS.contains(name) && !UNIQUE_BUILTINS.contains(name) && !params.contains_key(*name)
+            });
+            if let Some(name) = too_late.first() {
+                self.at_value(
+                    &key_path,
+                    format!(
+                        "`{{{name}}}` is not known when a start is checked against the key; \
+                         a unique key may use the params, `{{job_name}}` and `{{run_id}}`"
+                    ),
+                );
+            }
+            let allowed: BTreeSet<&str> =
+                params.keys().map(String::as_str).chain(UNIQUE_BUILTINS.iter().copied()).collect();
+            self.placeholders(&key_path, rest, &allowed);
             Some(Unique { key, ttl: ttl.unwrap_or(UNIQUE_TTL_DEFAULT) })
         });
 

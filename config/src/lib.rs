@@ -14,7 +14,7 @@ mod position;
 mod raw;
 pub mod template;
 
-pub use check::{BUILTINS, FOLLOW_UP_BUILTINS, GATE_BUILTINS};
+pub use check::{BUILTINS, FOLLOW_UP_BUILTINS, GATE_BUILTINS, UNIQUE_BUILTINS};
 pub use duration::{parse_duration, parse_rate, DurationError, RateError};
 pub use model::*;
 

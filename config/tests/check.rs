@@ -160,6 +160,29 @@ fn placeholders_in_env_unique_before_and_after_are_checked_too() {
 }
 
 #[test]
+fn a_unique_key_may_not_use_job_id_or_attempt_which_a_start_does_not_know_yet() {
+    let text = r#"jobs:
+  a:
+    command: echo
+    params: { date: {} }
+    unique: { key: "{date}-{job_id}" }
+  b:
+    command: echo
+    unique: { key: "{attempt}" }
+  c:
+    command: echo
+    params: { date: {} }
+    unique: { key: "{job_name}-{run_id}-{date}" }
+"#;
+    let found = problems(text);
+    let at: Vec<&str> = found.iter().map(|(at, _)| at.as_str()).collect();
+    assert_eq!(at, ["5:20", "8:20"], "{found:#?}");
+    assert!(found[0].1.contains("`{job_id}` is not known"), "{found:#?}");
+    assert!(found[1].1.contains("`{attempt}` is not known"), "{found:#?}");
+    assert!(found[0].1.contains("`{job_name}` and `{run_id}`"), "{found:#?}");
+}
+
+#[test]
 fn follow_up_param_not_declared_on_the_target() {
     let text = r#"jobs:
   notify:

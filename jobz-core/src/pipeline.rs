@@ -183,3 +183,17 @@ pub fn child(
     }
     params::validate(target, &params).map_err(|errors| FollowUpError::Params { target: follow_up.job.clone(), errors })
 }
+
+/// The filled `unique` key of a job of `def` with `params` in run `run_id`, or
+/// `None` when the job has no `unique`. Declared params that were not given
+/// fill as empty strings, as in the command. The key may use the params,
+/// `{job_name}` and `{run_id}` (`jobz check` refuses the other built-ins, which
+/// a start does not know yet); a job starting a run has its own id as `run_id`.
+pub fn unique_key(def: &JobDef, params: &BTreeMap<String, String>, run_id: &str) -> Result<Option<String>, FillError> {
+    let Some(unique) = &def.unique else { return Ok(None) };
+    let mut values: Values = def.params.keys().map(|name| (name.clone(), String::new())).collect();
+    values.extend(params.iter().map(|(k, v)| (k.clone(), v.clone())));
+    values.insert("job_name".into(), def.name.clone());
+    values.insert("run_id".into(), run_id.to_owned());
+    unique.key.fill(&values).map(Some)
+}

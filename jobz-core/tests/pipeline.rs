@@ -38,6 +38,12 @@ jobs:
     command: "echo {date}"
     params:
       date: { required: true }
+  index:
+    command: "echo {date}"
+    params:
+      date: { required: true }
+      part: {}
+    unique: { key: "{job_name}:{date}:{part}:{run_id}", ttl: 1h }
 gates:
   shards_done:
     after: [ shard ]
@@ -152,6 +158,17 @@ fn a_follow_up_whose_params_fail_the_targets_checks_is_rejected_not_started() {
     assert_eq!(follow_ups.len(), 1, "notify still starts");
     assert_eq!(rejected.len(), 1);
     assert!(rejected[0].to_string().contains("date"), "{}", rejected[0]);
+}
+
+#[test]
+fn a_unique_key_fills_params_job_name_and_run_id_and_an_absent_param_as_empty() {
+    let file = file();
+    let index = &file.jobs["index"];
+    let key = pipeline::unique_key(index, &params(&[("date", "2024_01_31")]), "run-9");
+    assert_eq!(key, Ok(Some("index:2024_01_31::run-9".to_owned())));
+    let key = pipeline::unique_key(index, &params(&[("date", "2024_01_31"), ("part", "a")]), "run-9");
+    assert_eq!(key, Ok(Some("index:2024_01_31:a:run-9".to_owned())));
+    assert_eq!(pipeline::unique_key(&file.jobs["merge"], &params(&[("date", "x")]), "run-9"), Ok(None));
 }
 
 #[test]

@@ -54,6 +54,9 @@ pub struct JobView {
     /// A queued retry waits until then.
     #[serde(default, with = "optional_time")]
     pub not_before: Option<DateTime<Utc>>,
+    /// The job's filled `unique` key; only for jobs whose definition has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_key: Option<String>,
     /// Every attempt so far; in single-job answers only, not in lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_list: Option<Vec<AttemptView>>,
@@ -89,6 +92,7 @@ impl JobView {
             error: job.error.clone(),
             origin: OriginView::new(&job.origin),
             not_before: job.not_before,
+            unique_key: job.unique_key.clone(),
             attempt_list: None,
             held_by: None,
             deduplicated: None,
@@ -390,6 +394,7 @@ mod tests {
             output_tail: "out".into(),
             progress: None,
             error: None,
+            unique_key: None,
         }
     }
 

@@ -70,7 +70,7 @@ pub(super) fn origin_to_sql(origin: &Origin) -> (&'static str, Option<&str>, Opt
 pub(super) const JOB_COLUMNS: &str = "id, job_name, params, status, attempts, run_id, parent_id, \
      origin_kind, origin_gate, origin_key, origin_reason, priority, worker, lease, exit_code, signal, \
      created_at, queued_at, started_at, finished_at, cancelled_at, not_before, output_tail, \
-     progress_percent, progress_message, error";
+     progress_percent, progress_message, error, unique_key";
 
 /// The columns every attempt query selects.
 pub(super) const ATTEMPT_COLUMNS: &str =
@@ -192,6 +192,7 @@ pub(super) fn job_from_row(row: &Row<'_>) -> Result<JobRecord, StoreError> {
         output_tail: c.get("output_tail")?,
         progress,
         error: c.get("error")?,
+        unique_key: c.get("unique_key")?,
         id: c.id,
     })
 }

@@ -129,6 +129,25 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX jobs_by_run ON jobs (run_id, created_at);
     CREATE INDEX jobs_by_status ON jobs (status, created_at);
     ",
+    // Version 4: unique jobs and idempotency keys. A job's filled `unique` key,
+    // with a partial index (only jobs that have a key pay for it) that finds the
+    // holders of one key of one job name, newest first. And each
+    // `Idempotency-Key` with the start it was first given with and the job
+    // that stands for it.
+    "
+    ALTER TABLE jobs ADD COLUMN unique_key TEXT;
+    CREATE INDEX jobs_unique ON jobs (job_name, unique_key, created_at) WHERE unique_key IS NOT NULL;
+
+    CREATE TABLE idempotency_keys (
+        key        TEXT PRIMARY KEY,
+        job_id     TEXT NOT NULL,
+        -- The start that first gave the key: a repeat must be the same start.
+        job_name   TEXT NOT NULL,
+        params     TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+    ",
 ];
 
 /// The schema version this build writes and understands.

@@ -27,7 +27,7 @@ use super::{
     Store, StoreError, StoreOptions, StoreStats, DB_FILE_NAME, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX,
     WRITE_QUEUE_LATER_RESERVE_PERCENT,
 };
-use crate::model::{AttemptRecord, Change, FireRecord, GateEventRecord, JobFilter, JobRecord};
+use crate::model::{Admission, AttemptRecord, Change, FireRecord, GateEventRecord, JobFilter, JobRecord};
 
 /// The store on a SQLite file; a cheap clone. The writer thread stops once
 /// every clone is dropped (after committing what was queued) or on
@@ -182,8 +182,12 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     async fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        self.commit_admitting(changes).await.map(drop)
+    }
+
+    async fn commit_admitting(&self, changes: Vec<Change>) -> Result<Vec<Admission>, StoreError> {
         if changes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
         self.send_waited(Request::Commit { changes, reply: Some(reply) })?;
@@ -286,6 +290,12 @@ impl Store for SqliteStore {
     async fn prune(&self, finished_before: DateTime<Utc>, limit: usize) -> Result<Vec<String>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send_waited(Request::Prune { finished_before, limit, reply })?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn prune_idempotency_keys(&self, created_before: DateTime<Utc>, limit: usize) -> Result<usize, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send_waited(Request::PruneKeys { created_before, limit, reply })?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 

@@ -14,22 +14,23 @@
 //!
 //! It is a `std::thread`, not a tokio task, because every SQLite call blocks.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection, ErrorCode};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::{debug, error, warn};
 
 use super::codec::{
-    gate_event_kind_to_sql, gate_reason_to_sql, lease_to_sql, opt_time_to_sql, origin_to_sql, params_to_sql,
-    time_to_sql,
+    gate_event_kind_to_sql, gate_reason_to_sql, job_from_row, lease_to_sql, opt_time_to_sql, origin_to_sql,
+    params_to_sql, time_to_sql, JOB_COLUMNS,
 };
 use super::{StoreError, StoreStats, PRUNE_BATCH_MAX};
-use crate::model::{Change, JobRecord};
+use crate::model::{Admission, Change, GuardedInsert, JobRecord};
 
 /// The answer to one request.
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -37,15 +38,22 @@ pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 /// What the store's handles ask of the writer, in one bounded queue so that
 /// every write (and a pause or close) is ordered with every other.
 pub(super) enum Request {
-    /// `reply` is `None` for `commit_later`.
+    /// `reply` is `None` for `commit_later`; it carries the admission of each
+    /// guarded insert among `changes`, in order.
     Commit {
         changes: Vec<Change>,
-        reply: Option<Reply<()>>,
+        reply: Option<Reply<Vec<Admission>>>,
     },
     Prune {
         finished_before: DateTime<Utc>,
         limit: usize,
         reply: Reply<Vec<String>>,
+    },
+    /// Forget idempotency keys first given before `created_before`.
+    PruneKeys {
+        created_before: DateTime<Utc>,
+        limit: usize,
+        reply: Reply<usize>,
     },
     /// Stop after the transaction in flight until `resume`'s sender is dropped.
     Pause {
@@ -99,7 +107,20 @@ impl Drop for RunningFlag {
 /// One caller's changes and where its answer goes.
 struct Pending {
     changes: Vec<Change>,
-    reply: Option<Reply<()>>,
+    reply: Option<Reply<Vec<Admission>>>,
+}
+
+/// Each caller's outcome in a batch: its admissions, or why its changes were refused.
+type Outcomes = Vec<Result<Vec<Admission>, StoreError>>;
+
+/// What applying one transaction's changes learnt so far.
+#[derive(Default)]
+struct Applying {
+    /// The admissions of the current caller's guarded inserts, in order.
+    admissions: Vec<Admission>,
+    /// Jobs not inserted because another stood for them (new id → that job's
+    /// id), so a later change of the transaction naming the new id names that job.
+    stood_for: HashMap<String, String>,
 }
 
 /// Why a change could not be applied.
@@ -185,6 +206,11 @@ impl Writer {
                     // The caller may have given up waiting; the prune stands either way.
                     let _ = reply.send(result);
                 }
+                Request::PruneKeys { created_before, limit, reply } => {
+                    let result = self.prune_keys(created_before, limit);
+                    // The caller may have given up waiting; the prune stands either way.
+                    let _ = reply.send(result);
+                }
                 Request::Pause { paused, resume } => {
                     // The caller may have given up waiting; we pause regardless
                     // until it drops its guard.
@@ -253,47 +279,56 @@ impl Writer {
     /// is rejected is the whole transaction rolled back and the batch applied
     /// again with each caller in its own savepoint, so that the rejected
     /// callers alone fail.
-    fn apply_batch(&mut self, batch: &[Pending]) -> Result<(Vec<Result<(), StoreError>>, u64), StoreError> {
-        if let Some(skipped) = self.apply_batch_plainly(batch)? {
-            return Ok((batch.iter().map(|_| Ok(())).collect(), skipped));
+    fn apply_batch(&mut self, batch: &[Pending]) -> Result<(Outcomes, u64), StoreError> {
+        if let Some(applied) = self.apply_batch_plainly(batch)? {
+            return Ok(applied);
         }
         self.rollback();
         self.apply_batch_carefully(batch)
     }
 
     /// Applies the whole batch in one transaction without savepoints and
-    /// commits. `Ok(None)` when a change was rejected: the transaction is then
-    /// left open for the caller to roll back.
-    fn apply_batch_plainly(&mut self, batch: &[Pending]) -> Result<Option<u64>, StoreError> {
+    /// commits; returns each caller's admissions and the skipped count.
+    /// `Ok(None)` when a change was rejected: the transaction is then left open
+    /// for the caller to roll back.
+    fn apply_batch_plainly(&mut self, batch: &[Pending]) -> Result<Option<(Outcomes, u64)>, StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
         let mut skipped = 0;
-        for change in batch.iter().flat_map(|pending| &pending.changes) {
-            match self.apply(change) {
-                Ok(true) => {}
-                Ok(false) => skipped += 1,
-                Err(Failure::Rejected(e)) => {
-                    debug!(error = %e, "store refused a change; the batch is redone caller by caller");
-                    return Ok(None);
+        let mut applying = Applying::default();
+        let mut admissions = Vec::with_capacity(batch.len());
+        for pending in batch {
+            for change in &pending.changes {
+                match self.apply(change, &mut applying) {
+                    Ok(true) => {}
+                    Ok(false) => skipped += 1,
+                    Err(Failure::Rejected(e)) => {
+                        debug!(error = %e, "store refused a change; the batch is redone caller by caller");
+                        return Ok(None);
+                    }
+                    Err(Failure::Storage(e)) => return Err(e),
                 }
-                Err(Failure::Storage(e)) => return Err(e),
             }
+            admissions.push(Ok(std::mem::take(&mut applying.admissions)));
         }
         self.exec("COMMIT", "commit")?;
-        Ok(Some(skipped))
+        Ok(Some((admissions, skipped)))
     }
 
     /// Applies the batch in one transaction with each caller's changes in
     /// their own savepoint, so a rejected caller rolls back alone, and commits.
-    fn apply_batch_carefully(&mut self, batch: &[Pending]) -> Result<(Vec<Result<(), StoreError>>, u64), StoreError> {
+    fn apply_batch_carefully(&mut self, batch: &[Pending]) -> Result<(Outcomes, u64), StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut skipped_total = 0;
+        // A rolled-back caller's entries stay in `stood_for`: its new ids are
+        // its own, so no other caller's change names them.
+        let mut applying = Applying::default();
         for pending in batch {
             self.exec("SAVEPOINT request", "open a savepoint")?;
             let mut skipped = 0;
             let mut outcome = Ok(());
             for change in &pending.changes {
-                match self.apply(change) {
+                match self.apply(change, &mut applying) {
                     Ok(true) => {}
                     Ok(false) => skipped += 1,
                     Err(Failure::Rejected(e)) => {
@@ -303,6 +338,7 @@ impl Writer {
                     Err(Failure::Storage(e)) => return Err(e),
                 }
             }
+            let admissions = std::mem::take(&mut applying.admissions);
             if let Err(e) = &outcome {
                 warn!(error = %e, "store refused a commit; its changes were rolled back");
                 self.exec("ROLLBACK TO request", "roll back to a savepoint")?;
@@ -310,7 +346,7 @@ impl Writer {
                 skipped_total += skipped;
             }
             self.exec("RELEASE request", "release a savepoint")?;
-            outcomes.push(outcome);
+            outcomes.push(outcome.map(|()| admissions));
         }
         self.exec("COMMIT", "commit")?;
         Ok((outcomes, skipped_total))
@@ -334,11 +370,20 @@ impl Writer {
     }
 
     /// Applies one change. `Ok(false)` when it matched no row in the state it
-    /// expects: a no-op, logged.
-    fn apply(&self, change: &Change) -> Result<bool, Failure> {
+    /// expects: a no-op, logged. A guarded insert is never a no-op: its
+    /// admission, whatever it is, goes to `applying`.
+    fn apply(&self, change: &Change, applying: &mut Applying) -> Result<bool, Failure> {
         let changed = match change {
             Change::Insert(job) => {
                 self.insert(job)?;
+                true
+            }
+            Change::InsertUnlessHeld(guarded) => {
+                let admission = self.insert_unless_held(guarded)?;
+                if let Admission::Existing(existing) = &admission {
+                    applying.stood_for.insert(guarded.job.id.clone(), existing.id.clone());
+                }
+                applying.admissions.push(admission);
                 true
             }
             Change::GateEvent(event) => {
@@ -365,11 +410,15 @@ impl Writer {
                     ],
                 )?
             }
-            Change::Fire(fire) => self.execute(
-                change,
-                "INSERT OR IGNORE INTO gate_fires (gate, key, reason, job_id, error, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![fire.gate, fire.key, gate_reason_to_sql(fire.reason), fire.job_id, fire.error, time_to_sql(fire.at)],
-            )?,
+            Change::Fire(fire) => {
+                // A gate's job that another job stood for (its unique key) is recorded as that job.
+                let job_id = fire.job_id.as_ref().map(|id| applying.stood_for.get(id).unwrap_or(id));
+                self.execute(
+                    change,
+                    "INSERT OR IGNORE INTO gate_fires (gate, key, reason, job_id, error, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![fire.gate, fire.key, gate_reason_to_sql(fire.reason), job_id, fire.error, time_to_sql(fire.at)],
+                )?
+            }
             Change::Dispatch { id, attempt, worker, lease, at } => {
                 let changed = self.execute(
                     change,
@@ -522,9 +571,9 @@ impl Writer {
                 "INSERT INTO jobs (id, job_name, params, status, attempts, run_id, parent_id,
                      origin_kind, origin_gate, origin_key, origin_reason, priority, worker, lease, exit_code, signal,
                      created_at, queued_at, started_at, finished_at, cancelled_at, not_before, output_tail,
-                     progress_percent, progress_message, error)
+                     progress_percent, progress_message, error, unique_key)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
-                     ?21, ?22, ?23, ?24, ?25, ?26)",
+                     ?21, ?22, ?23, ?24, ?25, ?26, ?27)",
             )
             .map_err(|e| classify(&change(), e))?;
         statement
@@ -555,9 +604,106 @@ impl Writer {
                 job.progress.as_ref().map(|p| p.percent),
                 job.progress.as_ref().and_then(|p| p.message.as_deref()),
                 job.error,
+                job.unique_key,
             ])
             .map_err(|e| classify(&change(), e))?;
         Ok(())
+    }
+
+    /// Inserts `guarded.job` unless a job already stands for it, all inside the
+    /// writer's transaction, so no other start can come in between:
+    ///
+    /// 1. An idempotency key recorded since `since` answers with its job when
+    ///    the start is the same (job name and params), and refuses it when not.
+    ///    A recorded job that is gone (pruned) leaves the key free.
+    /// 2. A job of the same name with the same unique key that is queued or
+    ///    running, or succeeded at or after `succeeded_since`, is the holder.
+    /// 3. Otherwise the job is inserted.
+    ///
+    /// The idempotency key then names the job that stands for this start.
+    fn insert_unless_held(&self, guarded: &GuardedInsert) -> Result<Admission, Failure> {
+        let job = &guarded.job;
+        let change = || Change::InsertUnlessHeld(Box::new(guarded.clone()));
+        let rejected = |reason: String| {
+            Failure::Rejected(StoreError::Rejected { context: describe(&change()), reason, code: None })
+        };
+        let params_json = params_to_sql(&job.params).map_err(|e| rejected(e.to_string()))?;
+        if let Some(claim) = &guarded.idempotency {
+            let first = self
+                .conn
+                .prepare_cached(
+                    "SELECT job_id, job_name, params FROM idempotency_keys WHERE key = ?1 AND created_at >= ?2",
+                )
+                .and_then(|mut statement| {
+                    statement
+                        .query_row(params![claim.key, time_to_sql(claim.since)], |row| {
+                            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+                        })
+                        .optional()
+                })
+                .map_err(|e| classify(&change(), e))?;
+            if let Some((job_id, job_name, params)) = first {
+                if job_name != job.job_name || params != params_json {
+                    let params = serde_json::from_str(&params).map_err(|e| {
+                        rejected(format!("the params recorded for the idempotency key are unreadable: {e}"))
+                    })?;
+                    return Ok(Admission::KeyReused { job_id, job_name, params });
+                }
+                let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
+                if let Some(existing) = self.read_job(&sql, params![job_id], &change)? {
+                    return Ok(Admission::Existing(Box::new(existing)));
+                }
+            }
+        }
+        let holder = match &job.unique_key {
+            None => None,
+            Some(key) => {
+                // INDEXED BY: SQLite refuses the statement rather than fall back to a scan.
+                let sql = format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_unique
+                     WHERE job_name = ?1 AND unique_key = ?2
+                       AND (status IN ('queued', 'running') OR (status = 'succeeded' AND finished_at >= ?3))
+                     ORDER BY created_at DESC LIMIT 1"
+                );
+                self.read_job(&sql, params![job.job_name, key, time_to_sql(guarded.succeeded_since)], &change)?
+            }
+        };
+        let admission = match holder {
+            Some(holder) => Admission::Existing(Box::new(holder)),
+            None => {
+                self.insert(job)?;
+                Admission::Inserted
+            }
+        };
+        if let Some(claim) = &guarded.idempotency {
+            let stands = match &admission {
+                Admission::Existing(existing) => &existing.id,
+                _ => &job.id,
+            };
+            self.execute(
+                &change(),
+                "INSERT OR REPLACE INTO idempotency_keys (key, job_id, job_name, params, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![claim.key, stands, job.job_name, params_json, time_to_sql(job.created_at)],
+            )?;
+        }
+        Ok(admission)
+    }
+
+    /// The first job `sql` (selecting [`JOB_COLUMNS`]) finds, read inside the transaction.
+    fn read_job(
+        &self,
+        sql: &str,
+        params: &[&dyn rusqlite::ToSql],
+        change: &dyn Fn() -> Change,
+    ) -> Result<Option<JobRecord>, Failure> {
+        let mut statement = self.conn.prepare_cached(sql).map_err(|e| classify(&change(), e))?;
+        let mut rows = statement.query(params).map_err(|e| classify(&change(), e))?;
+        match rows.next().map_err(|e| classify(&change(), e))? {
+            // A row that cannot be read back fails this caller alone.
+            Some(row) => job_from_row(row).map(Some).map_err(Failure::Rejected),
+            None => Ok(None),
+        }
     }
 
     /// Runs one cached statement for `change`; true when it changed a row.
@@ -662,9 +808,46 @@ impl Writer {
         self.exec("COMMIT", "commit a prune")?;
         Ok(ids)
     }
+
+    /// Forgets at most `limit` idempotency keys first given before
+    /// `created_before`, oldest first, in a transaction of its own. Returns how
+    /// many were forgotten. A key past its time is ignored by starts whether
+    /// or not it was pruned yet; pruning only keeps the table small.
+    fn prune_keys(&mut self, created_before: DateTime<Utc>, limit: usize) -> Result<usize, StoreError> {
+        let limit = i64::try_from(limit.min(PRUNE_BATCH_MAX)).unwrap_or(i64::MAX);
+        if limit == 0 {
+            return Ok(0);
+        }
+        let result = self.exec("BEGIN IMMEDIATE", "begin a prune of idempotency keys").and_then(|()| {
+            let deleted = self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM idempotency_keys WHERE key IN (
+                         SELECT key FROM idempotency_keys WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)",
+                )
+                .and_then(|mut statement| statement.execute(params![time_to_sql(created_before), limit]))
+                .map_err(StoreError::sqlite("prune idempotency keys"))?;
+            self.exec("COMMIT", "commit a prune of idempotency keys")?;
+            Ok(deleted)
+        });
+        match &result {
+            Ok(deleted) => {
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.shared.last_batch_failed.store(false, Ordering::Relaxed);
+                debug!(keys = deleted, "store: pruned idempotency keys");
+            }
+            Err(e) => {
+                self.rollback();
+                self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
+                self.shared.last_batch_failed.store(true, Ordering::Relaxed);
+                error!(error = %e, "store prune of idempotency keys failed; rolled back");
+            }
+        }
+        result
+    }
 }
 
-fn answer(reply: Option<Reply<()>>, outcome: Result<(), StoreError>) {
+fn answer(reply: Option<Reply<Vec<Admission>>>, outcome: Result<Vec<Admission>, StoreError>) {
     match reply {
         Some(reply) => {
             // The caller may have stopped waiting (its client went away); what
@@ -707,6 +890,7 @@ fn classify(change: &Change, e: rusqlite::Error) -> Failure {
 fn kind_and_id(change: &Change) -> (&'static str, &str) {
     match change {
         Change::Insert(job) => ("Insert", &job.id),
+        Change::InsertUnlessHeld(guarded) => ("InsertUnlessHeld", &guarded.job.id),
         Change::GateEvent(event) => ("GateEvent", &event.job_id),
         Change::Fire(fire) => ("Fire", &fire.gate),
         Change::Dispatch { id, .. } => ("Dispatch", id),
