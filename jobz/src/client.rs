@@ -461,7 +461,7 @@ pub async fn workers_with(client: &HttpClient, json: bool, io: &mut Io<'_>) -> R
     Ok(SUCCESS)
 }
 
-/// `gates` or `schedules`: a table when the answer is `{"KEY": [objects]}`, else pretty JSON.
+/// `gates`: a table when the answer is `{"KEY": [objects]}`, else pretty JSON.
 pub async fn listing_with(client: &HttpClient, key: &str, json: bool, io: &mut Io<'_>) -> Result<u8, Failure> {
     let answer = client.json(Method::GET, &format!("/{key}"), &[], None).await?;
     let table = match answer.value.get(key).and_then(|v| v.as_array()) {
