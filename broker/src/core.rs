@@ -24,13 +24,15 @@ use jobz_core::Status;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{Clock, SystemClock};
 use crate::handle::{ApiError, BrokerHandle, ServedJob, StartRequest, Started, Waited, WorkerView};
 use crate::limits;
 use crate::metrics::Metrics;
 use crate::model::{
     Admission, AttemptRecord, Change, FireRecord, GateEventKind, GateEventRecord, GuardedInsert, IdempotencyClaim,
-    JobFilter, JobRecord, Progress,
+    JobFilter, JobRecord, Progress, ScheduleFireRecord,
 };
+use crate::scheduler::{FireRequest, Schedules};
 use crate::store::{SqliteStore, Store, StoreError};
 use crate::throttle::{Hold, Throttle};
 
@@ -50,6 +52,8 @@ pub struct BrokerConfig {
     pub lease_timeout: Duration,
     /// Finished jobs and their logs are pruned after this long.
     pub retention: Duration,
+    /// The scheduler's "now" (the system clock unless a test moves it).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl BrokerConfig {
@@ -62,6 +66,7 @@ impl BrokerConfig {
             heartbeat: limits::HEARTBEAT_INTERVAL,
             lease_timeout: limits::LEASE_TIMEOUT,
             retention: limits::RETENTION,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -129,6 +134,10 @@ enum Event {
     },
     /// `GET /gates`.
     Gates {
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+    /// `GET /schedules`.
+    Schedules {
         reply: oneshot::Sender<serde_json::Value>,
     },
     Tick,
@@ -280,6 +289,8 @@ struct Batch {
     events: Vec<GateEventRecord>,
     /// Fires in this batch and their answers to the semaphore that asked.
     fires: Vec<(Option<PeerId>, protocol::Fired)>,
+    /// The schedule fire in this batch, if any: (schedule, instant).
+    schedule_fire: Option<(String, DateTime<Utc>)>,
 }
 
 impl Batch {
@@ -292,6 +303,7 @@ impl Batch {
             restore: Vec::new(),
             events: Vec::new(),
             fires: Vec::new(),
+            schedule_fire: None,
         }
     }
 }
@@ -323,6 +335,7 @@ struct State {
     last_prune: Instant,
     bad_frames: RateLimitedLog,
     gates: Gates,
+    schedules: Schedules,
 }
 
 /// The broker's side of gates: it records upstream events durably for the
@@ -364,6 +377,12 @@ pub async fn start(
     std::fs::create_dir_all(&logs).map_err(|source| BrokerError::Io { path: logs.display().to_string(), source })?;
     let unfinished = store.unfinished().await.map_err(BrokerError::Recover)?;
     let gates = load_gates(&config.file, &store).await.map_err(BrokerError::Recover)?;
+    let (schedules, first_seen) =
+        Schedules::load(&config.file, &store, config.clock.now()).await.map_err(BrokerError::Recover)?;
+    if !first_seen.is_empty() {
+        // Durable before anything fires: a new schedule never fires for an instant before it was seen.
+        store.commit(first_seen).await.map_err(BrokerError::Recover)?;
+    }
     let (events, rx) = mpsc::channel(limits::EVENT_QUEUE);
     let shared = Arc::new(Shared {
         config,
@@ -395,8 +414,12 @@ pub async fn start(
         last_prune: now,
         bad_frames: RateLimitedLog::default(),
         gates,
+        schedules,
     };
     state.recover(unfinished);
+    let now = state.shared.config.clock.now();
+    let catch_up = state.schedules.recover(now);
+    state.fire_schedules(catch_up, now);
     state.publish();
     let handle = BrokerHandle { inner: shared };
     let task = tokio::spawn(state.run(rx, shutdown));
@@ -517,6 +540,10 @@ impl State {
             Event::Gates { reply } => {
                 // The caller may have hung up; nothing to do then.
                 let _ = reply.send(self.gates_view());
+            }
+            Event::Schedules { reply } => {
+                // The caller may have hung up; nothing to do then.
+                let _ = reply.send(self.schedules.view(self.shared.config.clock.now()));
             }
         }
     }
@@ -976,6 +1003,57 @@ impl State {
         if let Some(peer) = peer {
             // A semaphore that went away asks again after it reconnects.
             let _ = self.router.send(peer, &ToWorker::Fired(fired));
+        }
+    }
+
+    /// Starts one job per scheduled instant, each committed with its fire
+    /// record in a batch of its own (so a refused duplicate takes nothing else
+    /// with it). A schedule whose params its job refuses records the refusal.
+    fn fire_schedules(&mut self, requests: Vec<FireRequest>, now: DateTime<Utc>) {
+        let file = self.shared.config.file.clone();
+        for request in requests {
+            let checked = match file.jobs.get(&request.job_name) {
+                None => Err(format!("no job named {:?} in the broker's job file", request.job_name)),
+                Some(def) => config::params::validate(def, &request.params).map_err(|errors| {
+                    let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                    format!("the job refuses the schedule's params: {}", reasons.join("; "))
+                }),
+            };
+            let mut batch = Batch::new();
+            let mut fire = ScheduleFireRecord {
+                schedule: request.id.clone(),
+                instant: request.instant,
+                job_id: None,
+                error: None,
+                at: crate::store::to_store_precision(now),
+            };
+            match checked {
+                Ok(params) => {
+                    let new = NewJob {
+                        job_name: request.job_name.clone(),
+                        params,
+                        run_id: None,
+                        parent_id: None,
+                        origin: Origin::Schedule,
+                    };
+                    let now = Utc::now();
+                    let job = new_record(&new, now, None, &file);
+                    tracing::info!(job_name = %request.job_name, instant = %request.instant, job = %job.id, "schedule fired");
+                    fire.job_id = Some(job.id.clone());
+                    batch.enqueue.push(Queued::from_record(&job));
+                    // The job first: a fire naming a job that another held the unique key for records the holder.
+                    batch.changes.push(insert_change(job, &file, now, None));
+                    batch.changes.push(Change::ScheduleFire(fire.clone()));
+                }
+                Err(error) => {
+                    tracing::warn!(job_name = %request.job_name, instant = %request.instant, %error, "schedule fire refused");
+                    fire.error = Some(error);
+                    batch.changes.push(Change::ScheduleFire(fire.clone()));
+                }
+            }
+            batch.schedule_fire = Some((request.id, request.instant));
+            self.schedules.fired(fire);
+            self.commit(batch);
         }
     }
 
@@ -1454,6 +1532,12 @@ impl State {
                 list.retain(|f| f.reason != GateReason::from(fired.reason));
             }
         }
+        // Nothing of a schedule's fire was stored: it fires again at the next tick, unless
+        // the store refused it as a duplicate (that instant is recorded already).
+        if let Some((id, instant)) = &batch.schedule_fire {
+            let again = !matches!(e, StoreError::Rejected { .. });
+            self.schedules.failed(id, *instant, again);
+        }
     }
 
     /// Takes the jobs the store did not insert, because another job held their
@@ -1611,6 +1695,9 @@ impl State {
                 let _ = self.router.send_nowait(peer, &ToWorker::Heartbeat);
             }
         }
+        let clock_now = self.shared.config.clock.now();
+        let due = self.schedules.due(clock_now);
+        self.fire_schedules(due, clock_now);
         if now.duration_since(self.last_prune) >= limits::PRUNE_INTERVAL {
             self.last_prune = now;
             self.prune();
@@ -2016,12 +2103,20 @@ pub(crate) async fn gates(b: &BrokerHandle) -> serde_json::Value {
 }
 
 pub(crate) async fn schedules(b: &BrokerHandle) -> serde_json::Value {
+    let (reply, answer) = oneshot::channel();
+    if b.inner.events.send(Event::Schedules { reply }).await.is_ok() {
+        if let Ok(view) = answer.await {
+            return view;
+        }
+    }
+    // The loop has stopped (shutdown): the schedules as configured, without their fires.
     let mut list = Vec::new();
     for (name, def) in &b.inner.config.file.jobs {
         for s in &def.schedules {
             list.push(serde_json::json!({
-                "job_name": name, "cron": s.cron.source, "timezone": s.timezone.name(),
-                "next": null, "last_fired": null
+                "job_name": name, "cron": s.cron.source, "timezone": s.timezone.name(), "params": s.params,
+                "catch_up": jobz_core::schedule::catch_up_name(s.catch_up),
+                "next": null, "last_fired": null, "last_job_id": null, "fired": []
             }));
         }
     }

@@ -30,3 +30,15 @@ pub const PRIORITY_MIN: i32 = -1000;
 pub const PRIORITY_MAX: i32 = 1000;
 /// Gate events read from the store per query when the broker rebuilds its gate progress at start.
 pub const GATE_EVENTS_READ: usize = 10_000;
+/// Instants of one schedule fired in one check (each is a commit of its own, so this keeps the
+/// store's write queue clear); the rest of a longer window follows at the next tick.
+pub const SCHEDULE_FIRES_PER_CHECK: usize = 100;
+/// A gap this long between two looks at the scheduler's clock (a clock jump, a suspended machine)
+/// is treated like downtime: its instants were missed, and the schedule's `catch_up` decides.
+pub const SCHEDULE_CLOCK_JUMP: Duration = Duration::from_secs(3600);
+/// Recent fires of each schedule kept for `GET /schedules`.
+pub const SCHEDULE_RECENT_FIRES: usize = 20;
+/// Fires of one schedule whose commit failed, waiting to be tried again; beyond this the oldest is dropped.
+pub const SCHEDULE_RETRIES_MAX: usize = 100;
+/// The fastest `JOBZ_TEST_CLOCK` may run, as a multiple of real time.
+pub const TEST_CLOCK_SPEED_MAX: u32 = 100_000;

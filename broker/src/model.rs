@@ -176,6 +176,27 @@ pub enum Admission {
     },
 }
 
+/// A schedule the broker has run with, by its identity (`jobz_core::schedule::identity`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleRecord {
+    pub id: String,
+    /// When the broker first ran with it: no instant before this fires.
+    pub first_seen: DateTime<Utc>,
+}
+
+/// One scheduled instant that fired: the job it started, or why it could not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleFireRecord {
+    /// The schedule's identity.
+    pub schedule: String,
+    /// The scheduled instant (whole seconds).
+    pub instant: DateTime<Utc>,
+    pub job_id: Option<String>,
+    pub error: Option<String>,
+    /// When it fired, on the scheduler's clock.
+    pub at: DateTime<Utc>,
+}
+
 /// Everything that changes a job, as one durable step. The store applies a
 /// batch of changes in one transaction (group commit).
 #[derive(Debug, Clone, PartialEq)]
@@ -255,6 +276,12 @@ pub enum Change {
     /// A gate fired for a key: recorded once per (gate, key, reason); a repeat is a no-op.
     /// Its job, if any, is inserted by an `Insert` in the same batch.
     Fire(FireRecord),
+    /// The broker runs with a schedule: its first sighting is recorded; a later one is a no-op.
+    ScheduleSeen(ScheduleRecord),
+    /// A schedule fired for an instant: recorded once per (schedule, instant). A second
+    /// record of the same instant is refused, and with it the whole commit it came in,
+    /// so the job `Insert`ed in the same batch is not stored twice.
+    ScheduleFire(ScheduleFireRecord),
     /// A result for a superseded attempt: recorded on the attempt, the job is untouched.
     Stale {
         id: String,

@@ -25,6 +25,8 @@
 //! | `Retry` | final (any of the four) | queued, `queued_at = at`, `not_before`; `attempts` kept; finish fields, lease and progress cleared |
 //! | `Progress` | running | the progress columns |
 //! | `Stale` | (the attempt row with that lease and worker exists) | that row: stale, its status, exit code and end; the job untouched |
+//! | `ScheduleSeen` | (any) | the schedule's row, unless it exists: the first sighting stays |
+//! | `ScheduleFire` | (no fire of that schedule and instant yet; a second one is *refused*, not skipped) | the fire's row |
 //!
 //! A guarded insert (`InsertUnlessHeld`) is the unique jobs and idempotency
 //! keys of SPEC `job_start`, decided in the writer's transaction so that
@@ -56,7 +58,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use jobz_core::Status;
 
-use crate::model::{Admission, AttemptRecord, Change, FireRecord, GateEventRecord, JobFilter, JobRecord};
+use crate::model::{
+    Admission, AttemptRecord, Change, FireRecord, GateEventRecord, JobFilter, JobRecord, ScheduleFireRecord,
+    ScheduleRecord,
+};
 
 pub use codec::to_store_precision;
 pub use sqlite::{SqliteStore, WritesPaused};
@@ -195,6 +200,16 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Every recorded fire.
     fn gate_fires(&self) -> impl Future<Output = Result<Vec<FireRecord>, StoreError>> + Send;
+
+    /// Every schedule the broker has run with.
+    fn schedules(&self) -> impl Future<Output = Result<Vec<ScheduleRecord>, StoreError>> + Send;
+
+    /// The latest fires of `schedule`, newest instant first, at most `limit`.
+    fn schedule_fires(
+        &self,
+        schedule: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<ScheduleFireRecord>, StoreError>> + Send;
 
     /// True when the store can read and its writer is running and its last
     /// transaction (if any) committed. For `/healthz`.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use broker::model::{
     Admission, AttemptRecord, Change, FireRecord, GateEventKind, GateEventRecord, GuardedInsert, IdempotencyClaim,
-    JobFilter, JobRecord, Progress,
+    JobFilter, JobRecord, Progress, ScheduleFireRecord, ScheduleRecord,
 };
 use broker::store::{SqliteStore, Store, StoreError, StoreOptions, DB_FILE_NAME};
 use chrono::{DateTime, TimeDelta, Utc};
@@ -460,7 +460,7 @@ async fn a_returned_commit_is_visible_to_a_fresh_connection_while_the_store_is_o
     let (journal_mode, version): (String, i64) = raw
         .query_row("SELECT * FROM pragma_journal_mode, pragma_user_version", [], |row| Ok((row.get(0)?, row.get(1)?)))
         .unwrap();
-    assert_eq!((journal_mode.as_str(), version), ("wal", 4));
+    assert_eq!((journal_mode.as_str(), version), ("wal", 5));
     drop(store);
 }
 
@@ -747,7 +747,7 @@ async fn a_database_from_a_newer_jobz_is_refused() {
     raw.pragma_update(None, "user_version", 99).unwrap();
     drop(raw);
     let err = SqliteStore::open(dir.path(), StoreOptions::default()).err().expect("refused");
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 4, .. }), "{err:?}");
+    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 5, .. }), "{err:?}");
 }
 
 // ---- Queries ----
@@ -1254,4 +1254,100 @@ async fn a_guarded_insert_with_an_id_already_stored_is_refused_and_stores_nothin
     // Nothing of it stayed: neither the key nor the idempotency record.
     let fresh = admit(&store, guarded(keyed("j2", "import", "k", at(2)), at(0), Some(("key", at(0))))).await;
     assert_eq!(fresh, Admission::Inserted);
+}
+
+// ---- Schedules ----
+
+fn schedule_fire(schedule: &str, instant: i64, job_id: Option<&str>, fired_at: i64) -> ScheduleFireRecord {
+    ScheduleFireRecord {
+        schedule: schedule.to_owned(),
+        instant: DateTime::from_timestamp(1_800_000_000 + instant, 0).expect("a valid instant"),
+        job_id: job_id.map(str::to_owned),
+        error: job_id.is_none().then(|| "the job refuses the schedule's params".to_owned()),
+        at: at(fired_at),
+    }
+}
+
+#[tokio::test]
+async fn a_schedule_keeps_its_first_sighting() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let seen = |first_seen| Change::ScheduleSeen(ScheduleRecord { id: "s".into(), first_seen });
+    store.commit(vec![seen(at(0))]).await.unwrap();
+    store
+        .commit(vec![seen(at(50)), Change::ScheduleSeen(ScheduleRecord { id: "t".into(), first_seen: at(7) })])
+        .await
+        .unwrap();
+    let schedules = store.schedules().await.unwrap();
+    assert_eq!(
+        schedules,
+        vec![
+            ScheduleRecord { id: "s".into(), first_seen: at(0) },
+            ScheduleRecord { id: "t".into(), first_seen: at(7) }
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_second_fire_of_an_instant_is_refused_with_the_job_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut first = queued("first", "report", at(0));
+    first.origin = Origin::Schedule;
+    store
+        .commit(vec![Change::ScheduleFire(schedule_fire("s", 60, Some("first"), 1)), Change::Insert(first.clone())])
+        .await
+        .unwrap();
+    let mut second = queued("second", "report", at(1));
+    second.origin = Origin::Schedule;
+    let refused = store
+        .commit(vec![Change::ScheduleFire(schedule_fire("s", 60, Some("second"), 2)), Change::Insert(second)])
+        .await;
+    assert!(
+        matches!(&refused, Err(StoreError::Rejected { code: Some(ErrorCode::ConstraintViolation), .. })),
+        "{refused:?}"
+    );
+    assert_eq!(store.job("second").await.unwrap(), None, "the job of the refused fire is not stored");
+    assert_eq!(job(&store, "first").await, first);
+    // Another instant, and the same instant of another schedule, are fine.
+    store.commit(vec![Change::ScheduleFire(schedule_fire("s", 120, None, 3))]).await.unwrap();
+    store.commit(vec![Change::ScheduleFire(schedule_fire("t", 60, None, 3))]).await.unwrap();
+    let fires = store.schedule_fires("s", 10).await.unwrap();
+    assert_eq!(fires, vec![schedule_fire("s", 120, None, 3), schedule_fire("s", 60, Some("first"), 1)], "newest first");
+    assert_eq!(store.schedule_fires("s", 1).await.unwrap().len(), 1);
+    assert!(store.schedule_fires("nope", 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_fire_with_both_a_job_and_an_error_or_neither_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut both = schedule_fire("s", 60, Some("j"), 1);
+    both.error = Some("and an error".into());
+    let mut neither = schedule_fire("s", 60, None, 1);
+    neither.error = None;
+    for fire in [both, neither] {
+        let refused = store.commit(vec![Change::ScheduleFire(fire)]).await;
+        assert!(matches!(refused, Err(StoreError::Rejected { .. })), "{refused:?}");
+    }
+    assert!(store.schedule_fires("s", 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn pruning_drops_old_schedule_fires_but_keeps_each_schedules_latest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let changes = vec![
+        Change::ScheduleFire(schedule_fire("s", 60, None, 1)),
+        Change::ScheduleFire(schedule_fire("s", 120, None, 2)),
+        Change::ScheduleFire(schedule_fire("s", 180, None, 3)),
+        Change::ScheduleFire(schedule_fire("t", 60, None, 1)),
+        Change::ScheduleFire(schedule_fire("u", 60, None, 200)),
+        Change::ScheduleFire(schedule_fire("u", 120, None, 201)),
+    ];
+    store.commit(changes).await.unwrap();
+    store.prune(at(100), 1000).await.unwrap();
+    assert_eq!(store.schedule_fires("s", 10).await.unwrap(), vec![schedule_fire("s", 180, None, 3)]);
+    assert_eq!(store.schedule_fires("t", 10).await.unwrap(), vec![schedule_fire("t", 60, None, 1)]);
+    assert_eq!(store.schedule_fires("u", 10).await.unwrap().len(), 2, "recent fires stay");
 }

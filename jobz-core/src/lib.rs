@@ -1,5 +1,5 @@
 //! What every jobz process speaks: the job's states, the pipeline semantics
-//! (retries, follow-ups, gate counting) and the preparation of a job's
+//! (retries, follow-ups, gate counting, when schedules fire) and the preparation of a job's
 //! commands from its definition.
 //!
 //! Everything here but [`transport`] and [`ids`] is pure: no I/O, no clock, no randomness.
@@ -14,6 +14,7 @@ pub mod job;
 pub mod limits;
 pub mod pipeline;
 pub mod protocol;
+pub mod schedule;
 pub mod transport;
 
 pub use job::{Status, StatusParseError};

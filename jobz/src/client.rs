@@ -96,7 +96,7 @@ pub fn gates(url: &str, json: bool) -> anyhow::Result<ExitCode> {
 
 /// `jobz schedules`.
 pub fn schedules(url: &str, json: bool) -> anyhow::Result<ExitCode> {
-    execute(url, async |client, io| listing_with(client, "schedules", json, io).await)
+    execute(url, async |client, io| schedules_with(client, json, io).await)
 }
 
 /// `jobz progress PERCENT [MESSAGE]`, inside a job.
@@ -464,7 +464,7 @@ pub async fn workers_with(client: &HttpClient, json: bool, io: &mut Io<'_>) -> R
     Ok(SUCCESS)
 }
 
-/// `gates` or `schedules`: a table when the answer is `{"KEY": [objects]}`, else pretty JSON.
+/// `gates`: a table when the answer is `{"KEY": [objects]}`, else pretty JSON.
 pub async fn listing_with(client: &HttpClient, key: &str, json: bool, io: &mut Io<'_>) -> Result<u8, Failure> {
     let answer = client.json(Method::GET, &format!("/{key}"), &[], None).await?;
     let table = match answer.value.get(key).and_then(|v| v.as_array()) {
@@ -475,6 +475,21 @@ pub async fn listing_with(client: &HttpClient, key: &str, json: bool, io: &mut I
     match table {
         Some(table) if table.is_empty() => writeln!(io.err, "jobz: no {key}")?,
         Some(table) => write!(io.out, "{table}")?,
+        None => writeln!(io.out, "{}", render::pretty_json(&answer.raw))?,
+    }
+    Ok(SUCCESS)
+}
+
+/// Lists schedules: each one's next instant, its last fire and the job that started.
+pub async fn schedules_with(client: &HttpClient, json: bool, io: &mut Io<'_>) -> Result<u8, Failure> {
+    let answer = client.json(Method::GET, "/schedules", &[], None).await?;
+    if json {
+        writeln!(io.out, "{}", render::pretty_json(&answer.raw))?;
+        return Ok(SUCCESS);
+    }
+    match answer.value.get("schedules").and_then(|v| v.as_array()) {
+        Some(items) if items.is_empty() => writeln!(io.err, "jobz: no schedules")?,
+        Some(items) => write!(io.out, "{}", render::schedules_table(items))?,
         None => writeln!(io.out, "{}", render::pretty_json(&answer.raw))?,
     }
     Ok(SUCCESS)
@@ -740,8 +755,31 @@ mod tests {
         assert_eq!(ran.out, "GATE      KEY   DONE\nall_done  2026  3\n", "naming columns lead");
         let ran = run(async |io| listing_with(&door.client, "gates", true, io).await).await;
         assert!(ran.out.starts_with("{\n  \"gates\": [\n"), "{}", ran.out);
-        let ran = run(async |io| listing_with(&door.client, "schedules", false, io).await).await;
+        let ran = run(async |io| schedules_with(&door.client, false, io).await).await;
         assert_eq!((ran.out.as_str(), ran.err.as_str()), ("", "jobz: no schedules\n"));
+    }
+
+    #[tokio::test]
+    async fn schedules_show_next_and_last_fire_in_a_table_or_json() {
+        let door = front_door().await;
+        door.api.set_schedules(serde_json::json!([
+            {"job_name": "report", "cron": "30 2 * * *", "timezone": "Europe/Madrid", "params": {"kind": "daily"},
+             "catch_up": "latest", "next": "2026-03-30T00:30:00.000Z", "last_fired": "2026-03-29T01:00:00.000Z",
+             "last_job_id": "job-1", "fired": []},
+            {"job_name": "tick", "cron": "* * * * *", "timezone": "UTC", "params": {},
+             "catch_up": "none", "next": null, "last_fired": null, "last_job_id": null, "fired": []}
+        ]));
+        let ran = run(async |io| schedules_with(&door.client, false, io).await).await;
+        let lines: Vec<&str> = ran.out.lines().collect();
+        assert_eq!(lines[0], "JOB     CRON        TIMEZONE       PARAMS      CATCH-UP  NEXT                  LAST FIRED            LAST JOB");
+        assert_eq!(lines[1], "report  30 2 * * *  Europe/Madrid  kind=daily  latest    2026-03-30T00:30:00Z  2026-03-29T01:00:00Z  job-1");
+        assert_eq!(
+            lines[2],
+            "tick    * * * * *   UTC            -           none      -                     -                     -"
+        );
+        let ran = run(async |io| schedules_with(&door.client, true, io).await).await;
+        assert!(ran.out.starts_with("{\n  \"schedules\": [\n"), "{}", ran.out);
+        assert!(ran.out.contains("\"last_job_id\": \"job-1\""), "{}", ran.out);
     }
 
     #[tokio::test]

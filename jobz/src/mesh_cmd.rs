@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use broker::clock::ShiftedClock;
 use broker::core::BrokerConfig;
 use broker::http::HttpOptions;
 use broker::store::{SqliteStore, StoreOptions};
@@ -76,6 +77,7 @@ async fn start_broker(
     http_shutdown: CancellationToken,
     loop_shutdown: CancellationToken,
 ) -> anyhow::Result<RunningBroker> {
+    let test_clock = test_clock()?;
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating the data directory {}", args.data.display()))?;
     let store = SqliteStore::open(&args.data, StoreOptions::default())
@@ -93,6 +95,9 @@ async fn start_broker(
     config.url = Some(format!("http://{http_addr}"));
     config.lease_timeout = duration_flag("--lease-timeout", &args.tuning.lease_timeout)?;
     config.retention = duration_flag("--retention", &args.tuning.retention)?;
+    if let Some(clock) = test_clock {
+        config.clock = Arc::new(clock);
+    }
     let (handle, loop_task) =
         broker::core::start(config, store, router, loop_shutdown).await.context("starting the broker")?;
     let tasks = TaskTracker::new();
@@ -108,6 +113,23 @@ async fn start_broker(
     tasks.close();
     tracing::info!(http = %http_addr, zmq = %endpoint, "broker listening");
     Ok(RunningBroker { http_addr, endpoint, tasks })
+}
+
+/// The environment variable that gives the scheduler a test clock.
+const TEST_CLOCK_VAR: &str = "JOBZ_TEST_CLOCK";
+
+/// `JOBZ_TEST_CLOCK=TIME[@SPEEDx]` (a testing aid): the scheduler's clock
+/// starts at TIME now and runs SPEED times faster than real time. Anything but
+/// a valid value stops the start, so a typo never runs a broker on a wrong clock.
+fn test_clock() -> anyhow::Result<Option<ShiftedClock>> {
+    let text = match std::env::var(TEST_CLOCK_VAR) {
+        Err(std::env::VarError::NotPresent) => return Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!("{TEST_CLOCK_VAR} is not valid UTF-8"),
+        Ok(text) => text,
+    };
+    let clock = ShiftedClock::parse(&text).map_err(|e| anyhow::anyhow!("{TEST_CLOCK_VAR}: {e}"))?;
+    tracing::warn!(clock = %text, "the scheduler runs on a test clock ({TEST_CLOCK_VAR}); schedules fire by it, not by the system clock");
+    Ok(Some(clock))
 }
 
 fn duration_flag(flag: &str, value: &str) -> anyhow::Result<std::time::Duration> {

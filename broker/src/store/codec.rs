@@ -19,7 +19,9 @@ use rusqlite::types::FromSql;
 use rusqlite::Row;
 
 use super::StoreError;
-use crate::model::{AttemptRecord, FireRecord, GateEventKind, GateEventRecord, JobRecord, Progress};
+use crate::model::{
+    AttemptRecord, FireRecord, GateEventKind, GateEventRecord, JobRecord, Progress, ScheduleFireRecord, ScheduleRecord,
+};
 
 /// `t` as the store keeps it: truncated to whole microseconds. A caller that
 /// compares what it wrote with what it reads back rounds its clock with this.
@@ -291,6 +293,34 @@ pub(super) fn fire_from_row(row: &Row<'_>) -> Result<FireRecord, StoreError> {
         error: c.get("error")?,
         at: c.time("at")?,
         gate,
+    })
+}
+
+/// A `schedules` row (`id, first_seen`) as a record.
+pub(super) fn schedule_from_row(row: &Row<'_>) -> Result<ScheduleRecord, StoreError> {
+    let id: String =
+        row.get("id").map_err(|e| StoreError::Corrupt { id: String::new(), column: "id", reason: e.to_string() })?;
+    let c = Columns { row, id: format!("(schedule {id})") };
+    Ok(ScheduleRecord { first_seen: c.time("first_seen")?, id })
+}
+
+/// The columns a schedule fire query selects.
+pub(super) const SCHEDULE_FIRE_COLUMNS: &str = "schedule, instant, job_id, error, at";
+
+/// A `schedule_fires` row as a record.
+pub(super) fn schedule_fire_from_row(row: &Row<'_>) -> Result<ScheduleFireRecord, StoreError> {
+    let schedule: String = row.get("schedule").map_err(|e| StoreError::Corrupt {
+        id: String::new(),
+        column: "schedule",
+        reason: e.to_string(),
+    })?;
+    let c = Columns { row, id: format!("(fire of schedule {schedule})") };
+    Ok(ScheduleFireRecord {
+        instant: c.time("instant")?,
+        job_id: c.get("job_id")?,
+        error: c.get("error")?,
+        at: c.time("at")?,
+        schedule,
     })
 }
 

@@ -148,6 +148,28 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
     ",
+    // Version 5: schedules. Each schedule the broker ran with, by its identity (job,
+    // cron, time zone, params), with when it was first seen; and one fire per
+    // (schedule, instant): a second one is refused, so an instant never starts two jobs.
+    "
+    CREATE TABLE schedules (
+        id         TEXT PRIMARY KEY,
+        first_seen INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+
+    CREATE TABLE schedule_fires (
+        schedule TEXT NOT NULL,
+        -- The scheduled instant, Unix microseconds (whole seconds).
+        instant  INTEGER NOT NULL,
+        job_id   TEXT,
+        error    TEXT,
+        at       INTEGER NOT NULL,
+        -- A fire started a job or says why it could not.
+        CHECK ((job_id IS NULL) <> (error IS NULL)),
+        PRIMARY KEY (schedule, instant)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX schedule_fires_at ON schedule_fires (at);
+    ",
 ];
 
 /// The schema version this build writes and understands.

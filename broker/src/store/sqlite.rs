@@ -18,8 +18,8 @@ use rusqlite::{params_from_iter, Connection};
 use tokio::sync::oneshot;
 
 use super::codec::{
-    attempt_from_row, count_from_row, fire_from_row, gate_event_from_row, job_from_row, ATTEMPT_COLUMNS,
-    GATE_EVENT_COLUMNS, JOB_COLUMNS,
+    attempt_from_row, count_from_row, fire_from_row, gate_event_from_row, job_from_row, schedule_fire_from_row,
+    schedule_from_row, ATTEMPT_COLUMNS, GATE_EVENT_COLUMNS, JOB_COLUMNS, SCHEDULE_FIRE_COLUMNS,
 };
 use super::schema::{open_reader, open_writer};
 use super::writer::{Request, Shared, Writer};
@@ -27,7 +27,10 @@ use super::{
     Store, StoreError, StoreOptions, StoreStats, DB_FILE_NAME, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX,
     WRITE_QUEUE_LATER_RESERVE_PERCENT,
 };
-use crate::model::{Admission, AttemptRecord, Change, FireRecord, GateEventRecord, JobFilter, JobRecord};
+use crate::model::{
+    Admission, AttemptRecord, Change, FireRecord, GateEventRecord, JobFilter, JobRecord, ScheduleFireRecord,
+    ScheduleRecord,
+};
 
 /// The store on a SQLite file; a cheap clone. The writer thread stops once
 /// every clone is dropped (after committing what was queued) or on
@@ -354,6 +357,41 @@ impl Store for SqliteStore {
             let mut fires = Vec::new();
             while let Some(row) = rows.next().map_err(StoreError::sqlite("read gate fires"))? {
                 fires.push(fire_from_row(row)?);
+            }
+            Ok(fires)
+        })
+        .await
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT id, first_seen FROM schedules ORDER BY id")
+                .map_err(StoreError::sqlite("prepare the schedules query"))?;
+            let mut rows = statement.query([]).map_err(StoreError::sqlite("read schedules"))?;
+            let mut schedules = Vec::new();
+            while let Some(row) = rows.next().map_err(StoreError::sqlite("read schedules"))? {
+                schedules.push(schedule_from_row(row)?);
+            }
+            Ok(schedules)
+        })
+        .await
+    }
+
+    async fn schedule_fires(&self, schedule: &str, limit: usize) -> Result<Vec<ScheduleFireRecord>, StoreError> {
+        let schedule = schedule.to_string();
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare_cached(&format!(
+                    "SELECT {SCHEDULE_FIRE_COLUMNS} FROM schedule_fires WHERE schedule = ?1 ORDER BY instant DESC LIMIT ?2"
+                ))
+                .map_err(StoreError::sqlite("prepare the schedule fires query"))?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let mut rows =
+                statement.query(rusqlite::params![schedule, limit]).map_err(StoreError::sqlite("read schedule fires"))?;
+            let mut fires = Vec::new();
+            while let Some(row) = rows.next().map_err(StoreError::sqlite("read schedule fires"))? {
+                fires.push(schedule_fire_from_row(row)?);
             }
             Ok(fires)
         })

@@ -419,6 +419,26 @@ impl Writer {
                     params![fire.gate, fire.key, gate_reason_to_sql(fire.reason), job_id, fire.error, time_to_sql(fire.at)],
                 )?
             }
+            Change::ScheduleSeen(schedule) => {
+                // A schedule seen before keeps its first sighting: ignoring the insert is the point.
+                self.execute(
+                    change,
+                    "INSERT OR IGNORE INTO schedules (id, first_seen) VALUES (?1, ?2)",
+                    params![schedule.id, time_to_sql(schedule.first_seen)],
+                )?;
+                true
+            }
+            // A plain INSERT: a second fire of the same (schedule, instant) breaks the primary key
+            // and is refused with its whole commit, the job inserted beside it included.
+            // A scheduled job that another job stood for (its unique key) is recorded as that job.
+            Change::ScheduleFire(fire) => {
+                let job_id = fire.job_id.as_ref().map(|id| applying.stood_for.get(id).unwrap_or(id));
+                self.execute(
+                    change,
+                    "INSERT INTO schedule_fires (schedule, instant, job_id, error, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![fire.schedule, time_to_sql(fire.instant), job_id, fire.error, time_to_sql(fire.at)],
+                )?
+            }
             Change::Dispatch { id, attempt, worker, lease, at } => {
                 let changed = self.execute(
                     change,
@@ -785,7 +805,7 @@ impl Writer {
                 .map_err(StoreError::sqlite("prune"))?;
             rows.collect::<Result<Vec<String>, _>>().map_err(StoreError::sqlite("prune"))?
         };
-        // Gate events and fires past the same retention go too, in the same bounded steps:
+        // Gate events and fires, and schedule fires, past the same retention go too, in the same bounded steps:
         // a key older than the retention is settled or given up long ago.
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let cutoff = time_to_sql(finished_before);
@@ -805,6 +825,17 @@ impl Writer {
                 params![cutoff, limit],
             )
             .map_err(StoreError::sqlite("prune gate fires"))?;
+        // A schedule's latest fire always stays: it is where catching up starts after a restart.
+        self.conn
+            .execute(
+                "DELETE FROM schedule_fires WHERE (schedule, instant) IN (
+                     SELECT schedule, instant FROM schedule_fires AS f
+                     WHERE at < ?1
+                       AND instant < (SELECT MAX(instant) FROM schedule_fires AS g WHERE g.schedule = f.schedule)
+                     LIMIT ?2)",
+                params![cutoff, limit],
+            )
+            .map_err(StoreError::sqlite("prune schedule fires"))?;
         self.exec("COMMIT", "commit a prune")?;
         Ok(ids)
     }
@@ -893,6 +924,8 @@ fn kind_and_id(change: &Change) -> (&'static str, &str) {
         Change::InsertUnlessHeld(guarded) => ("InsertUnlessHeld", &guarded.job.id),
         Change::GateEvent(event) => ("GateEvent", &event.job_id),
         Change::Fire(fire) => ("Fire", &fire.gate),
+        Change::ScheduleSeen(schedule) => ("ScheduleSeen", &schedule.id),
+        Change::ScheduleFire(fire) => ("ScheduleFire", &fire.schedule),
         Change::Dispatch { id, .. } => ("Dispatch", id),
         Change::Fail { id, .. } => ("Fail", id),
         Change::AttemptStart { id, .. } => ("AttemptStart", id),
@@ -907,6 +940,14 @@ fn kind_and_id(change: &Change) -> (&'static str, &str) {
 }
 
 fn describe(change: &Change) -> String {
-    let (kind, id) = kind_and_id(change);
-    format!("{kind} of job {id:?}")
+    match change {
+        Change::ScheduleSeen(schedule) => format!("ScheduleSeen of schedule {}", schedule.id),
+        Change::ScheduleFire(fire) => {
+            format!("ScheduleFire of schedule {} for {}", fire.schedule, fire.instant.to_rfc3339())
+        }
+        _ => {
+            let (kind, id) = kind_and_id(change);
+            format!("{kind} of job {id:?}")
+        }
+    }
 }

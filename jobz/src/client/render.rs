@@ -245,6 +245,36 @@ pub fn pretty_json(raw: &[u8]) -> String {
     out
 }
 
+/// `jobz schedules`: one row per schedule from `GET /schedules`, times to the second.
+pub fn schedules_table(items: &[serde_json::Value]) -> String {
+    let text = |item: &serde_json::Value, key: &str| item.get(key).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
+    let when = |item: &serde_json::Value, key: &str| {
+        let parsed = item.get(key).and_then(|v| v.as_str()).and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+        time(parsed.map(|t| t.with_timezone(&Utc)).as_ref())
+    };
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|item| {
+            let params: Vec<String> = item
+                .get("params")
+                .and_then(|p| p.as_object())
+                .map(|p| p.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect())
+                .unwrap_or_default();
+            vec![
+                text(item, "job_name"),
+                text(item, "cron"),
+                text(item, "timezone"),
+                if params.is_empty() { "-".to_owned() } else { params.join(" ") },
+                text(item, "catch_up"),
+                when(item, "next"),
+                when(item, "last_fired"),
+                text(item, "last_job_id"),
+            ]
+        })
+        .collect();
+    table(&["JOB", "CRON", "TIMEZONE", "PARAMS", "CATCH-UP", "NEXT", "LAST FIRED", "LAST JOB"], &rows)
+}
+
 /// Keys that name a row; they lead a table, in this order.
 const NAMING_COLUMNS: [&str; 6] = ["id", "name", "gate", "job", "job_name", "key"];
 

@@ -98,6 +98,10 @@ impl Mesh {
     }
 
     fn spawn(&self, name: &str, args: &[&str]) -> Proc {
+        self.spawn_with_env(name, args, &[])
+    }
+
+    fn spawn_with_env(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let log =
             match std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{name}.log"))) {
                 Ok(f) => f,
@@ -112,6 +116,7 @@ impl Mesh {
             .current_dir(self.path())
             .env("JOBZ_LOG", "info")
             .env("TMPDIR", self.path())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -124,13 +129,18 @@ impl Mesh {
 
     /// Starts a broker (with a short lease so tests do not wait long) and waits for /healthz.
     pub fn broker(&self, extra: &[&str]) -> Proc {
+        self.broker_with_env(extra, &[])
+    }
+
+    /// [`Mesh::broker`] with extra environment variables (e.g. `JOBZ_TEST_CLOCK`).
+    pub fn broker_with_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Proc {
         let http = format!("127.0.0.1:{}", self.http_port);
         let endpoint = self.endpoint();
         let data = self.path().join("data").display().to_string();
         let config = self.config.display().to_string();
         let mut args = vec!["broker", "--config", &config, "--http", &http, "--bind", &endpoint, "--data", &data];
         args.extend_from_slice(extra);
-        let proc = self.spawn("broker", &args);
+        let proc = self.spawn_with_env("broker", &args, env);
         wait_until(Duration::from_secs(30), "the broker's /healthz", || get(&self.url(), "/healthz").0 == 200);
         proc
     }
@@ -213,6 +223,33 @@ impl Mesh {
         }
         out
     }
+}
+
+/// Runs `jobz ARGS` in `dir` with `env` added until it exits; after `limit` it is
+/// killed and the test fails. Returns the exit code, stdout and stderr.
+pub fn run_jobz(dir: &Path, args: &[&str], env: &[(&str, &str)], limit: Duration) -> (i32, String, String) {
+    let file = |name: &str| match std::fs::File::create(dir.join(name)) {
+        Ok(f) => f,
+        Err(e) => panic!("{name}: {e}"),
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_jobz"))
+        .args(args)
+        .current_dir(dir)
+        .env("TMPDIR", dir)
+        .env_remove("JOBZ_CONFIG")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(file("run.stdout"))
+        .stderr(file("run.stderr"))
+        .spawn();
+    let mut proc = match child {
+        Ok(child) => Proc { child, name: format!("jobz {}", args.join(" ")) },
+        Err(e) => panic!("cannot run jobz: {e}"),
+    };
+    let status = wait_for(limit, || proc.child.try_wait().ok().flatten());
+    let Some(status) = status else { panic!("{} did not exit within {limit:?}", proc.name) };
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    (status.code().unwrap_or(-1), read("run.stdout"), read("run.stderr"))
 }
 
 pub fn json(body: &str) -> serde_json::Value {
