@@ -1482,10 +1482,12 @@ impl State {
 
     /// Sends `batch` to the store; the loop goes on and learns the outcome as an event.
     fn commit(&mut self, batch: Batch) {
-        let store = self.shared.store.clone();
-        let events = self.shared.events.clone();
+        let shared = self.shared.clone();
         tokio::spawn(async move {
-            let result = store.commit_admitting(batch.changes.clone()).await;
+            let asked = Instant::now();
+            let result = shared.store.commit_admitting(batch.changes.clone()).await;
+            shared.metrics.committed(asked.elapsed());
+            let events = &shared.events;
             // The loop is gone only at shutdown, when nothing is left to acknowledge.
             let _ = events.send(Event::Committed { batch, result }).await;
         });
@@ -1914,10 +1916,15 @@ pub(crate) async fn start_job(b: &BrokerHandle, request: StartRequest) -> Result
     let record = new_record(&new, now, Some(priority), file);
     let idempotency =
         request.idempotency_key.map(|key| IdempotencyClaim { key, since: before(now, limits::IDEMPOTENCY_KEY_TTL) });
+    let asked = Instant::now();
     match insert_change(record.clone(), file, now, idempotency) {
-        change @ Change::Insert(_) => shared.store.commit(vec![change]).await.map_err(store_error)?,
+        change @ Change::Insert(_) => {
+            shared.store.commit(vec![change]).await.map_err(store_error)?;
+            shared.metrics.committed(asked.elapsed());
+        }
         guarded => {
             let admissions = shared.store.commit_admitting(vec![guarded]).await.map_err(store_error)?;
+            shared.metrics.committed(asked.elapsed());
             match admissions.into_iter().next() {
                 Some(Admission::Inserted) => {}
                 Some(Admission::Existing(job)) => return Ok(Started { job: *job, deduplicated: true }),
@@ -2057,6 +2064,20 @@ pub(crate) async fn progress(
     }
     let change = Change::Progress { id: id.to_string(), progress: Progress { percent, message } };
     b.inner.store.commit(vec![change]).await.map_err(store_error)
+}
+
+/// Queued and running jobs per name, with what holds each back, as last published by the loop.
+pub(crate) fn queues(b: &BrokerHandle) -> Vec<(String, u64, u64, Option<Hold>)> {
+    let Ok(snapshot) = b.inner.snapshot.lock() else { return Vec::new() };
+    // Every name of the job file, idle ones too, and any name the loop still holds jobs of.
+    let names: BTreeSet<&String> = b.inner.config.file.jobs.keys().chain(snapshot.depth.keys()).collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let (queued, running) = snapshot.depth.get(name).copied().unwrap_or_default();
+            (name.clone(), queued, running, snapshot.holds.get(name).cloned())
+        })
+        .collect()
 }
 
 /// What holds the queued jobs of `job_name` back now, if a limit does.

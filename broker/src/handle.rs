@@ -133,6 +133,11 @@ impl BrokerHandle {
         crate::core::progress(self, id, percent, message).await
     }
 
+    /// `(job name, queued, running, what holds it)` for every name with jobs queued or running.
+    pub fn queues(&self) -> Vec<(String, u64, u64, Option<crate::throttle::Hold>)> {
+        crate::core::queues(self)
+    }
+
     /// What holds the queued jobs of `job_name` back now (`concurrency` or `rate`), if anything.
     pub fn hold(&self, job_name: &str) -> Option<crate::throttle::Hold> {
         crate::core::hold(self, job_name)

@@ -18,6 +18,7 @@
 //! not_before, attempt_list`.
 
 mod api;
+mod dashboard;
 pub mod limits;
 mod log_body;
 pub mod memory;

@@ -22,6 +22,8 @@ pub struct Metrics {
     dispatch: Histogram,
     /// Time from queued to the process start, as the worker reports it.
     start_latency: Histogram,
+    /// Time from handing changes to the store to their commit (queue, transaction, fsync).
+    store_commit: Histogram,
     /// Run time of finished attempts, by job name.
     run_time: Mutex<BTreeMap<String, Histogram>>,
     /// Finished attempts by job name and status.
@@ -77,6 +79,10 @@ impl Metrics {
 
     pub fn dispatched(&self, _job_name: &str, queued_for: Duration) {
         self.dispatch.observe(queued_for);
+    }
+
+    pub fn committed(&self, took: Duration) {
+        self.store_commit.observe(took);
     }
 
     pub fn started(&self, latency: Duration) {
@@ -147,6 +153,8 @@ impl Metrics {
         self.dispatch.render(&mut out, "jobz_dispatch_latency_seconds", "");
         let _ = writeln!(out, "# HELP jobz_start_latency_seconds Time from queued to the worker starting the process (reported just before the spawn).\n# TYPE jobz_start_latency_seconds histogram");
         self.start_latency.render(&mut out, "jobz_start_latency_seconds", "");
+        let _ = writeln!(out, "# HELP jobz_store_commit_seconds Time from handing changes to the store to their commit: its queue, the transaction and the fsync.\n# TYPE jobz_store_commit_seconds histogram");
+        self.store_commit.render(&mut out, "jobz_store_commit_seconds", "");
         let _ = writeln!(out, "# HELP jobz_run_time_seconds Run time of finished attempts, by job name.\n# TYPE jobz_run_time_seconds histogram");
         if let Ok(map) = self.run_time.lock() {
             for (name, h) in map.iter() {

@@ -565,12 +565,27 @@ async fn requests_are_counted_by_code() {
 }
 
 #[tokio::test]
-async fn the_index_page_links_the_api() {
+async fn the_dashboard_is_served_from_the_binary_with_a_strict_content_policy() {
     let server = Server::start().await;
     let answer = server.get("/").await;
     assert_eq!(answer.status, StatusCode::OK);
     assert!(answer.header("content-type").starts_with("text/html"));
-    assert!(answer.text().contains("/job_start"));
+    assert!(answer.text().contains("ui/app.js") && answer.text().contains("ui/style.css"), "{}", answer.text());
+    let policy = answer.header("content-security-policy");
+    assert!(policy.contains("script-src 'self'") && policy.contains("frame-ancestors 'none'"), "{policy}");
+    for (path, kind, needle) in
+        [("/ui/app.js", "text/javascript", "textContent"), ("/ui/style.css", "text/css", "--ok")]
+    {
+        let asset = server.get(path).await;
+        assert_eq!(asset.status, StatusCode::OK, "{path}");
+        assert!(asset.header("content-type").starts_with(kind), "{path}: {:?}", asset.headers);
+        assert!(asset.text().contains(needle), "{path}");
+    }
+    server.get("/ui/nope.js").await.error(StatusCode::NOT_FOUND);
+    // The in-memory broker has no loop: no queues to show, and still a JSON answer.
+    let queues = server.get("/queues").await;
+    assert_eq!(queues.status, StatusCode::OK);
+    assert_eq!(queues.json()["queues"], serde_json::json!([]));
     server.stop().await;
 }
 

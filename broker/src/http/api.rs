@@ -12,6 +12,8 @@ use crate::handle::{ApiError, BrokerHandle, StartRequest, Started, Waited, Worke
 use crate::model::{AttemptRecord, JobFilter, JobRecord};
 use crate::throttle::Hold;
 
+use super::wire::{HoldView, QueueView};
+
 /// The broker as the front door sees it; the methods mirror [`BrokerHandle`]'s.
 ///
 /// Every future is `Send` because each request runs on the multi-threaded runtime.
@@ -46,11 +48,28 @@ pub trait Api: Clone + Send + Sync + 'static {
     fn hold(&self, _job_name: &str) -> Option<Hold> {
         None
     }
+    /// Queued and running jobs per job name (`GET /queues`).
+    fn queues(&self) -> impl Future<Output = Vec<QueueView>> + Send {
+        async { Vec::new() }
+    }
 }
 
 impl Api for BrokerHandle {
     fn hold(&self, job_name: &str) -> Option<Hold> {
         BrokerHandle::hold(self, job_name)
+    }
+
+    fn queues(&self) -> impl Future<Output = Vec<QueueView>> + Send {
+        let queues = BrokerHandle::queues(self)
+            .into_iter()
+            .map(|(job_name, queued, running, hold)| QueueView {
+                job_name,
+                queued,
+                running,
+                held_by: hold.as_ref().map(HoldView::new),
+            })
+            .collect();
+        std::future::ready(queues)
     }
 
     fn start(&self, request: StartRequest) -> impl Future<Output = Result<Started, ApiError>> + Send {

@@ -13,7 +13,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
@@ -30,7 +30,9 @@ use super::limits::{
 use super::log_body::LogBody;
 use super::metrics::HttpMetrics;
 use super::reject::Reject;
-use super::wire::{CancelledList, HoldView, JobList, JobView, ProgressReport, StartedView, WorkerEntry, WorkerList};
+use super::wire::{
+    CancelledList, HoldView, JobList, JobView, ProgressReport, QueueList, StartedView, WorkerEntry, WorkerList,
+};
 use super::HttpOptions;
 use crate::handle::{StartRequest, Waited};
 use crate::model::{JobFilter, JobRecord};
@@ -98,7 +100,10 @@ impl<A: Api> Shared<A> {
 pub(crate) fn router<A: Api>(shared: Arc<Shared<A>>) -> Router {
     let metrics = shared.options.metrics.clone();
     Router::new()
-        .route("/", get(index))
+        .route("/", get(super::dashboard::index))
+        .route("/ui/app.js", get(super::dashboard::app_js))
+        .route("/ui/style.css", get(super::dashboard::style_css))
+        .route("/queues", get(queues::<A>))
         .route("/job_start", get(start::<A>).post(start::<A>))
         .route("/job_status", get(job_status::<A>))
         .route("/jobs", get(list::<A>))
@@ -142,26 +147,6 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Reject {
 }
 
 /// `GET /`: a page linking the endpoints until the dashboard exists.
-async fn index() -> Html<&'static str> {
-    Html(INDEX_HTML)
-}
-
-const INDEX_HTML: &str = r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>jobz</title></head>
-<body>
-<h1>jobz</h1>
-<p>The HTTP API (see SPEC.md):</p>
-<ul>
-<li><code>GET|POST /job_start?job_name=NAME&amp;k=v&amp;wait=10m</code> starts a job</li>
-<li><a href="jobs">GET /jobs</a><code>?status=&amp;job_name=&amp;run_id=&amp;limit=</code> lists jobs, newest first</li>
-<li><code>GET /jobs/{id}</code>, <code>GET /job_status?id=</code>, <code>GET /jobs/{id}/log?offset=N</code></li>
-<li><code>POST /jobs/{id}/cancel</code>, <code>POST /jobs/{id}/retry</code>,
-<code>POST /jobs/{id}/progress</code>, <code>POST /runs/{run_id}/cancel</code></li>
-<li><a href="workers">GET /workers</a>, <a href="gates">GET /gates</a>, <a href="schedules">GET /schedules</a></li>
-<li><a href="metrics">GET /metrics</a>, <a href="healthz">GET /healthz</a></li>
-</ul>
-</body></html>
-"#;
 
 /// The body of `POST /job_start`: `{"job_name": …, "params": {…}}`, plus the
 /// start options the query string also takes.
@@ -469,6 +454,12 @@ async fn list<A: Api>(State(shared): AppState<A>, uri: Uri) -> Result<Json<JobLi
     let filter = JobFilter { status, job_name: query.remove("job_name"), run_id: query.remove("run_id"), limit };
     let jobs = shared.call(shared.api.jobs(filter)).await?;
     Ok(Json(JobList { jobs: jobs.iter().map(|j| shared.view(j)).collect() }))
+}
+
+/// `GET /queues`: queued and running jobs per job name, and what holds a name back.
+async fn queues<A: Api>(State(shared): AppState<A>) -> Result<Json<QueueList>, Reject> {
+    let queues = shared.bounded(shared.api.queues()).await?;
+    Ok(Json(QueueList { queues }))
 }
 
 /// `GET /jobs/{id}/log[?offset=N]`: the log from byte N to its size now, as text/plain.

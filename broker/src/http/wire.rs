@@ -105,6 +105,23 @@ impl JobView {
     }
 }
 
+/// `GET /queues`: one entry per job name with jobs queued or running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueList {
+    pub queues: Vec<QueueView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueView {
+    pub job_name: String,
+    /// Waiting to be dispatched (also for a retry's time).
+    pub queued: u64,
+    pub running: u64,
+    /// What holds its queued jobs back now, if a limit does.
+    #[serde(default)]
+    pub held_by: Option<HoldView>,
+}
+
 /// Why a queued job is not dispatched yet (`held_by` in the job view).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HoldView {
