@@ -255,6 +255,7 @@ fn refused(status: StatusCode, raw: &[u8]) -> Failure {
         error: format!("HTTP {status}"),
         param: None,
         params: None,
+        scope: None,
     });
     Failure::Refused { status, body }
 }
