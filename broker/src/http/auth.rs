@@ -54,6 +54,10 @@ impl Tokens {
         self.entries.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     /// The entry whose hash is the presented token's. Every entry is compared, in constant time.
     fn find(&self, presented: &str) -> Option<&TokenDef> {
         let hash = hash_token(presented);

@@ -139,14 +139,16 @@ pub fn tls_reason(error: &rustls::Error) -> String {
     match error {
         rustls::Error::NoCertificatesPresented => "no client certificate".to_owned(),
         rustls::Error::InvalidCertificate(e) => match e {
-            CertificateError::UnknownIssuer => "client certificate not signed by the --client-ca".to_owned(),
+            // Another CA that has the trusted CA's name fails on the signature instead.
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                "client certificate not signed by the --client-ca".to_owned()
+            }
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                 "client certificate expired".to_owned()
             }
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "client certificate not yet valid".to_owned()
             }
-            CertificateError::BadSignature => "client certificate with a bad signature".to_owned(),
             other => format!("bad client certificate: {other:?}"),
         },
         rustls::Error::AlertReceived(alert) => format!("the client ended the handshake (TLS alert {alert:?})"),
