@@ -186,7 +186,7 @@ pub(crate) async fn authorize(
     let entry = match bearer(&request) {
         Err(reject) => {
             if let Some(left_out) = tokens.log.admit() {
-                tracing::info!(peer, path, reason = %reject.body.error, left_out, "refused: no usable token");
+                tracing::info!(%peer, %path, reason = %reject.body.error, left_out, "refused: no usable token");
             }
             return reject.into_response();
         }
@@ -194,7 +194,7 @@ pub(crate) async fn authorize(
             Some(entry) => entry,
             None => {
                 if let Some(left_out) = tokens.log.admit() {
-                    tracing::info!(peer, path, left_out, "refused: unknown token");
+                    tracing::info!(%peer, %path, left_out, "refused: unknown token");
                 }
                 return Reject::unauthorized("the token is not known to this front door").into_response();
             }
@@ -203,7 +203,7 @@ pub(crate) async fn authorize(
     if !need.granted(&entry.scopes) {
         if let Some(left_out) = tokens.log.admit() {
             let scope = need.scope();
-            tracing::info!(peer, path, token = %entry.name, scope, left_out, "refused: the token lacks a scope");
+            tracing::info!(%peer, %path, token = %entry.name, %scope, left_out, "refused: the token lacks a scope");
         }
         let message = format!("token `{}` lacks the `{}` scope needed for {}", entry.name, need.scope(), need.what());
         return Reject::forbidden(need.scope(), message).into_response();
