@@ -355,6 +355,7 @@ fn check(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
         Ok(file) => file,
         Err(code) => return Ok(code),
     };
-    println!("{}: ok, {} job(s), {} gate(s)", file.origin, file.jobs.len(), file.gates.len());
+    let tokens = if file.tokens.is_empty() { String::new() } else { format!(", {} token(s)", file.tokens.len()) };
+    println!("{}: ok, {} job(s), {} gate(s){tokens}", file.origin, file.jobs.len(), file.gates.len());
     Ok(ExitCode::SUCCESS)
 }
