@@ -335,6 +335,14 @@ fn the_broker_refuses_bad_tls_files_naming_them_and_changes_nothing() {
     let (code, _, err) = broker(&pki.join("server.pem"), &pki.join("server.pem"));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("holds no PEM key"), "{err}");
+    for (flags, needed) in [(&["--tls-cert", "a.pem"][..], "--tls-key"), (&["--client-ca", "ca.pem"][..], "--tls-cert")]
+    {
+        let mut args = vec!["broker", "--config", &config, "--http", &http, "--data", "data"];
+        args.extend_from_slice(flags);
+        let (code, _, err) = run_jobz(mesh.path(), &args, &[], DEADLINE);
+        assert_eq!(code, 2, "{flags:?}: {err}");
+        assert!(err.contains(needed), "{flags:?}: {err}");
+    }
     assert!(!mesh.path().join("data").exists(), "a refused start created the data directory");
 
     // `jobz certs` never overwrites: a second run into the same directory writes nothing.

@@ -235,6 +235,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphoreP
     };
     let refusal = match handshake {
         Ok(Ok(stream)) => return serve_requests(TokioIo::new(stream), peer, parts).await,
+        Ok(Err(tls::Refusal::Closed)) => {
+            // A TCP probe (a load balancer's health check, a port scan) looks like this; not worth a warning.
+            tracing::debug!(%peer, "connection closed before or during the TLS handshake");
+            return;
+        }
         Ok(Err(refusal)) => refusal.to_string(),
         Err(_) => format!("no TLS handshake within {}", super::routes::human(handshakes.timeout)),
     };
