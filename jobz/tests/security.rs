@@ -355,3 +355,28 @@ fn the_broker_refuses_bad_tls_files_naming_them_and_changes_nothing() {
     let mode = std::fs::metadata(pki.join("alice.key")).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
     assert_eq!(mode, 0o600, "keys are readable by their owner only");
 }
+
+#[test]
+fn a_token_made_by_jobz_token_opens_the_front_door_and_jobz_check_counts_it() {
+    let mesh = Mesh::new("jobs:\n  hello: { command: \"true\" }\n");
+    let (code, out, err) = run_jobz(mesh.path(), &["token", "--name", "cron", "--scope", "read"], &[], DEADLINE);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "the token, then its entry: {out}");
+    let (token, entry) = (lines[0], lines[1]);
+    assert!(token.starts_with("jobz_") && !entry.contains(token), "{out}");
+    assert!(entry.starts_with("  cron: { hash: \"sha256:") && entry.ends_with("scopes: [ read ] }"), "{entry}");
+    std::fs::write(&mesh.config, format!("jobs:\n  hello: {{ command: \"true\" }}\ntokens:\n{entry}\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config = path_text(&mesh.config);
+    let (code, out, err) = run_jobz(mesh.path(), &["check", "--config", &config], &[], DEADLINE);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("ok, 1 job(s), 0 gate(s), 1 token(s)\n"), "{out}");
+
+    let _broker = mesh.broker(&[]);
+    let bearer = format!("Bearer {token}");
+    assert_eq!(request(&mesh.url(), "GET", "/jobs", &[], b"").0, 401);
+    assert_eq!(request(&mesh.url(), "GET", "/jobs", &[("Authorization", &bearer)], b"").0, 200);
+    let (code, body) = request(&mesh.url(), "GET", "/job_start?job_name=hello", &[("Authorization", &bearer)], b"");
+    assert_eq!(code, 403, "{body}");
+}
