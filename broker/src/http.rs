@@ -9,6 +9,10 @@
 //!   [`crate::handle::BrokerHandle`] implements it, and so does the in-memory
 //!   [`memory::MemoryApi`] the tests and the client's tests run against.
 //! - [`wire`] holds the JSON types; the `jobz` client commands read the same ones.
+//! - With [`HttpOptions::tls`] the front door speaks only HTTPS ([`tls`]), with a
+//!   client CA only to clients holding a certificate it signed; with
+//!   [`HttpOptions::tokens`] every endpoint but `/healthz` needs a bearer token
+//!   with the endpoint's scope ([`auth`]). Both together: both are needed.
 //!
 //! Extensions beyond SPEC: `GET /jobs/{id}/log?offset=N` with the response
 //! headers `Jobz-Log-Size`, `Jobz-Next-Offset` and `Jobz-Job-Status` (so
@@ -18,20 +22,24 @@
 //! not_before, attempt_list`.
 
 mod api;
+pub mod auth;
 mod dashboard;
 pub mod limits;
 mod log_body;
+mod log_budget;
 pub mod memory;
 mod metrics;
 mod reject;
 mod routes;
 mod server;
+pub mod tls;
 pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use api::Api;
+pub use auth::Tokens;
 pub use metrics::HttpMetrics;
 pub use routes::{IDEMPOTENCY_KEY, JOB_STATUS, LOG_SIZE, NEXT_OFFSET, PARENT_ID};
 pub use server::serve;
@@ -60,6 +68,10 @@ pub struct HttpOptions {
     pub shutdown_grace: Duration,
     /// Requests answered, by code; `GET /metrics` renders them.
     pub metrics: Arc<HttpMetrics>,
+    /// HTTPS only, with this configuration ([`tls::server_config`]); `None` is plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The bearer tokens every endpoint but `/healthz` asks for; empty asks for none.
+    pub tokens: Arc<Tokens>,
 }
 
 impl Default for HttpOptions {
@@ -75,6 +87,8 @@ impl Default for HttpOptions {
             wait_max: limits::WAIT_MAX,
             shutdown_grace: limits::SHUTDOWN_GRACE,
             metrics: Arc::new(HttpMetrics::new()),
+            tls: None,
+            tokens: Arc::new(Tokens::default()),
         }
     }
 }

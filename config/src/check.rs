@@ -19,7 +19,9 @@ use crate::duration::{parse_duration, parse_rate};
 use crate::model::*;
 use crate::params::{self, RESERVED_NAMES};
 use crate::position::{NodePath, Positions};
-use crate::raw::{self, dotted, key_text, OneOrMany, RawFile, RawFollowUp, RawGate, RawJob, RawParam, Scalar};
+use crate::raw::{
+    self, dotted, key_text, OneOrMany, RawFile, RawFollowUp, RawGate, RawJob, RawParam, RawScope, RawToken, Scalar,
+};
 use crate::template::{CommandTemplate, Template};
 use crate::{Diagnostic, Location};
 
@@ -54,11 +56,13 @@ pub(crate) fn build(origin: &str, mut value: Value, positions: &Positions) -> Re
     };
     let jobs = checker.entries(file.jobs.as_ref(), "jobs");
     let gates = checker.entries(file.gates.as_ref(), "gates");
+    let tokens = checker.entries(file.tokens.as_ref(), "tokens");
     if jobs.is_empty() {
         checker.at_key(&path(&[], &["jobs"]), "the file defines no jobs: add at least one under `jobs:`");
     }
 
-    let mut model = JobFile { origin: origin.to_owned(), jobs: BTreeMap::new(), gates: BTreeMap::new() };
+    let mut model =
+        JobFile { origin: origin.to_owned(), jobs: BTreeMap::new(), gates: BTreeMap::new(), tokens: BTreeMap::new() };
     // Jobs that could not be read at all: references to them are not reported again.
     let mut unreadable = BTreeSet::new();
     let mut sites = Vec::new();
@@ -87,6 +91,22 @@ pub(crate) fn build(origin: &str, mut value: Value, positions: &Positions) -> Re
         checker.follow_up(site, &model, &unreadable);
     }
     checker.cycles(&sites, &model);
+    // Which hash each token has, to refuse a second entry with the same one.
+    let mut hashes: BTreeMap<[u8; 32], String> = BTreeMap::new();
+    for (name, token_path, node) in &tokens {
+        checker.check_name(token_path, "token", name);
+        if let Some(raw) = checker.read::<RawToken>(node, token_path) {
+            if let Some(token) = checker.token(name, token_path, &raw, &model.jobs, &unreadable) {
+                if let Some(other) = hashes.insert(token.sha256, name.clone()) {
+                    checker.at_value(
+                        &path(token_path, &["hash"]),
+                        format!("has the same hash as token `{other}`: generate each token with `jobz token`"),
+                    );
+                }
+                model.tokens.insert(name.clone(), token);
+            }
+        }
+    }
 
     if checker.problems.is_empty() {
         Ok(model)
@@ -333,6 +353,71 @@ impl Checker<'_> {
             job.schedules = self.schedules(&path(job_path, &["schedule"]), schedules, &job);
         }
         job
+    }
+
+    /// A token entry: its hash and scopes. `None` when the hash is unusable (reported).
+    fn token(
+        &mut self,
+        name: &str,
+        token_path: &[String],
+        raw: &RawToken,
+        jobs: &BTreeMap<String, JobDef>,
+        unreadable: &BTreeSet<String>,
+    ) -> Option<TokenDef> {
+        let hash_path = path(token_path, &["hash"]);
+        let sha256 = match parse_sha256(&raw.hash) {
+            Ok(hash) => Some(hash),
+            Err(problem) => {
+                self.at_value(&hash_path, problem);
+                None
+            }
+        };
+        let mut scopes = Scopes::default();
+        let scopes_path = path(token_path, &["scopes"]);
+        let items = raw.scopes.items(&scopes_path);
+        if items.is_empty() {
+            self.at_value(&scopes_path, "is empty: give at least one of `start`, `read`, `admin`");
+        }
+        for (scope, scope_path) in items {
+            let start = match scope {
+                RawScope::Name(word) => match word.as_str() {
+                    "start" => Some(StartScope::Any),
+                    "read" => {
+                        scopes.read = true;
+                        None
+                    }
+                    "admin" => {
+                        scopes.admin = true;
+                        None
+                    }
+                    other => {
+                        self.at_value(
+                            &scope_path,
+                            format!(
+                                "unknown scope `{other}`: use `start`, `read`, `admin` or `{{ start: [job names] }}`"
+                            ),
+                        );
+                        None
+                    }
+                },
+                RawScope::Start(limited) => {
+                    let mut names = BTreeSet::new();
+                    for (job, job_path) in limited.start.items(&path(&scope_path, &["start"])) {
+                        if !jobs.contains_key(job) && !unreadable.contains(job) {
+                            self.unknown_job(&job_path, job, jobs);
+                        }
+                        names.insert(job.clone());
+                    }
+                    Some(StartScope::Only(names))
+                }
+            };
+            if let Some(start) = start {
+                if scopes.start.replace(start).is_some() {
+                    self.at_value(&scope_path, "`start` is given twice: keep one (plain `start` allows every job)");
+                }
+            }
+        }
+        Some(TokenDef { name: name.to_owned(), sha256: sha256?, scopes })
     }
 
     fn params(&mut self, job_path: &[String], raw: &RawJob) -> BTreeMap<String, ParamSpec> {
@@ -819,6 +904,22 @@ fn shortest_cycle<'a>(
 fn value_problem(job: &JobDef, param: &str, value: &str) -> Option<params::ParamProblem> {
     let given = BTreeMap::from([(param.to_owned(), value.to_owned())]);
     params::validate(job, &given).err()?.into_iter().find(|e| e.param == param).map(|e| e.problem)
+}
+
+/// `sha256:HEX` (64 hex digits, either case) as the hash's bytes.
+fn parse_sha256(text: &str) -> Result<[u8; 32], String> {
+    let usage = "write `sha256:` and the 64 hex digits of the token's SHA-256 (`jobz token` prints the line)";
+    let Some(hex) = text.strip_prefix("sha256:") else {
+        return Err(format!("is not a token hash: {usage}"));
+    };
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("the hash is {} characters long, not 64 hex digits: {usage}", hex.len()));
+    }
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| format!("is not hex: {usage}"))?;
+    }
+    Ok(hash)
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`: param names, placeholder names, environment variable names.

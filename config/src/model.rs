@@ -10,13 +10,15 @@ use std::time::Duration;
 
 use crate::template::{CommandTemplate, Template};
 
-/// A whole job file: the jobs and the gates.
+/// A whole job file: the jobs, the gates and the front door's tokens.
 #[derive(Debug, Clone)]
 pub struct JobFile {
     /// Where the file came from (a path, or `<embedded>` for the built-in example).
     pub origin: String,
     pub jobs: BTreeMap<String, JobDef>,
     pub gates: BTreeMap<String, GateDef>,
+    /// Who may call the front door (`tokens:`); empty means no token is asked for.
+    pub tokens: BTreeMap<String, TokenDef>,
 }
 
 /// One job definition.
@@ -155,4 +157,42 @@ pub struct GateDef {
     pub timeout: Option<Duration>,
     pub on_timeout: Option<FollowUp>,
     pub on_failure: Option<FollowUp>,
+}
+
+/// One token of the front door (`tokens:`): the file holds only its SHA-256,
+/// never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenDef {
+    /// The entry's name: shown in the broker's log and in 403 answers, never the token.
+    pub name: String,
+    /// SHA-256 of the token's text (`hash: "sha256:HEX"`).
+    pub sha256: [u8; 32],
+    pub scopes: Scopes,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scopes {
+    /// `start` (any job) or `start: [a, b]` (only those); `None` without it.
+    pub start: Option<StartScope>,
+    /// `read`: every `GET` (jobs, logs, workers, gates, schedules, metrics).
+    pub read: bool,
+    /// `admin`: cancel and retry jobs, cancel runs.
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartScope {
+    Any,
+    /// Only these job names.
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl StartScope {
+    pub fn allows(&self, job_name: &str) -> bool {
+        match self {
+            StartScope::Any => true,
+            StartScope::Only(names) => names.contains(job_name),
+        }
+    }
 }

@@ -21,10 +21,31 @@ use crate::position::NodePath;
 const REPAIRS_MAX: usize = 64;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping with `jobs:` and optionally `gates:`")]
+#[serde(deny_unknown_fields, expecting = "a mapping with `jobs:` and optionally `gates:` and `tokens:`")]
 pub(crate) struct RawFile {
     pub jobs: Option<Mapping>,
     pub gates: Option<Mapping>,
+    pub tokens: Option<Mapping>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a token: a mapping like `{ hash: \"sha256:HEX\", scopes: [ start, read ] }`")]
+pub(crate) struct RawToken {
+    pub hash: String,
+    pub scopes: OneOrMany<RawScope>,
+}
+
+/// A scope: `start`, `read` or `admin`, or `{ start: [job names] }`.
+#[derive(Debug)]
+pub(crate) enum RawScope {
+    Name(String),
+    Start(RawStartScope),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "`{ start: [job names] }`")]
+pub(crate) struct RawStartScope {
+    pub start: OneOrMany<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +188,10 @@ impl Named for RawFollowUp {
     const WHAT: &'static str = "a follow-up (a job name or `{ job: NAME, params: {...} }`) or a list of them";
 }
 
+impl Named for RawScope {
+    const WHAT: &'static str = "a scope (`start`, `read`, `admin` or `{ start: [job names] }`) or a list of them";
+}
+
 impl Named for RawSchedule {
     const WHAT: &'static str = "a schedule (`{ cron: \"0 3 * * *\" }`) or a list of them";
 }
@@ -216,6 +241,25 @@ impl<'de> Deserialize<'de> for RawFollowUp {
             }
         }
         deserializer.deserialize_any(FollowUpVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawScope {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScopeVisitor;
+        impl<'de> Visitor<'de> for ScopeVisitor {
+            type Value = RawScope;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`start`, `read`, `admin` or `{ start: [job names] }`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawScope, E> {
+                Ok(RawScope::Name(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawScope, A::Error> {
+                RawStartScope::deserialize(MapAccessDeserializer::new(map)).map(RawScope::Start)
+            }
+        }
+        deserializer.deserialize_any(ScopeVisitor)
     }
 }
 

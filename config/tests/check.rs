@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use config::{parse, CatchUp, Mode, Rate, RetryPolicy};
+use config::{parse, CatchUp, Mode, Rate, RetryPolicy, Scopes, StartScope};
 
 /// Every problem of `text` as `(line:col, message)`, or a panic if the file is valid.
 fn problems(text: &str) -> Vec<(String, String)> {
@@ -639,4 +639,73 @@ fn deeply_nested_yaml_is_an_error_not_a_crash() {
     let found = problems(&text);
     assert_eq!(found.len(), 1, "{found:#?}");
     assert!(found[0].1.contains("recursion limit"), "{found:#?}");
+}
+
+const HASH_A: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+const HASH_B: &str = "sha256:60303AE22B998861BCE3B28F33EEC1BE758A213C86C93C076DBE9F558C11C752";
+
+#[test]
+fn tokens_become_hashes_with_scopes() {
+    let text = format!(
+        r#"jobs:
+  a: {{ command: "true" }}
+  b: {{ command: "true" }}
+tokens:
+  cron: {{ hash: "{HASH_A}", scopes: [ {{ start: [a] }}, read ] }}
+  ops:
+    hash: "{HASH_B}"
+    scopes: [ start, read, admin ]
+  viewer: {{ hash: "sha256:{}", scopes: read }}
+"#,
+        "0".repeat(64)
+    );
+    let file = parse("t.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    let cron = &file.tokens["cron"];
+    assert_eq!(cron.name, "cron");
+    assert_eq!(cron.sha256[..2], [0x9f, 0x86]);
+    assert_eq!(cron.scopes.start, Some(StartScope::Only(["a".to_owned()].into())));
+    assert!(cron.scopes.read && !cron.scopes.admin);
+    assert!(cron.scopes.start.as_ref().is_some_and(|s| s.allows("a") && !s.allows("b")));
+    let ops = &file.tokens["ops"];
+    assert_eq!(ops.sha256[31], 0x52, "upper-case hex reads too");
+    assert_eq!(ops.scopes, Scopes { start: Some(StartScope::Any), read: true, admin: true });
+    assert_eq!(file.tokens["viewer"].scopes, Scopes { start: None, read: true, admin: false });
+    assert!(parse("t.yaml", "jobs:\n  a: { command: \"true\" }\n").unwrap().tokens.is_empty());
+}
+
+#[test]
+fn a_bad_token_hash_is_located_and_explained() {
+    let text = "jobs:\n  a: { command: \"true\" }\ntokens:\n  t: { hash: \"md5:abc\", scopes: [read] }\n";
+    assert_one(text, "4:14", "tokens.t.hash: is not a token hash: write `sha256:`");
+    let text = "jobs:\n  a: { command: \"true\" }\ntokens:\n  t: { hash: \"sha256:abc\", scopes: [read] }\n";
+    assert_one(text, "4:14", "not 64 hex digits");
+    let text = "jobs:\n  a: { command: \"true\" }\ntokens:\n  t: { hash: \"sha256:zz\", scopes: [read] }\n";
+    assert_one(text, "4:14", "jobz token");
+}
+
+#[test]
+fn unknown_scopes_jobs_and_keys_of_a_token_are_refused() {
+    let head = format!("jobs:\n  import: {{ command: \"true\" }}\ntokens:\n  t:\n    hash: \"{HASH_A}\"\n");
+    assert_one(
+        &format!("{head}    scopes: [ read, write ]\n"),
+        "6:21",
+        "unknown scope `write`: use `start`, `read`, `admin`",
+    );
+    assert_one(
+        &format!("{head}    scopes: [ {{ start: [ imprt ] }} ]\n"),
+        "6:26",
+        "no job named `imprt` (did you mean `import`?)",
+    );
+    assert_one(&format!("{head}    scopes: [ start, {{ start: [import] }} ]\n"), "6:22", "`start` is given twice");
+    assert_one(&format!("{head}    scopes: []\n"), "6:13", "is empty");
+    assert_one(&format!("{head}    scopes: [read]\n    secret: x\n"), "7:5", "unknown field `secret`");
+    assert_one(&format!("{head}\n"), "4:3", "missing field `scopes`");
+}
+
+#[test]
+fn two_tokens_with_one_hash_are_refused() {
+    let text = format!(
+        "jobs:\n  a: {{ command: \"true\" }}\ntokens:\n  one: {{ hash: \"{HASH_A}\", scopes: [read] }}\n  two: {{ hash: \"{HASH_A}\", scopes: [admin] }}\n"
+    );
+    assert_one(&text, "5:16", "the same hash as token `one`");
 }

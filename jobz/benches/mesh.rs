@@ -6,7 +6,12 @@
 //!    sending the next `GET /job_start?job_name=noop` only after its answer,
 //!    against an in-process broker with no workers (every 202 waits for its
 //!    job's fsync), and the same load against a bare hyper server that answers
-//!    202 at once: the ratio is what durability and the broker cost.
+//!    202 at once: the ratio is what durability and the broker cost. With
+//!    `JOBZ_BENCH_TLS=1`, each run also loads the same broker behind HTTPS
+//!    with client certificates (mutual TLS) and a bearer token, certificates
+//!    made by rcgen in a temp dir, the clients on tokio-rustls with keep-alive
+//!    (one handshake per connection): the ratio HTTPS / plain is what the
+//!    locks cost.
 //! 2. **`/bin/true` jobs per second through the mesh**: an in-process broker
 //!    with 2 workers of concurrency 1 (what `jobz up --workers 2` runs), N jobs
 //!    started as fast as 16 clients can, from the first start to the last
@@ -119,6 +124,10 @@ const COUNT_POLL_BACKLOG: Duration = Duration::from_millis(100);
 
 /// Targets from the brief, printed beside the figures.
 const TARGET_ACCEPTED_PER_SECOND: f64 = 20_000.0;
+/// (1) with `JOBZ_BENCH_TLS=1`: the HTTPS front door keeps this share of the plain one's rate.
+const TARGET_TLS_RATIO: f64 = 0.7;
+/// (1) with `JOBZ_BENCH_TLS=1`: the bearer token of the HTTPS runs.
+const BENCH_TOKEN: &str = "jobz_bench_token_0123456789abcdef0123456789abcdef";
 const TARGET_E2E_RATIO: f64 = 0.8;
 const TARGET_P50: Duration = Duration::from_millis(2);
 const TARGET_P99: Duration = Duration::from_millis(10);
@@ -241,26 +250,115 @@ struct Sustained {
 struct AcceptFigures {
     bare: Sustained,
     jobz: Sustained,
+    /// `JOBZ_BENCH_TLS=1`: the same broker behind HTTPS, client certificates and a token.
+    tls: Option<Sustained>,
     /// Store commits and jobs per commit during the jobz runs, from the store's own counters.
     jobs_per_commit: f64,
 }
 
 fn accept_rates(bench: &Bench) -> BenchResult<AcceptFigures> {
+    let secure = match std::env::var("JOBZ_BENCH_TLS").as_deref() {
+        Ok("1") => Some(Secure::make(bench)?),
+        Ok("0") | Err(_) => None,
+        Ok(other) => return Err(format!("JOBZ_BENCH_TLS: {other:?} is not 0 or 1").into()),
+    };
     let mut bare = Vec::new();
     let mut jobz = Vec::new();
+    let mut tls = Vec::new();
     let mut per_commit = Vec::new();
+    let plain = Access::default();
     for _ in 0..RUNS {
         let server = BareServer::start()?;
-        bare.push(bench.client.block_on(sustained(server.addr, "/job_start?job_name=noop"))?);
+        bare.push(bench.client.block_on(sustained(server.addr, "/job_start?job_name=noop", &plain))?);
         server.stop();
 
         let mesh = InProcess::start(bench, 0)?;
-        jobz.push(bench.client.block_on(sustained(mesh.http, "/job_start?job_name=noop"))?);
+        jobz.push(bench.client.block_on(sustained(mesh.http, "/job_start?job_name=noop", &plain))?);
         let stats = mesh.store.stats();
         per_commit.push(stats.changes as f64 / stats.commits.max(1) as f64);
         mesh.stop();
+
+        if let Some(secure) = &secure {
+            let mesh = InProcess::start_with(bench, 0, secure.options())?;
+            tls.push(bench.client.block_on(sustained(mesh.http, "/job_start?job_name=noop", &secure.access))?);
+            mesh.stop();
+        }
     }
-    Ok(AcceptFigures { bare: median_run(bare), jobz: median_run(jobz), jobs_per_commit: median(per_commit) })
+    Ok(AcceptFigures {
+        bare: median_run(bare),
+        jobz: median_run(jobz),
+        tls: (!tls.is_empty()).then(|| median_run(tls)),
+        jobs_per_commit: median(per_commit),
+    })
+}
+
+/// (1) with `JOBZ_BENCH_TLS=1`: a CA, the server's certificate and a client's, made
+/// with rcgen in a temp dir, the front door's options and the clients' access.
+struct Secure {
+    server: Arc<rustls::ServerConfig>,
+    tokens: Arc<broker::http::Tokens>,
+    access: Access,
+    _dir: tempfile::TempDir,
+}
+
+impl Secure {
+    fn make(bench: &Bench) -> BenchResult<Secure> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let dir = tempfile::tempdir_in(&bench.base)?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name.push(DnType::CommonName, "jobz bench CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+        let leaf = |names: Vec<String>, usage| -> BenchResult<(String, String)> {
+            let mut params = CertificateParams::new(names)?;
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate()?;
+            Ok((params.signed_by(&key, &ca)?.pem(), key.serialize_pem()))
+        };
+        let (server_cert, server_key) = leaf(vec!["127.0.0.1".into()], ExtendedKeyUsagePurpose::ServerAuth)?;
+        let (client_cert, client_key) = leaf(Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?;
+        let write = |name: &str, text: &str| -> BenchResult<PathBuf> {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text)?;
+            Ok(path)
+        };
+        let files = broker::http::tls::TlsFiles {
+            cert: write("server.pem", &server_cert)?,
+            key: write("server.key", &server_key)?,
+            client_ca: Some(write("ca.pem", &ca.pem())?),
+        };
+        let server = broker::http::tls::server_config(&files)?;
+
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ca.pem().as_bytes())?)?;
+        let chain = vec![rustls::pki_types::CertificateDer::from_pem_slice(client_cert.as_bytes())?];
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(client_key.as_bytes())?;
+        let mut client = rustls::ClientConfig::builder_with_provider(broker::http::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+
+        let token = config::TokenDef {
+            name: "bench".into(),
+            sha256: broker::http::auth::hash_token(BENCH_TOKEN),
+            scopes: config::Scopes { start: Some(config::StartScope::Any), read: true, admin: false },
+        };
+        let access = Access {
+            tls: Some(tokio_rustls::TlsConnector::from(Arc::new(client))),
+            authorization: Some(format!("Bearer {BENCH_TOKEN}")),
+        };
+        Ok(Secure { server, tokens: Arc::new(broker::http::Tokens::new(vec![token])), access, _dir: dir })
+    }
+
+    fn options(&self) -> HttpOptions {
+        HttpOptions { tls: Some(self.server.clone()), tokens: self.tokens.clone(), ..HttpOptions::default() }
+    }
 }
 
 /// The run with the median rate, with every run's errors added up.
@@ -274,7 +372,7 @@ fn median_run(mut runs: Vec<Sustained>) -> Sustained {
 
 /// [`CLIENTS`] connections each sending `path` back to back: a warm-up, then the
 /// measured window. Counts only 202s; anything else is an error.
-async fn sustained(addr: SocketAddr, path: &'static str) -> BenchResult<Sustained> {
+async fn sustained(addr: SocketAddr, path: &'static str, access: &Access) -> BenchResult<Sustained> {
     let accepted = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -283,7 +381,7 @@ async fn sustained(addr: SocketAddr, path: &'static str) -> BenchResult<Sustaine
     for _ in 0..CLIENTS {
         let (accepted, errors, stop, first_error) =
             (accepted.clone(), errors.clone(), stop.clone(), first_error.clone());
-        let mut client = Client::connect(addr).await?;
+        let mut client = Client::connect_with(addr, access.clone()).await?;
         clients.push(tokio::spawn(async move {
             // (end of the exchange, its duration), to keep those inside the window.
             let mut samples: Vec<(Instant, Duration)> = Vec::with_capacity(1 << 16);
@@ -347,14 +445,30 @@ fn print_accept(f: &AcceptFigures) {
             s.errors
         );
     }
+    if let Some(tls) = &f.tls {
+        println!(
+            "    {:<26} {:>10.0} {:>10} {:>10} {:>7}",
+            "jobz, HTTPS + client cert + token",
+            tls.rate,
+            fmt_duration(percentile(&tls.latencies, 50.0)),
+            fmt_duration(percentile(&tls.latencies, 99.0)),
+            tls.errors
+        );
+    }
     println!(
         "    ratio jobz / bare: {:.2}; jobs per store commit (fsync): {:.1}",
         f.jobz.rate / f.bare.rate,
         f.jobs_per_commit
     );
+    if let Some(tls) = &f.tls {
+        println!("    ratio HTTPS / plain jobz: {:.2} (target >= {TARGET_TLS_RATIO})", tls.rate / f.jobz.rate);
+    }
     println!("    CPU and context switches (cs) per start, in the window:");
     println!("      bare: {}; {}", f.bare.cpu.machine(), f.bare.cpu.per_job(f.bare.window_starts as f64));
     println!("      jobz: {}; {}", f.jobz.cpu.machine(), f.jobz.cpu.per_job(f.jobz.window_starts as f64));
+    if let Some(tls) = &f.tls {
+        println!("      https: {}; {}", tls.cpu.machine(), tls.cpu.per_job(tls.window_starts as f64));
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1066,6 +1180,11 @@ struct InProcess {
 
 impl InProcess {
     fn start(bench: &Bench, workers: usize) -> BenchResult<InProcess> {
+        InProcess::start_with(bench, workers, HttpOptions::default())
+    }
+
+    /// [`InProcess::start`] with the front door's options (HTTPS, tokens).
+    fn start_with(bench: &Bench, workers: usize, options: HttpOptions) -> BenchResult<InProcess> {
         let dir = tempfile::tempdir_in(&bench.base)?;
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("jobz-broker").build()?;
         let ctx = zmq::Context::new();
@@ -1087,7 +1206,7 @@ impl InProcess {
             });
             let stop = stop_front.clone();
             broker_tasks.spawn(async move {
-                if let Err(e) = broker::http::serve(listener, handle, HttpOptions::default(), stop).await {
+                if let Err(e) = broker::http::serve(listener, handle, options, stop).await {
                     eprintln!("the front door stopped: {e}");
                 }
             });
@@ -1173,30 +1292,45 @@ impl BareServer {
 // The HTTP client: one hyper http1 connection per client, no pool
 // ---------------------------------------------------------------------------
 
+/// How a client gets in: plain, or TLS (with its client certificate) and a bearer token.
+#[derive(Clone, Default)]
+struct Access {
+    tls: Option<tokio_rustls::TlsConnector>,
+    /// The `Authorization` header's value.
+    authorization: Option<String>,
+}
+
 struct Client {
     addr: SocketAddr,
+    access: Access,
     sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
 }
 
 impl Client {
     async fn connect(addr: SocketAddr) -> BenchResult<Client> {
+        Client::connect_with(addr, Access::default()).await
+    }
+
+    async fn connect_with(addr: SocketAddr, access: Access) -> BenchResult<Client> {
         let sender = tokio::time::timeout(REQUEST_DEADLINE, async {
             let stream = TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
-            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(async move {
-                // A connection dropped at the end of a load ends with an error nobody needs.
-                let _ = connection.await;
-            });
+            let sender = match &access.tls {
+                None => spawn_connection(TokioIo::new(stream)).await?,
+                Some(tls) => {
+                    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                    spawn_connection(TokioIo::new(tls.connect(name, stream).await?)).await?
+                }
+            };
             BenchResult::Ok(sender)
         })
         .await
         .map_err(|_| format!("connecting to {addr} took over {REQUEST_DEADLINE:?}"))??;
-        Ok(Client { addr, sender })
+        Ok(Client { addr, access, sender })
     }
 
     async fn reconnect(&mut self) -> BenchResult<()> {
-        *self = Client::connect(self.addr).await?;
+        *self = Client::connect_with(self.addr, self.access.clone()).await?;
         Ok(())
     }
 
@@ -1204,7 +1338,11 @@ impl Client {
     async fn get(&mut self, path: &str) -> BenchResult<(StatusCode, Bytes)> {
         tokio::time::timeout(REQUEST_DEADLINE, async {
             self.sender.ready().await?;
-            let request = Request::get(path).header(hyper::header::HOST, "127.0.0.1").body(Empty::new())?;
+            let mut request = Request::get(path).header(hyper::header::HOST, "127.0.0.1");
+            if let Some(authorization) = &self.access.authorization {
+                request = request.header(hyper::header::AUTHORIZATION, authorization);
+            }
+            let request = request.body(Empty::new())?;
             let response = self.sender.send_request(request).await?;
             let status = response.status();
             let body = response.into_body().collect().await?.to_bytes();
@@ -1225,6 +1363,19 @@ impl Client {
     async fn text(&mut self, path: &str) -> BenchResult<String> {
         Ok(String::from_utf8_lossy(&self.ok(path).await?).into_owned())
     }
+}
+
+/// The HTTP/1.1 handshake on `io`, with the connection driven by a task of its own.
+async fn spawn_connection<I>(io: I) -> BenchResult<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(async move {
+        // A connection dropped at the end of a load ends with an error nobody needs.
+        let _ = connection.await;
+    });
+    Ok(sender)
 }
 
 /// Sends `count` starts over [`CLIENTS`] connections as fast as they are answered; every one must be a 202.
@@ -1546,6 +1697,14 @@ fn summary(
             format!(">= {TARGET_ACCEPTED_PER_SECOND:.0}"),
             verdict(a.jobz.rate >= TARGET_ACCEPTED_PER_SECOND),
         ));
+        if let Some(tls) = &a.tls {
+            rows.push((
+                "(1) HTTPS (mTLS + token) / plain starts/s".into(),
+                format!("{:.0} vs {:.0}, ratio {:.2}", tls.rate, a.jobz.rate, tls.rate / a.jobz.rate),
+                format!(">= {TARGET_TLS_RATIO}"),
+                verdict(tls.rate / a.jobz.rate >= TARGET_TLS_RATIO),
+            ));
+        }
     }
     if let Some(e) = e2e {
         rows.push((

@@ -31,12 +31,52 @@ pub struct ConfigArg {
 
 #[derive(Debug, Args, Clone)]
 pub struct ClientArgs {
-    /// The front door's URL
+    /// The front door's URL (https:// for a front door with TLS)
     #[arg(long, env = "JOBZ_URL", default_value = "http://127.0.0.1:6769")]
     pub url: String,
     /// Machine-readable JSON output
     #[arg(long)]
     pub json: bool,
+    /// For https://: the CA certificate (PEM) that signed the front door's certificate
+    #[arg(long, env = "JOBZ_CACERT", value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+    /// For a front door with --client-ca: this client's certificate (PEM)
+    #[arg(long, env = "JOBZ_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert
+    #[arg(long, env = "JOBZ_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// A bearer token for a front door with `tokens:` (prefer JOBZ_TOKEN: a flag shows in `ps`)
+    #[arg(long, env = "JOBZ_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+}
+
+impl ClientArgs {
+    pub fn front(&self) -> crate::client::ClientOptions {
+        crate::client::ClientOptions {
+            url: self.url.clone(),
+            tls: crate::client::ClientTls {
+                cacert: self.cacert.clone(),
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+            },
+            token: self.token.clone(),
+        }
+    }
+}
+
+/// HTTPS on the front door (`jobz broker`, `jobz up`).
+#[derive(Debug, Args, Clone)]
+pub struct TlsArgs {
+    /// Serve HTTPS only, with this certificate chain (PEM); needs --tls-key
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS; needs --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Broker settings beyond SPEC's flags, with safe defaults.
@@ -66,6 +106,8 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         workers: Option<usize>,
         #[command(flatten)]
+        tls: TlsArgs,
+        #[command(flatten)]
         tuning: BrokerTuning,
     },
     /// Broker, HTTP front door, durable store and scheduler
@@ -81,6 +123,8 @@ pub enum Command {
         /// Dispatch to workers whose definition of a job differs from the broker's
         #[arg(long)]
         allow_drift: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
         #[command(flatten)]
         tuning: BrokerTuning,
     },
@@ -186,6 +230,30 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+    /// Writes a CA, a server certificate and client certificates for trying HTTPS
+    Certs {
+        /// The directory to write to (created if missing; existing files are never overwritten)
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// More names or addresses of the front door, besides localhost and 127.0.0.1
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+        /// A client certificate NAME.pem + NAME.key for each [default: client]
+        #[arg(long = "client", value_name = "NAME")]
+        clients: Vec<String>,
+        /// Days the certificates are valid
+        #[arg(long, default_value_t = 365, value_name = "N")]
+        days: u32,
+    },
+    /// Makes a random token for the front door and prints it with its `tokens:` entry
+    Token {
+        /// The entry's name in `tokens:` (shown in logs and 403 answers)
+        #[arg(long, default_value = "client")]
+        name: String,
+        /// A scope: start, start=job_a,job_b, read or admin [default: start and read]
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+    },
     /// Eager mode: runs the job, its follow-ups and gates locally and synchronously
     Run {
         name: String,
@@ -205,33 +273,35 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { name, params, config } => crate::eager_cmd::run(&config, &name, &params),
-        Command::Up { config, http, bind, data, workers, tuning } => {
-            crate::mesh_cmd::up(BrokerArgs { config, http, bind, data, allow_drift: false, tuning }, workers)
+        Command::Up { config, http, bind, data, workers, tls, tuning } => {
+            crate::mesh_cmd::up(BrokerArgs { config, http, bind, data, allow_drift: false, tls, tuning }, workers)
         }
-        Command::Broker { config, http, bind, data, allow_drift, tuning } => {
-            crate::mesh_cmd::broker(BrokerArgs { config, http, bind, data, allow_drift, tuning })
+        Command::Broker { config, http, bind, data, allow_drift, tls, tuning } => {
+            crate::mesh_cmd::broker(BrokerArgs { config, http, bind, data, allow_drift, tls, tuning })
         }
         Command::Worker { broker, config, topics, concurrency, name, exit_when_idle, grace } => {
             crate::mesh_cmd::worker(WorkerArgs { broker, config, topics, concurrency, name, exit_when_idle, grace })
         }
         Command::Semaphore { broker, config } => crate::semaphore_cmd::semaphore(broker, config),
         Command::Start { name, params, wait, client } => {
-            crate::client::start(&client.url, &name, &params, wait, client.json)
+            crate::client::start(&client.front(), &name, &params, wait, client.json)
         }
-        Command::Status { id, client } => crate::client::status(&client.url, &id, client.json),
-        Command::Logs { id, follow, client } => crate::client::logs(&client.url, &id, follow),
-        Command::Cancel { id, client } => crate::client::cancel(&client.url, &id, client.json),
-        Command::Retry { id, client } => crate::client::retry(&client.url, &id, client.json),
+        Command::Status { id, client } => crate::client::status(&client.front(), &id, client.json),
+        Command::Logs { id, follow, client } => crate::client::logs(&client.front(), &id, follow),
+        Command::Cancel { id, client } => crate::client::cancel(&client.front(), &id, client.json),
+        Command::Retry { id, client } => crate::client::retry(&client.front(), &id, client.json),
         Command::Ls { status, job, client } => {
-            crate::client::ls(&client.url, status.as_deref(), job.as_deref(), client.json)
+            crate::client::ls(&client.front(), status.as_deref(), job.as_deref(), client.json)
         }
-        Command::Workers { client } => crate::client::workers(&client.url, client.json),
-        Command::Gates { client } => crate::client::gates(&client.url, client.json),
-        Command::Schedules { client } => crate::client::schedules(&client.url, client.json),
+        Command::Workers { client } => crate::client::workers(&client.front(), client.json),
+        Command::Gates { client } => crate::client::gates(&client.front(), client.json),
+        Command::Schedules { client } => crate::client::schedules(&client.front(), client.json),
         Command::Progress { percent, message, client } => {
-            crate::client::progress(&client.url, percent, message.as_deref())
+            crate::client::progress(&client.front(), percent, message.as_deref())
         }
         Command::Keygen { .. } => not_built("keygen"),
+        Command::Certs { out, hosts, clients, days } => crate::certs_cmd::certs(&out, &hosts, &clients, days),
+        Command::Token { name, scopes } => crate::certs_cmd::token(&name, &scopes),
     }
 }
 
@@ -285,6 +355,7 @@ fn check(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
         Ok(file) => file,
         Err(code) => return Ok(code),
     };
-    println!("{}: ok, {} job(s), {} gate(s)", file.origin, file.jobs.len(), file.gates.len());
+    let tokens = if file.tokens.is_empty() { String::new() } else { format!(", {} token(s)", file.tokens.len()) };
+    println!("{}: ok, {} job(s), {} gate(s){tokens}", file.origin, file.jobs.len(), file.gates.len());
     Ok(ExitCode::SUCCESS)
 }

@@ -9,16 +9,22 @@
 //! Exit codes: 0 done (for `start --wait`: the job succeeded); 1 the job did
 //! not succeed, or the front door could not do it (409 conflict, 429 busy,
 //! 5xx, unreachable, timed out); 2 the request was refused as bad and changed
-//! nothing (400 bad params, 404 unknown job or id, 413/431 too large) or the
-//! command line was wrong. Errors print the server's `error` message (and each
+//! nothing (400 bad params, 401/403 no token or out of scope, 404 unknown job
+//! or id, 413/431 too large, a refused TLS handshake) or the command line was
+//! wrong. Errors print the server's `error` message (and each
 //! bad param) as `jobz: ...`.
 //!
 //! Inside a job, `JOBZ_JOB_ID` is set: `jobz start` sends it as
 //! `Jobz-Parent-Id` (the new job joins the caller's run) and `jobz progress`
-//! reports for that job. `JOBZ_TOKEN`, when set, is sent as a bearer token.
+//! reports for that job. The token (`--token` or `JOBZ_TOKEN`) is sent as a
+//! bearer token; `https://` URLs take `--cacert`, `--cert` and `--key` (or
+//! `JOBZ_CACERT`, `JOBZ_CERT`, `JOBZ_KEY`), which a worker's jobs inherit from
+//! the worker's environment. A refusal for want of a token or scope (401, 403)
+//! or a failed TLS handshake exits 2: nothing was done.
 
 mod http;
 mod render;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -33,7 +39,8 @@ use hyper::Method;
 use jobz_core::Status;
 
 use crate::cli::{EXIT_ERROR, EXIT_FAILURE};
-pub use http::{Failure, HttpClient};
+pub use http::{ClientOptions, Failure, HttpClient};
+pub use tls::ClientTls;
 
 /// The first pause between two polls of a followed job or log; it grows while nothing changes.
 const POLL_FIRST: Duration = Duration::from_millis(200);
@@ -54,55 +61,55 @@ pub struct Io<'a> {
 }
 
 /// `jobz start NAME [k=v ...] [--wait]`.
-pub fn start(url: &str, name: &str, params: &[String], wait: bool, json: bool) -> anyhow::Result<ExitCode> {
+pub fn start(front: &ClientOptions, name: &str, params: &[String], wait: bool, json: bool) -> anyhow::Result<ExitCode> {
     let parent = job_id_from_env();
-    execute(url, async |client, io| start_with(client, name, params, parent, wait, json, io).await)
+    execute(front, async |client, io| start_with(client, name, params, parent, wait, json, io).await)
 }
 
 /// `jobz status ID`.
-pub fn status(url: &str, id: &str, json: bool) -> anyhow::Result<ExitCode> {
-    execute(url, async |client, io| status_with(client, id, json, io).await)
+pub fn status(front: &ClientOptions, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    execute(front, async |client, io| status_with(client, id, json, io).await)
 }
 
 /// `jobz logs ID [--follow]`.
-pub fn logs(url: &str, id: &str, follow: bool) -> anyhow::Result<ExitCode> {
-    execute(url, async |client, io| logs_with(client, id, follow, io).await)
+pub fn logs(front: &ClientOptions, id: &str, follow: bool) -> anyhow::Result<ExitCode> {
+    execute(front, async |client, io| logs_with(client, id, follow, io).await)
 }
 
 /// `jobz cancel ID`.
-pub fn cancel(url: &str, id: &str, json: bool) -> anyhow::Result<ExitCode> {
-    execute(url, async |client, io| change_with(client, id, "cancel", json, io).await)
+pub fn cancel(front: &ClientOptions, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    execute(front, async |client, io| change_with(client, id, "cancel", json, io).await)
 }
 
 /// `jobz retry ID`.
-pub fn retry(url: &str, id: &str, json: bool) -> anyhow::Result<ExitCode> {
-    execute(url, async |client, io| change_with(client, id, "retry", json, io).await)
+pub fn retry(front: &ClientOptions, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    execute(front, async |client, io| change_with(client, id, "retry", json, io).await)
 }
 
 /// `jobz ls [--status S] [--job NAME]`.
-pub fn ls(url: &str, status: Option<&str>, job: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
-    execute(url, async |client, io| ls_with(client, status, job, json, io).await)
+pub fn ls(front: &ClientOptions, status: Option<&str>, job: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    execute(front, async |client, io| ls_with(client, status, job, json, io).await)
 }
 
 /// `jobz workers`.
-pub fn workers(url: &str, json: bool) -> anyhow::Result<ExitCode> {
-    execute(url, async |client, io| workers_with(client, json, io).await)
+pub fn workers(front: &ClientOptions, json: bool) -> anyhow::Result<ExitCode> {
+    execute(front, async |client, io| workers_with(client, json, io).await)
 }
 
 /// `jobz gates`.
-pub fn gates(url: &str, json: bool) -> anyhow::Result<ExitCode> {
-    execute(url, async |client, io| listing_with(client, "gates", json, io).await)
+pub fn gates(front: &ClientOptions, json: bool) -> anyhow::Result<ExitCode> {
+    execute(front, async |client, io| listing_with(client, "gates", json, io).await)
 }
 
 /// `jobz schedules`.
-pub fn schedules(url: &str, json: bool) -> anyhow::Result<ExitCode> {
-    execute(url, async |client, io| schedules_with(client, json, io).await)
+pub fn schedules(front: &ClientOptions, json: bool) -> anyhow::Result<ExitCode> {
+    execute(front, async |client, io| schedules_with(client, json, io).await)
 }
 
 /// `jobz progress PERCENT [MESSAGE]`, inside a job.
-pub fn progress(url: &str, percent: f64, message: Option<&str>) -> anyhow::Result<ExitCode> {
+pub fn progress(front: &ClientOptions, percent: f64, message: Option<&str>) -> anyhow::Result<ExitCode> {
     let id = job_id_from_env();
-    execute(url, async |client, _io| progress_with(client, id.as_deref(), percent, message).await)
+    execute(front, async |client, _io| progress_with(client, id.as_deref(), percent, message).await)
 }
 
 /// `JOBZ_JOB_ID`, set by the worker for the job's process.
@@ -113,7 +120,7 @@ fn job_id_from_env() -> Option<String> {
 /// Runs one command on a single-threaded runtime with stdout and stderr, and turns
 /// its failure into a message and an exit code.
 fn execute(
-    url: &str,
+    front: &ClientOptions,
     command: impl AsyncFnOnce(&HttpClient, &mut Io<'_>) -> Result<u8, Failure>,
 ) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout();
@@ -123,7 +130,7 @@ fn execute(
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the client runtime")?;
     let result = runtime.block_on(async {
-        let client = HttpClient::new(url)?;
+        let client = HttpClient::new(front)?;
         command(&client, &mut io).await
     });
     conclude(result, io.err).map(ExitCode::from)
@@ -145,8 +152,10 @@ fn conclude(result: Result<u8, Failure>, err: &mut dyn Write) -> anyhow::Result<
 /// See the module docs: 2 when the request was refused as bad, 1 otherwise.
 fn exit_code(failure: &Failure) -> u8 {
     match failure {
-        Failure::Usage(_) => EXIT_ERROR,
-        Failure::Refused { status, .. } if matches!(status.as_u16(), 400 | 404 | 405 | 413 | 414 | 431) => EXIT_ERROR,
+        Failure::Usage(_) | Failure::Tls { .. } => EXIT_ERROR,
+        Failure::Refused { status, .. } if matches!(status.as_u16(), 400 | 401 | 403 | 404 | 405 | 413 | 414 | 431) => {
+            EXIT_ERROR
+        }
         _ => EXIT_FAILURE,
     }
 }
@@ -547,7 +556,7 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         tokio::spawn(serve(listener, api.clone(), HttpOptions::default(), shutdown.clone()));
-        FrontDoor { api, client: HttpClient::new(&url).unwrap(), shutdown, _logs: logs }
+        FrontDoor { api, client: HttpClient::new(&ClientOptions::plain(&url)).unwrap(), shutdown, _logs: logs }
     }
 
     /// What a command printed, and its exit code.
@@ -650,7 +659,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
-        let client = HttpClient::new(&url).unwrap();
+        let client = HttpClient::new(&ClientOptions::plain(&url)).unwrap();
         let ran = run(async |io| status_with(&client, "x", false, io).await).await;
         assert_eq!(ran.code, 1);
         assert!(ran.err.contains(&url) && ran.err.contains("jobz up"), "{}", ran.err);

@@ -4,6 +4,7 @@
 //! them, and turns their results into output and an exit code (main → run →
 //! exit code, as ripgrep does).
 
+mod certs_cmd;
 mod cli;
 mod client;
 mod eager_cmd;

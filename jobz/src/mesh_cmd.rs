@@ -9,7 +9,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use broker::clock::ShiftedClock;
 use broker::core::BrokerConfig;
-use broker::http::HttpOptions;
+use broker::http::tls::TlsFiles;
+use broker::http::{HttpOptions, Tokens};
 use broker::store::{SqliteStore, StoreOptions};
 use jobz_core::transport::{Router, SocketOptions};
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,7 @@ pub struct BrokerArgs {
     pub bind: String,
     pub data: PathBuf,
     pub allow_drift: bool,
+    pub tls: crate::cli::TlsArgs,
     pub tuning: crate::cli::BrokerTuning,
 }
 
@@ -65,7 +67,8 @@ fn cores() -> usize {
 
 /// A running broker: its front door's address and the tasks to wait for.
 struct RunningBroker {
-    http_addr: std::net::SocketAddr,
+    /// The front door's URL (`https://` with TLS), as jobs get it in `JOBZ_URL`.
+    url: String,
     endpoint: String,
     tasks: TaskTracker,
 }
@@ -78,6 +81,9 @@ async fn start_broker(
     loop_shutdown: CancellationToken,
 ) -> anyhow::Result<RunningBroker> {
     let test_clock = test_clock()?;
+    // The TLS files are checked before anything is opened or bound: a bad file changes nothing.
+    let tls = front_door_tls(&args.tls)?;
+    let tokens = Arc::new(Tokens::from_file(&file));
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating the data directory {}", args.data.display()))?;
     let store = SqliteStore::open(&args.data, StoreOptions::default())
@@ -90,9 +96,12 @@ async fn start_broker(
         .with_context(|| format!("cannot bind the ZeroMQ endpoint {}", args.bind))?;
     let endpoint = router.local_endpoint().to_string();
     warn_if_plain_text(&endpoint);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{http_addr}");
+    warn_if_open(&http_addr, tls.is_some(), args.tls.client_ca.is_some(), tokens.len());
     let mut config = BrokerConfig::new(file, args.data.clone());
     config.allow_drift = args.allow_drift;
-    config.url = Some(format!("http://{http_addr}"));
+    config.url = Some(url.clone());
     config.lease_timeout = duration_flag("--lease-timeout", &args.tuning.lease_timeout)?;
     config.retention = duration_flag("--retention", &args.tuning.retention)?;
     if let Some(clock) = test_clock {
@@ -105,14 +114,49 @@ async fn start_broker(
         // The loop only ends at shutdown; a panic inside it is logged by the runtime.
         let _ = loop_task.await;
     });
+    let options = HttpOptions { tls, tokens, ..HttpOptions::default() };
     tasks.spawn(async move {
-        if let Err(e) = broker::http::serve(listener, handle, HttpOptions::default(), http_shutdown).await {
+        if let Err(e) = broker::http::serve(listener, handle, options, http_shutdown).await {
             tracing::error!(error = %e, "the front door stopped");
         }
     });
     tasks.close();
-    tracing::info!(http = %http_addr, zmq = %endpoint, "broker listening");
-    Ok(RunningBroker { http_addr, endpoint, tasks })
+    tracing::info!(http = %url, zmq = %endpoint, "broker listening");
+    Ok(RunningBroker { url, endpoint, tasks })
+}
+
+/// The front door's TLS configuration from `--tls-cert`, `--tls-key` and `--client-ca`, if given.
+fn front_door_tls(args: &crate::cli::TlsArgs) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        // clap refuses one without the other, so neither was given.
+        return Ok(None);
+    };
+    let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.client_ca.clone() };
+    let config = broker::http::tls::server_config(&files).context("cannot serve HTTPS")?;
+    match &files.client_ca {
+        Some(ca) => tracing::info!(client_ca = %ca.display(), "HTTPS with client certificates (mutual TLS)"),
+        None => tracing::info!("HTTPS; clients are not asked for certificates (--client-ca asks)"),
+    }
+    Ok(Some(config))
+}
+
+/// Warns when a front door that others can reach lets anyone in, or sends tokens in clear text.
+fn warn_if_open(addr: &std::net::SocketAddr, tls: bool, client_ca: bool, tokens: usize) {
+    if tokens > 0 {
+        tracing::info!(tokens, "the front door asks for a bearer token");
+    }
+    if addr.ip().is_loopback() {
+        return;
+    }
+    if !client_ca && tokens == 0 {
+        tracing::warn!(
+            %addr,
+            "the front door is NOT loopback and asks for no client certificate nor token: anyone who reaches it can start jobs"
+        );
+    }
+    if !tls {
+        tracing::warn!(%addr, "the front door is NOT loopback and NOT encrypted: tokens and job params travel in clear text");
+    }
 }
 
 /// The environment variable that gives the scheduler a test clock.
@@ -155,7 +199,7 @@ pub fn broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
         let shutdown = shutdown_on_signals()?;
         let ctx = zmq::Context::new();
         let running = start_broker(file, &args, &ctx, shutdown.clone(), shutdown.clone()).await?;
-        println!("jobz broker: front door http://{} , workers connect to {}", running.http_addr, running.endpoint);
+        println!("jobz broker: front door {} , workers connect to {}", running.url, running.endpoint);
         shutdown.cancelled().await;
         wait_stopped(&running.tasks).await;
         Ok(ExitCode::SUCCESS)
@@ -246,13 +290,19 @@ pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> 
             }
         });
         worker_tasks.close();
-        let url = format!("http://{}", running.http_addr);
+        let url = &running.url;
         println!(
             "jobz is up: front door {url}, {count} local worker(s) and a semaphore, data in {}",
             args.data.display()
         );
-        println!("try:  curl '{url}/job_start?job_name=hello&who=alice&wait=10s'");
-        println!("      curl '{url}/jobs'      (Ctrl-C stops jobz)");
+        // With TLS (and tokens), the curl lines need the flags of README's "HTTPS and tokens".
+        let curl = if args.tls.tls_cert.is_some() {
+            "curl --cacert ca.pem --cert client.pem --key client.key"
+        } else {
+            "curl"
+        };
+        println!("try:  {curl} '{url}/job_start?job_name=hello&who=alice&wait=10s'");
+        println!("      {curl} '{url}/jobs'      (Ctrl-C stops jobz)");
         shutdown.cancelled().await;
         wait_stopped(&worker_tasks).await;
         loop_shutdown.cancel();

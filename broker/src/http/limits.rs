@@ -72,3 +72,15 @@ pub const PROGRESS_MESSAGE_BYTES_MAX: usize = 1024;
 
 /// The longest `Idempotency-Key` or `Jobz-Parent-Id` header value in bytes; longer is a 400.
 pub const ID_HEADER_BYTES_MAX: usize = 256;
+
+/// The longest bearer token in bytes; longer is a 401 (a real one is 69 bytes).
+pub const TOKEN_BYTES_MAX: usize = 1024;
+
+/// Refused clients (failed TLS handshakes, missing or wrong tokens) are logged at most
+/// this many times per [`REFUSAL_LOG_WINDOW`]; the rest are counted and the count is logged.
+pub const REFUSALS_LOGGED_PER_WINDOW: u32 = 30;
+pub const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// A plain HTTP request on the HTTPS port: this much of it is read (and thrown away)
+/// before the 400 that says to use `https://`.
+pub const PLAIN_REQUEST_BYTES_MAX: usize = 16 * 1024;

@@ -23,7 +23,19 @@ pub struct Reject {
 
 impl Reject {
     pub fn new(status: StatusCode, error: impl Into<String>) -> Reject {
-        Reject { status, body: ErrorBody { error: error.into(), param: None, params: None }, close: false }
+        Reject { status, body: ErrorBody { error: error.into(), param: None, params: None, scope: None }, close: false }
+    }
+
+    /// A 401: no token, or one this front door does not know. Answered with `WWW-Authenticate: Bearer`.
+    pub fn unauthorized(error: impl Into<String>) -> Reject {
+        Reject::new(StatusCode::UNAUTHORIZED, error)
+    }
+
+    /// A 403: the token is known but lacks `scope`.
+    pub fn forbidden(scope: &str, error: impl Into<String>) -> Reject {
+        let mut reject = Reject::new(StatusCode::FORBIDDEN, error);
+        reject.body.scope = Some(scope.to_owned());
+        reject
     }
 
     /// A 400 about one query or body field.
@@ -69,6 +81,9 @@ impl IntoResponse for Reject {
         let headers = response.headers_mut();
         if self.close {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"jobz\""));
         }
         if self.status == StatusCode::TOO_MANY_REQUESTS || self.status == StatusCode::SERVICE_UNAVAILABLE {
             // A hint for well-behaved clients (curl --retry honours it).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +24,7 @@ use tokio::io::AsyncSeekExt;
 use tokio_util::sync::CancellationToken;
 
 use super::api::Api;
+use super::auth::{self, Grant, Need};
 use super::limits::{
     BODY_DRAIN_BYTES_MAX, ID_HEADER_BYTES_MAX, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, PROGRESS_MESSAGE_BYTES_MAX,
 };
@@ -48,6 +49,10 @@ pub const NEXT_OFFSET: HeaderName = HeaderName::from_static("jobz-next-offset");
 /// On `GET /jobs/{id}/log`: the job's status, read *before* the log. When it is
 /// final, the answer holds the whole rest of the log.
 pub const JOB_STATUS: HeaderName = HeaderName::from_static("jobz-job-status");
+
+/// The client's address, set on every request by the connection that carries it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub std::net::SocketAddr);
 
 /// What every handler shares.
 pub(crate) struct Shared<A> {
@@ -97,26 +102,33 @@ impl<A: Api> Shared<A> {
 }
 
 /// The router over every endpoint, with JSON answers for unknown routes and methods.
+/// Each route but `/healthz` says which token scope it needs ([`Need`]); with no
+/// tokens configured the guard lets everything through.
 pub(crate) fn router<A: Api>(shared: Arc<Shared<A>>) -> Router {
     let metrics = shared.options.metrics.clone();
+    let tokens = shared.options.tokens.clone();
+    let guard = |need: Need| middleware::from_fn_with_state((tokens.clone(), need), auth::authorize);
     Router::new()
+        // Open: the page and its files hold no data; the page asks the API (below) with the caller's token.
         .route("/", get(super::dashboard::index))
         .route("/ui/app.js", get(super::dashboard::app_js))
         .route("/ui/style.css", get(super::dashboard::style_css))
-        .route("/queues", get(queues::<A>))
-        .route("/job_start", get(start::<A>).post(start::<A>))
-        .route("/job_status", get(job_status::<A>))
-        .route("/jobs", get(list::<A>))
-        .route("/jobs/{id}", get(job::<A>))
-        .route("/jobs/{id}/log", get(log::<A>))
-        .route("/jobs/{id}/cancel", post(cancel::<A>))
-        .route("/jobs/{id}/retry", post(retry::<A>))
-        .route("/jobs/{id}/progress", post(progress::<A>))
-        .route("/runs/{run_id}/cancel", post(cancel_run::<A>))
-        .route("/workers", get(workers::<A>))
-        .route("/gates", get(gates::<A>))
-        .route("/schedules", get(schedules::<A>))
-        .route("/metrics", get(metrics_text::<A>))
+        .route("/queues", get(queues::<A>).route_layer(guard(Need::Read)))
+        .route("/auth", get(whoami).route_layer(guard(Need::Read)))
+        .route("/job_start", get(start::<A>).post(start::<A>).route_layer(guard(Need::Start)))
+        .route("/job_status", get(job_status::<A>).route_layer(guard(Need::Read)))
+        .route("/jobs", get(list::<A>).route_layer(guard(Need::Read)))
+        .route("/jobs/{id}", get(job::<A>).route_layer(guard(Need::Read)))
+        .route("/jobs/{id}/log", get(log::<A>).route_layer(guard(Need::Read)))
+        .route("/jobs/{id}/cancel", post(cancel::<A>).route_layer(guard(Need::Admin)))
+        .route("/jobs/{id}/retry", post(retry::<A>).route_layer(guard(Need::Admin)))
+        .route("/jobs/{id}/progress", post(progress::<A>).route_layer(guard(Need::Progress)))
+        .route("/runs/{run_id}/cancel", post(cancel_run::<A>).route_layer(guard(Need::Admin)))
+        .route("/workers", get(workers::<A>).route_layer(guard(Need::Read)))
+        .route("/gates", get(gates::<A>).route_layer(guard(Need::Read)))
+        .route("/schedules", get(schedules::<A>).route_layer(guard(Need::Read)))
+        .route("/metrics", get(metrics_text::<A>).route_layer(guard(Need::Read)))
+        // Open: load balancers and monitors probe it without credentials; it tells only up or down.
         .route("/healthz", get(healthz::<A>))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -163,6 +175,7 @@ struct StartBody {
 /// `GET|POST /job_start?job_name=NAME&k=v…[&wait=D][&priority=N]`.
 async fn start<A: Api>(
     State(shared): AppState<A>,
+    Extension(grant): Extension<Grant>,
     method: Method,
     headers: HeaderMap,
     uri: Uri,
@@ -210,6 +223,7 @@ async fn start<A: Api>(
     let job_name = job_name
         .filter(|name| !name.is_empty())
         .ok_or_else(|| Reject::param("job_name", "job_name is required: /job_start?job_name=NAME&k=v"))?;
+    grant.may_start(&job_name, &shared.options.tokens)?;
     let request = StartRequest {
         job_name,
         params,
@@ -454,6 +468,23 @@ async fn list<A: Api>(State(shared): AppState<A>, uri: Uri) -> Result<Json<JobLi
     let filter = JobFilter { status, job_name: query.remove("job_name"), run_id: query.remove("run_id"), limit };
     let jobs = shared.call(shared.api.jobs(filter)).await?;
     Ok(Json(JobList { jobs: jobs.iter().map(|j| shared.view(j)).collect() }))
+}
+
+/// `GET /auth`: what the caller's token allows, so the dashboard offers only what it may do.
+async fn whoami(Extension(grant): Extension<Grant>) -> Json<serde_json::Value> {
+    Json(match grant {
+        Grant::Open => {
+            serde_json::json!({ "tokens": false, "token": null, "read": true, "start": true, "admin": true })
+        }
+        Grant::Token { name, scopes } => {
+            let start = match &scopes.start {
+                None => serde_json::json!(false),
+                Some(config::StartScope::Any) => serde_json::json!(true),
+                Some(config::StartScope::Only(names)) => serde_json::json!(names),
+            };
+            serde_json::json!({ "tokens": true, "token": name, "read": scopes.read, "start": start, "admin": scopes.admin })
+        }
+    })
 }
 
 /// `GET /queues`: queued and running jobs per job name, and what holds a name back.

@@ -5,22 +5,32 @@
 //! Connections are driven with hyper's `http1::Builder` directly rather than
 //! `axum::serve`, because the limits against slow and greedy clients (header
 //! read timeout, head size, header count) are only reachable there.
+//!
+//! With TLS, each connection's handshake comes first, within the header read
+//! timeout (a client that opens TLS and stalls is dropped like one that
+//! stalls its request head); a failed handshake is logged, rate-limited, with
+//! the peer and the reason, and closes only that connection.
 
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::api::Api;
-use super::limits::{ACCEPT_ERROR_PAUSE, READ_BUFFER_BYTES_MIN, SHUTDOWN_ABORT_WAIT};
-use super::routes::{self, Shared};
+use super::limits::{
+    ACCEPT_ERROR_PAUSE, READ_BUFFER_BYTES_MIN, REFUSALS_LOGGED_PER_WINDOW, REFUSAL_LOG_WINDOW, SHUTDOWN_ABORT_WAIT,
+};
+use super::log_budget::LogBudget;
+use super::routes::{self, Peer, Shared};
+use super::tls;
 use super::{HttpError, HttpOptions};
 
 /// Consecutive accept errors (one per [`ACCEPT_ERROR_PAUSE`], so about a minute)
@@ -55,11 +65,23 @@ pub async fn serve<A: Api>(
     let stop = shutdown.child_token();
     let grace = options.shutdown_grace;
     let permits = Arc::new(Semaphore::new(options.connections_max));
+    let tls = options.tls.clone().map(|config| Handshakes {
+        acceptor: TlsAcceptor::from(config),
+        timeout: options.header_read_timeout,
+        log: LogBudget::new(REFUSALS_LOGGED_PER_WINDOW, REFUSAL_LOG_WINDOW),
+    });
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let tokens = if options.tokens.is_empty() { "no tokens" } else { "bearer tokens" };
     let router = routes::router(Arc::new(Shared { api, options, shutdown: stop.clone() }));
-    let connections =
-        Connections { builder: Arc::new(builder), router, stop: stop.clone(), abort: CancellationToken::new() };
+    let connections = Connections {
+        builder: Arc::new(builder),
+        router,
+        tls: tls.map(Arc::new),
+        stop: stop.clone(),
+        abort: CancellationToken::new(),
+    };
     let tracker = TaskTracker::new();
-    tracing::info!(%address, "HTTP front door listening");
+    tracing::info!(%address, scheme, tokens, "HTTP front door listening");
 
     let result = accept_loop(&listener, &address, &permits, &tracker, &connections).await;
 
@@ -106,10 +128,20 @@ fn check(options: &HttpOptions) -> Result<(), HttpError> {
     Ok(())
 }
 
+/// The TLS side of the front door, shared by every connection.
+struct Handshakes {
+    acceptor: TlsAcceptor,
+    /// The header read timeout: a handshake must be done within it too.
+    timeout: std::time::Duration,
+    /// Failed handshakes are logged within this budget.
+    log: LogBudget,
+}
+
 /// What every connection task needs.
 struct Connections {
     builder: Arc<http1::Builder>,
     router: axum::Router,
+    tls: Option<Arc<Handshakes>>,
     /// Cancelled when shutdown begins: finish the request in flight, then close.
     stop: CancellationToken,
     /// Cancelled when the grace has passed: drop the connection now.
@@ -168,6 +200,7 @@ async fn accept_loop(
 struct TaskParts {
     builder: Arc<http1::Builder>,
     router: axum::Router,
+    tls: Option<Arc<Handshakes>>,
     stop: CancellationToken,
     abort: CancellationToken,
 }
@@ -177,22 +210,58 @@ impl Connections {
         TaskParts {
             builder: self.builder.clone(),
             router: self.router.clone(),
+            tls: self.tls.clone(),
             stop: self.stop.clone(),
             abort: self.abort.clone(),
         }
     }
 }
 
-/// Serves one connection: requests one after another (keep-alive) until the client
-/// closes, a limit is hit, or shutdown. The permit is held until the task ends.
+/// Serves one connection: the TLS handshake first when the front door has TLS, then
+/// requests one after another (keep-alive) until the client closes, a limit is hit, or
+/// shutdown. The permit is held until the task ends.
 async fn connection(stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit, parts: TaskParts) {
     let _permit = permit;
     // Answers are small and written whole; don't let Nagle delay them.
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
     }
-    let service = TowerToHyperService::new(parts.router);
-    let mut conn = pin!(parts.builder.serve_connection(TokioIo::new(stream), service));
+    let Some(handshakes) = parts.tls.clone() else {
+        return serve_requests(TokioIo::new(stream), peer, parts).await;
+    };
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(handshakes.timeout, tls::handshake(&handshakes.acceptor, stream)) => handshake,
+        () = parts.stop.cancelled() => return,
+    };
+    let refusal = match handshake {
+        Ok(Ok(stream)) => return serve_requests(TokioIo::new(stream), peer, parts).await,
+        Ok(Err(tls::Refusal::Closed)) => {
+            // A TCP probe (a load balancer's health check, a port scan) looks like this; not worth a warning.
+            tracing::debug!(%peer, "connection closed before or during the TLS handshake");
+            return;
+        }
+        Ok(Err(refusal)) => refusal.to_string(),
+        Err(_) => format!("no TLS handshake within {}", super::routes::human(handshakes.timeout)),
+    };
+    if let Some(left_out) = handshakes.log.admit() {
+        tracing::warn!(%peer, reason = %refusal, left_out, "TLS handshake refused");
+    }
+}
+
+/// Serves HTTP/1.1 requests on one connection (plain or TLS).
+async fn serve_requests<I>(io: I, peer: SocketAddr, parts: TaskParts)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let router = parts.router;
+    // Each request carries its peer's address, for the log lines of refused requests.
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(Peer(peer));
+        let mut router = router.clone();
+        // axum's Router is always ready, so `call` needs no `poll_ready` first.
+        async move { tower_service::Service::call(&mut router, request).await }
+    });
+    let mut conn = pin!(parts.builder.serve_connection(io, service));
     let result = tokio::select! {
         result = conn.as_mut() => result,
         () = parts.stop.cancelled() => {

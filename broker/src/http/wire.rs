@@ -301,6 +301,9 @@ pub struct ErrorBody {
     /// Bad job params: each param's name and what is wrong with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<BTreeMap<String, String>>,
+    /// A 403: the token scope the request needed (`start`, `read`, `admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 /// RFC 3339 in UTC with milliseconds and `Z`, e.g. `2026-11-23T16:01:38.123Z`.

@@ -1,9 +1,10 @@
 //! [`HttpClient`]: the few HTTP calls the client commands make, with a
 //! deadline on every one and errors a person can act on.
 //!
-//! It runs over hyper-util's pooled client. The connector is a type parameter
-//! so that TLS can be put under it later without touching the commands; for
-//! now only `http://` URLs are taken.
+//! It runs over hyper-util's pooled client with hyper-rustls's connector, so
+//! `http://` and `https://` URLs both work; `https://` needs `--cacert` (and
+//! `--cert`/`--key` for a front door that asks for a client certificate).
+//! A bearer token (`--token` or `JOBZ_TOKEN`) goes with every request.
 
 use std::fmt;
 use std::io::Write;
@@ -14,11 +15,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use broker::http::wire::ErrorBody;
+
+use super::tls::{find_tls_error, ClientTls};
 
 /// How long connecting to the front door may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,6 +45,8 @@ pub enum Failure {
     Unreachable { url: String, reason: String },
     /// No answer in time.
     TimedOut { url: String, after: Duration },
+    /// The TLS handshake (or the front door's verdict on our certificate) failed; nothing was done.
+    Tls { url: String, reason: String },
     /// An answer that is not what the API promises.
     BadAnswer { url: String, reason: String },
     /// The command line asked for something impossible; nothing was sent.
@@ -67,6 +73,7 @@ impl fmt::Display for Failure {
             Failure::TimedOut { url, after } => {
                 write!(f, "the jobz front door at {url} did not answer within {}s", after.as_secs())
             }
+            Failure::Tls { url, reason } => write!(f, "TLS with the jobz front door at {url}: {reason}"),
             Failure::BadAnswer { url, reason } => write!(f, "unexpected answer from {url}: {reason}"),
             Failure::Usage(message) => f.write_str(message),
             Failure::Output(e) => write!(f, "writing output: {e}"),
@@ -96,47 +103,93 @@ pub struct LogPiece {
     pub status: Option<String>,
 }
 
-/// A client for one front door.
-pub struct HttpClient<C = HttpConnector> {
-    client: Client<C, Full<Bytes>>,
-    /// The URL without a trailing slash; paths are appended to it.
-    base: String,
-    token: Option<String>,
-    request_timeout: Duration,
+/// Where the front door is and how to get in: what every client command is given.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// `http://host:port` or `https://host:port`, optionally with a path prefix.
+    pub url: String,
+    pub tls: ClientTls,
+    /// Sent as `Authorization: Bearer TOKEN`; never printed.
+    pub token: Option<String>,
 }
 
-impl HttpClient<HttpConnector> {
-    /// A client for `url` (`http://host:port`, optionally with a path prefix), sending
-    /// `Authorization: Bearer $JOBZ_TOKEN` when that is set.
-    pub fn new(url: &str) -> Result<HttpClient<HttpConnector>, Failure> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        HttpClient::with_connector(url, connector)
+#[cfg(test)]
+impl ClientOptions {
+    /// Plain HTTP without a token.
+    pub fn plain(url: &str) -> ClientOptions {
+        ClientOptions { url: url.to_owned(), ..ClientOptions::default() }
     }
 }
 
+/// A client for one front door.
+pub struct HttpClient<C = HttpsConnector<HttpConnector>> {
+    client: Client<C, Full<Bytes>>,
+    /// The URL without a trailing slash; paths are appended to it.
+    base: String,
+    /// The host of the URL, for messages about the server's certificate.
+    host: String,
+    token: Option<String>,
+    tls: ClientTls,
+    request_timeout: Duration,
+}
+
+impl HttpClient<HttpsConnector<HttpConnector>> {
+    /// A client for the front door of `options`: TLS for an `https://` URL, the token on every request.
+    pub fn new(options: &ClientOptions) -> Result<HttpClient<HttpsConnector<HttpConnector>>, Failure> {
+        let url = options.url.as_str();
+        let uri = parse_url(url)?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let builder = if uri.scheme_str() == Some("https") {
+            HttpsConnectorBuilder::new().with_tls_config(options.tls.config(url)?).https_only()
+        } else {
+            // No TLS is spoken on an http:// URL; the configuration is never used.
+            let unused = rustls::ClientConfig::builder_with_provider(broker::http::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| Failure::Usage(format!("TLS: {e}")))?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            HttpsConnectorBuilder::new().with_tls_config(unused).https_or_http()
+        };
+        let connector = builder.enable_http1().wrap_connector(connector);
+        let mut client = HttpClient::with_connector(url, connector)?;
+        client.token = options.token.clone().filter(|t| !t.is_empty());
+        client.tls = options.tls.clone();
+        Ok(client)
+    }
+}
+
+/// Checks a front door URL: `http` or `https`, no query string.
+fn parse_url(url: &str) -> Result<Uri, Failure> {
+    let uri: Uri = url.parse().map_err(|e| Failure::Usage(format!("{url:?} is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(Failure::Usage(format!("{url:?} is not an http:// or https:// URL"))),
+    }
+    if uri.query().is_some() {
+        return Err(Failure::Usage(format!("{url:?}: the front door URL takes no query string")));
+    }
+    Ok(uri)
+}
+
 impl<C: Connect + Clone + Send + Sync + 'static> HttpClient<C> {
-    /// A client over any connector (TLS later).
+    /// A client over any connector, without a token.
     pub fn with_connector(url: &str, connector: C) -> Result<HttpClient<C>, Failure> {
-        let uri: Uri = url.parse().map_err(|e| Failure::Usage(format!("{url:?} is not a URL: {e}")))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(Failure::Usage(format!("{url}: https is not supported yet; use an http:// URL")))
-            }
-            _ => return Err(Failure::Usage(format!("{url:?} is not an http:// URL"))),
-        }
-        if uri.query().is_some() {
-            return Err(Failure::Usage(format!("{url:?}: the front door URL takes no query string")));
-        }
+        let uri = parse_url(url)?;
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(connector);
-        let token = std::env::var("JOBZ_TOKEN").ok().filter(|t| !t.is_empty());
-        Ok(HttpClient { client, base: url.trim_end_matches('/').to_owned(), token, request_timeout: REQUEST_TIMEOUT })
+        Ok(HttpClient {
+            client,
+            base: url.trim_end_matches('/').to_owned(),
+            host: uri.host().unwrap_or_default().to_owned(),
+            token: None,
+            tls: ClientTls::default(),
+            request_timeout: REQUEST_TIMEOUT,
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -173,6 +226,11 @@ impl<C: Connect + Clone + Send + Sync + 'static> HttpClient<C> {
         match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
             Err(_) => Err(Failure::TimedOut { url: self.base.clone(), after: self.request_timeout }),
             Ok(Ok(response)) => Ok(response),
+            // A refused certificate shows at the handshake or, with TLS 1.3, at the first read.
+            Ok(Err(e)) if find_tls_error(&e).is_some() => Err(Failure::Tls {
+                url: self.base.clone(),
+                reason: find_tls_error(&e).map(|tls| self.tls.explain(tls, &self.host)).unwrap_or_default(),
+            }),
             Ok(Err(e)) if e.is_connect() => {
                 Err(Failure::Unreachable { url: self.base.clone(), reason: root_cause(&e) })
             }
@@ -255,6 +313,7 @@ fn refused(status: StatusCode, raw: &[u8]) -> Failure {
         error: format!("HTTP {status}"),
         param: None,
         params: None,
+        scope: None,
     });
     Failure::Refused { status, body }
 }
@@ -293,11 +352,12 @@ mod tests {
     }
 
     #[test]
-    fn only_http_urls_are_taken() {
-        assert!(HttpClient::new("http://127.0.0.1:6769/").is_ok());
-        assert!(matches!(HttpClient::new("https://example.com"), Err(Failure::Usage(m)) if m.contains("https")));
-        assert!(matches!(HttpClient::new("ftp://x"), Err(Failure::Usage(_))));
-        assert!(matches!(HttpClient::new("not a url"), Err(Failure::Usage(_))));
+    fn http_and_https_urls_are_taken_and_https_needs_a_ca() {
+        assert!(HttpClient::new(&ClientOptions::plain("http://127.0.0.1:6769/")).is_ok());
+        let https = HttpClient::new(&ClientOptions::plain("https://example.com"));
+        assert!(matches!(https, Err(Failure::Usage(m)) if m.contains("--cacert")));
+        assert!(matches!(HttpClient::new(&ClientOptions::plain("ftp://x")), Err(Failure::Usage(_))));
+        assert!(matches!(HttpClient::new(&ClientOptions::plain("not a url")), Err(Failure::Usage(_))));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -145,6 +147,32 @@ impl Mesh {
         proc
     }
 
+    /// Starts a broker with `extra` flags and `env`, waiting until `ready` holds (for a
+    /// front door that plain `get` cannot reach: HTTPS, tokens).
+    pub fn broker_until(&self, extra: &[&str], env: &[(&str, &str)], ready: impl FnMut() -> bool) -> Proc {
+        let http = format!("127.0.0.1:{}", self.http_port);
+        let endpoint = self.endpoint();
+        let data = self.path().join("data").display().to_string();
+        let config = self.config.display().to_string();
+        let mut args = vec!["broker", "--config", &config, "--http", &http, "--bind", &endpoint, "--data", &data];
+        args.extend_from_slice(extra);
+        let proc = self.spawn_with_env("broker", &args, env);
+        wait_until(Duration::from_secs(30), "the broker's front door", ready);
+        proc
+    }
+
+    /// A worker with extra environment variables (`JOBZ_TOKEN`, `JOBZ_CACERT`, …), which its jobs inherit.
+    pub fn worker_with_env(&self, name: &str, concurrency: u32, env: &[(&str, &str)]) -> Proc {
+        let endpoint = self.endpoint();
+        let config = self.config.display().to_string();
+        let concurrency = concurrency.to_string();
+        self.spawn_with_env(
+            name,
+            &["worker", "--broker", &endpoint, "--config", &config, "--name", name, "--concurrency", &concurrency],
+            env,
+        )
+    }
+
     pub fn worker(&self, name: &str, concurrency: u32) -> Proc {
         let endpoint = self.endpoint();
         let config = self.config.display().to_string();
@@ -163,10 +191,11 @@ impl Mesh {
         self.spawn(name, &["semaphore", "--broker", &endpoint, "--config", &config])
     }
 
-    /// How many lines of process `name`'s log contain `needle`.
+    /// How many lines of process `name`'s log contain `needle`, once the log's colours
+    /// (ANSI escapes, which split `field=value`) are taken out.
     pub fn log_lines_with(&self, name: &str, needle: &str) -> usize {
         let text = std::fs::read_to_string(self.path().join(format!("{name}.log"))).unwrap_or_default();
-        text.lines().filter(|l| l.contains(needle)).count()
+        text.lines().filter(|l| without_colours(l).contains(needle)).count()
     }
 
     /// Waits until `n` workers are registered.
@@ -223,6 +252,25 @@ impl Mesh {
         }
         out
     }
+}
+
+/// `line` without ANSI colour escapes (`ESC [ ... m`).
+pub fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // Skip to the end of the escape sequence.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Runs `jobz ARGS` in `dir` with `env` added until it exits; after `limit` it is

@@ -11,6 +11,7 @@ const state = {
   token: sessionStorage.getItem("jobz-token") || "",
   filter: { status: "", job_name: "", run_id: "" },
   job: null, // the id shown in the job panel
+  auth: null, // what the caller may do (GET /auth)
   log: { id: null, offset: 0 },
   busy: false,
 };
@@ -219,8 +220,10 @@ async function renderJob() {
     el("tr", {}, el("td", {}, a.attempt), el("td", {}, a.worker || "-"), el("td", {}, a.status ? status(a.status) : "-", a.stale ? " (stale)" : ""), el("td", {}, a.exit_code ?? "-"), el("td", {}, when(a.started_at)), el("td", {}, when(a.finished_at))),
   );
   fill($("job-attempts").tBodies[0], attempts, "not dispatched yet");
-  $("job-cancel").hidden = FINAL.includes(job.status);
-  $("job-retry").hidden = !RETRYABLE.includes(job.status);
+  // Offered only where the caller's token allows them (`GET /auth`).
+  const admin = state.auth ? state.auth.admin === true : false;
+  $("job-cancel").hidden = !admin || FINAL.includes(job.status);
+  $("job-retry").hidden = !admin || !RETRYABLE.includes(job.status);
   $("job-run").replaceChildren(jobLink(job.run_id));
   await renderChain(job);
   await renderLog(job);
@@ -294,6 +297,7 @@ async function refresh() {
   state.busy = true;
   try {
     const calls = [
+      ["auth", (a) => (state.auth = a)],
       ["queues", renderQueues],
       [jobsQuery(), renderJobs],
       ["workers", renderWorkers],
@@ -303,6 +307,9 @@ async function refresh() {
     const results = await Promise.allSettled(calls.map(([path]) => json(path)));
     const errors = [];
     results.forEach((r, i) => (r.status === "fulfilled" ? calls[i][1](r.value) : errors.push(`${calls[i][0]}: ${r.reason.message}`)));
+    if (results.some((r) => r.status === "rejected" && r.reason.status === 401)) {
+      errors.unshift("this front door needs a token with the read scope: paste it in the token field above");
+    }
     try {
       await renderJob();
     } catch (e) {
