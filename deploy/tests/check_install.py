@@ -59,7 +59,6 @@ EXPECTED = {
                 ["--tls-cert", "/etc/jobz/tls/cert.pem"],
                 ["--tls-key", "/etc/jobz/tls/key.pem"],
                 ["--client-ca", "/etc/jobz/tls/client-ca.pem"],
-                ["--token-file", "/etc/jobz/broker-tokens"],
             ],
         },
         "files": {
@@ -69,7 +68,6 @@ EXPECTED = {
             "etc/jobz/tls/cert.pem": (0o640, "tls/cert.pem"),
             "etc/jobz/tls/key.pem": (0o600, "tls/key.pem"),
             "etc/jobz/tls/client-ca.pem": (0o640, "tls/ca.pem"),
-            "etc/jobz/broker-tokens": (0o600, "tokens"),
         },
     },
     "test-worker": {
@@ -252,7 +250,7 @@ def check_host(checks, test_dir, host, expected, binary, config, binary_sha):
     # Secret files a host was not given must not be there.
     secret_dirs = [root / "etc/jobz/keys", root / "etc/jobz/tls"]
     present = {str(p.relative_to(root)) for d in secret_dirs if d.is_dir() for p in d.rglob("*") if p.is_file()}
-    for name in ("etc/jobz/jobz.env", "etc/jobz/broker-tokens"):
+    for name in ("etc/jobz/jobz.env",):
         if (root / name).exists():
             present.add(name)
     extra = present - set(expected["files"])

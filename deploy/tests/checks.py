@@ -20,7 +20,6 @@ PENDING_FLAGS = {
     "--tls-cert",
     "--tls-key",
     "--client-ca",
-    "--token-file",
 }
 
 # Deadline of every process a check starts, in seconds.
