@@ -36,6 +36,7 @@
 //! that speaks CURVE when we do not, or the other way round) are read from the
 //! socket's monitor by its pump and logged as errors that say what to fix.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
@@ -256,8 +257,8 @@ pub struct CurveClient {
 }
 
 /// Refuses to go on without CURVE in libzmq: an "encrypted" socket must never
-/// quietly be plain text.
-fn require_curve() -> Result<(), TransportError> {
+/// quietly be plain text. Callers may ask early, before they change anything.
+pub fn require_curve() -> Result<(), TransportError> {
     match zmq::has("curve") {
         Some(true) => Ok(()),
         _ => Err(TransportError::NoCurve),
@@ -468,11 +469,7 @@ impl Dealer {
             options,
             DEALER_KEEP_FRAMES,
             dealer_incoming,
-            Some(Dialer {
-                redial,
-                monitor,
-                handshake_log: LogLimit::new(crate::limits::HANDSHAKE_FAILURE_LOG_INTERVAL),
-            }),
+            Some(Dialer { redial, monitor, handshake_logs: BTreeMap::new(), refused: false }),
         )?;
         Ok(Dealer { pump, endpoint: endpoint.to_owned() })
     }
@@ -524,8 +521,46 @@ impl Dealer {
 struct Dialer {
     redial: Redial,
     monitor: Option<zmq::Socket>,
-    /// Failed handshakes repeat on every reconnect; they are logged once per interval.
-    handshake_log: LogLimit,
+    /// Failed handshakes repeat on every reconnect; each kind is logged once per
+    /// interval, so a new kind of failure shows at once.
+    handshake_logs: BTreeMap<(u16, u32), LogLimit>,
+    /// The broker refused this socket for good (a key or mechanism it will not
+    /// take): libzmq stops trying, so sends fail until the next reconnect, and
+    /// their failures are no news.
+    refused: bool,
+}
+
+/// Kinds of handshake failure remembered for rate-limiting (there are a handful).
+const HANDSHAKE_LOG_KINDS_MAX: usize = 16;
+
+impl Dialer {
+    /// Logs a failed handshake seen by the monitor, at most once per interval per kind.
+    fn explain(&mut self, frames: &[Vec<u8>]) {
+        let Some((event, value)) = zap::parse_event(frames) else { return };
+        let redial = &self.redial;
+        let own_key = redial.curve.as_ref().map(|c| &c.key.public);
+        let Some((severity, text)) = zap::describe_client_failure(event, value, &redial.endpoint, own_key) else {
+            return;
+        };
+        if severity == Severity::Error {
+            self.refused = true;
+        }
+        // Protocol errors differ by code; other events by event alone (their value is an errno).
+        let kind =
+            if event == zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL.to_raw() { (event, value) } else { (event, 0) };
+        if self.handshake_logs.len() >= HANDSHAKE_LOG_KINDS_MAX && !self.handshake_logs.contains_key(&kind) {
+            self.handshake_logs.clear();
+        }
+        let log = self
+            .handshake_logs
+            .entry(kind)
+            .or_insert_with(|| LogLimit::new(crate::limits::HANDSHAKE_FAILURE_LOG_INTERVAL));
+        let Some(suppressed) = log.allow(Instant::now()) else { return };
+        match severity {
+            Severity::Error => tracing::error!(suppressed, "{text}"),
+            Severity::Warn => tracing::warn!(suppressed, "{text}"),
+        }
+    }
 }
 
 /// What it takes to make a dealer's socket again.
@@ -564,20 +599,6 @@ impl Redial {
                 tracing::warn!(error = %e, "cannot watch the connection's handshakes; a refusal will not be explained");
                 None
             }
-        }
-    }
-
-    /// Logs a failed handshake seen by the monitor, at most once per interval.
-    fn explain(&self, frames: &[Vec<u8>], log: &mut LogLimit) {
-        let Some((event, value)) = zap::parse_event(frames) else { return };
-        let own_key = self.curve.as_ref().map(|c| &c.key.public);
-        let Some((severity, text)) = zap::describe_client_failure(event, value, &self.endpoint, own_key) else {
-            return;
-        };
-        let Some(suppressed) = log.allow(Instant::now()) else { return };
-        match severity {
-            Severity::Error => tracing::error!(suppressed, "{text}"),
-            Severity::Warn => tracing::warn!(suppressed, "{text}"),
         }
     }
 
@@ -1062,7 +1083,12 @@ impl<In> Owner<In> {
                     if let Err(e) = self.send(frames) {
                         self.failed_posts.fetch_add(1, Ordering::Relaxed);
                         // Unknown peers are routine (heartbeats to a worker that just left).
+                        let refused = self.dialer.as_ref().is_some_and(|d| d.refused);
                         match e {
+                            // A refused connection (logged as an error already) takes nothing until the reconnect.
+                            TransportError::Full if refused => {
+                                tracing::debug!("a message was dropped: the broker refused this connection")
+                            }
                             TransportError::Full => tracing::warn!("a message was dropped: the send queue is full"),
                             e => tracing::debug!(error = %e, "a message was dropped"),
                         }
@@ -1096,16 +1122,17 @@ impl<In> Owner<In> {
         let monitor = dialer.redial.watch(&fresh);
         dialer.redial.close(std::mem::replace(&mut self.net, fresh), self.close_wait);
         dialer.monitor = monitor;
+        dialer.refused = false;
         dialer.redial.connect(&self.net)
     }
 
     /// Explains the failed handshakes the dealer's monitor reports.
     fn handshake_events(&mut self) {
         let Some(dialer) = &mut self.dialer else { return };
-        let Some(monitor) = &dialer.monitor else { return };
         for _ in 0..BATCH_MAX {
+            let Some(monitor) = &dialer.monitor else { return };
             match receive_message(monitor, 2) {
-                Ok(Some(frames)) => dialer.redial.explain(&frames, &mut dialer.handshake_log),
+                Ok(Some(frames)) => dialer.explain(&frames),
                 Ok(None) | Err(zmq::Error::EINTR) => return,
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read handshake events");

@@ -222,7 +222,8 @@ pub fn describe_client_failure(
                 errno_text(value)
             ),
             None => format!(
-                "the connection to the broker at {endpoint} failed during the handshake ({})",
+                "the connection to the broker at {endpoint} failed during the handshake ({}): a broker that \
+                 requires CURVE closes plain-text connections; then give this process --curve-key and --broker-key",
                 errno_text(value)
             ),
         };

@@ -7,6 +7,7 @@
 mod cli;
 mod client;
 mod eager_cmd;
+mod keygen_cmd;
 mod limits;
 mod mesh_cmd;
 mod semaphore_cmd;
