@@ -359,7 +359,8 @@ fn a_broker_with_a_bad_key_refuses_to_start() {
     let data_text = data.display().to_string();
     let missing = mesh.path().join("missing.key").display().to_string();
     let (garbage, empty, public) = (garbage.display().to_string(), empty.display().to_string(), broker_keys.public());
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
+        (&["--allowed-keys", &allowed], "--curve-key"),
         (&["--curve-key", &missing, "--allowed-keys", &allowed], "--curve-key: cannot read"),
         (&["--curve-key", &garbage, "--allowed-keys", &allowed], "garbage.key:1: public-key: a key is 40 characters"),
         (&["--curve-key", &public, "--allowed-keys", &allowed], "has no secret-key: this is a public key file"),
