@@ -249,10 +249,14 @@ fn parse_key_text(path: &Path, text: &str) -> Result<KeyText, KeyError> {
         if content.is_empty() || content.starts_with('#') {
             continue;
         }
-        let Some((name, value)) = content.split_once('=') else {
-            let key = PublicKey::from_z85(content).map_err(|reason| error(line, reason))?;
+        // A bare key first: `=` is a Z85 character, so a key may hold one.
+        if let Ok(key) = PublicKey::from_z85(content) {
             parsed.bare.push((line, key));
             continue;
+        }
+        let Some((name, value)) = content.split_once('=') else {
+            let reason = PublicKey::from_z85(content).err().unwrap_or_default();
+            return Err(error(line, reason));
         };
         let name = name.trim();
         let value = value.trim();
@@ -650,6 +654,19 @@ mod tests {
         std::fs::write(&list, "not-a-key\n").expect("write");
         let err = AllowedKeys::load(&[list]).expect_err("garbage");
         assert!(err.to_string().contains("list.txt:1:"), "{err}");
+    }
+
+    /// Regression: a bare key holding `=` (a Z85 character) was read as `name = value`.
+    #[test]
+    fn a_bare_key_with_an_equals_sign_is_a_key() {
+        let dir = dir();
+        let text = "0000=".repeat(8);
+        let key = PublicKey::from_z85(&text).expect("valid Z85");
+        let list = dir.path().join("list.txt");
+        std::fs::write(&list, format!("{text}\npublic-key = \"{}\"\n", "1111=".repeat(8))).expect("write");
+        let allowed = AllowedKeys::load(&[list]).expect("load");
+        assert_eq!(allowed.len(), 2);
+        assert!(allowed.origin(&key).is_some());
     }
 
     #[test]
