@@ -390,7 +390,7 @@ pub async fn start(
         events,
         waiters: Mutex::new(HashMap::new()),
         snapshot: Mutex::new(Snapshot::default()),
-        metrics: Metrics::default(),
+        metrics: Metrics::with_refusals(router.refusals()),
         bound: AtomicBool::new(true),
     });
     let digests =

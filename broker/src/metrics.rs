@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use jobz_core::zap::Refusals;
 use jobz_core::Status;
 
 /// Histogram bucket bounds in seconds, from sub-millisecond dispatch to hour-long jobs.
@@ -28,6 +29,8 @@ pub struct Metrics {
     run_time: Mutex<BTreeMap<String, Histogram>>,
     /// Finished attempts by job name and status.
     finished: Mutex<BTreeMap<(String, Status), u64>>,
+    /// Peers the ZeroMQ socket refused (kept by its ZAP handler); zeros for a plain-text socket.
+    refusals: Arc<Refusals>,
 }
 
 #[derive(Default)]
@@ -65,6 +68,11 @@ impl Histogram {
 }
 
 impl Metrics {
+    /// Metrics that also show the refusals counted by the broker's socket.
+    pub fn with_refusals(refusals: Arc<Refusals>) -> Metrics {
+        Metrics { refusals, ..Metrics::default() }
+    }
+
     pub fn accepted(&self) {
         self.accepted.fetch_add(1, Ordering::Relaxed);
     }
@@ -143,6 +151,12 @@ impl Metrics {
             out,
             "# HELP jobz_bad_frames_total Malformed messages dropped on the ZeroMQ port.\n# TYPE jobz_bad_frames_total counter\njobz_bad_frames_total {}",
             self.bad_frames.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP jobz_mesh_refused_total Peers refused on the ZeroMQ port: reason=\"key\" a CURVE key not in --allowed-keys, reason=\"handshake\" a failed handshake (plain text, bad CURVE, stalled).\n# TYPE jobz_mesh_refused_total counter\njobz_mesh_refused_total{{reason=\"key\"}} {}\njobz_mesh_refused_total{{reason=\"handshake\"}} {}",
+            self.refusals.keys(),
+            self.refusals.handshakes()
         );
         let _ = writeln!(
             out,

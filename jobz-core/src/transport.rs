@@ -25,9 +25,18 @@
 //! When the channel is full the pump stops reading the network, so back-pressure
 //! reaches ZeroMQ's high-water mark, and the consumer's next `recv` wakes it.
 //!
-//! Each process has one `zmq::Context`, passed in by the caller, so a CURVE ZAP
-//! handler can later be bound in the same context.
+//! Each process has one `zmq::Context`, passed in by the caller, so the CURVE
+//! ZAP handler is bound in the same context as the broker's socket.
+//!
+//! Encryption is optional per socket: [`Router::bind_curve`] makes the broker's
+//! socket a CURVE server that admits only allowed public keys (the ZAP handler
+//! of `crate::zap`), [`Dealer::connect_curve`] makes a worker's or semaphore's
+//! socket its client. Plain [`Router::bind`] and [`Dealer::connect`] stay for
+//! loopback and tests. A dealer's failed handshakes (a refused key, a broker
+//! that speaks CURVE when we do not, or the other way round) are read from the
+//! socket's monitor by its pump and logged as errors that say what to fix.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
@@ -36,7 +45,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::curve::{AllowedKeys, KeyPair, PublicKey};
 use crate::protocol::{self, limits, DecodeError, EncodeError, ToBroker, ToWorker};
+use crate::zap::{self, Gatekeeper, LogLimit, Refusals, Severity};
 
 /// Socket settings, each set explicitly on every network socket: ZeroMQ's own
 /// defaults (infinite linger, no size limit, no heartbeats) suit none of our peers.
@@ -102,7 +113,7 @@ impl SocketOptions {
         heartbeat_ttl: Duration::from_secs(10),
         reconnect_interval: Duration::from_millis(100),
         reconnect_interval_max: Duration::from_secs(5),
-        handshake_timeout: Duration::from_secs(5),
+        handshake_timeout: crate::limits::HANDSHAKE_TIMEOUT,
         connect_timeout: Duration::from_secs(5),
         tcp_keepalive_idle: Some(Duration::from_secs(60)),
         tcp_keepalive_interval: Duration::from_secs(10),
@@ -216,6 +227,42 @@ pub enum TransportError {
     Thread { source: std::io::Error },
     #[error("the transport thread panicked")]
     Panicked,
+    #[error(
+        "this libzmq was built without CURVE (zmq::has(\"curve\") is false), so the mesh cannot be encrypted: \
+         build jobz from its workspace, whose zmq-sys/ builds libzmq with libsodium"
+    )]
+    NoCurve,
+    #[error(
+        "cannot bind the ZAP handler on {}: {source} (is another encrypted broker socket in this process?)",
+        zap::ZAP_ENDPOINT
+    )]
+    Zap { source: zmq::Error },
+    #[error("cannot watch the socket's handshakes: {source}")]
+    Monitor { source: zmq::Error },
+}
+
+/// The broker's side of CURVE: its own key pair, and the public keys of the
+/// workers and semaphores it admits.
+#[derive(Debug, Clone)]
+pub struct CurveServer {
+    pub key: KeyPair,
+    pub allowed: AllowedKeys,
+}
+
+/// A worker's or semaphore's side of CURVE: its own key pair, and the broker's public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurveClient {
+    pub key: KeyPair,
+    pub broker: PublicKey,
+}
+
+/// Refuses to go on without CURVE in libzmq: an "encrypted" socket must never
+/// quietly be plain text. Callers may ask early, before they change anything.
+pub fn require_curve() -> Result<(), TransportError> {
+    match zmq::has("curve") {
+        Some(true) => Ok(()),
+        _ => Err(TransportError::NoCurve),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -226,11 +273,41 @@ pub enum TransportError {
 pub struct Router {
     pump: Pump<Incoming>,
     endpoint: String,
+    /// The ZAP handler of an encrypted router; after `pump`, so it outlives the
+    /// socket it answers for.
+    _gatekeeper: Option<Gatekeeper>,
+    refusals: Arc<Refusals>,
 }
 
 impl Router {
-    /// Binds `endpoint`; `tcp://127.0.0.1:0` picks a free port (see [`Router::local_endpoint`]).
+    /// Binds `endpoint` in plain text; `tcp://127.0.0.1:0` picks a free port
+    /// (see [`Router::local_endpoint`]).
     pub fn bind(ctx: &zmq::Context, endpoint: &str, options: &SocketOptions) -> Result<Router, TransportError> {
+        Router::bind_with(ctx, endpoint, options, None)
+    }
+
+    /// Binds `endpoint` as a CURVE server: every connection is encrypted, and
+    /// only peers whose public key is in `server.allowed` get in. The ZAP
+    /// handler that decides is bound in `ctx` before the socket binds (so no
+    /// handshake is ever decided without it), and only one encrypted router
+    /// can live in a context. Refused with [`TransportError::NoCurve`] when
+    /// libzmq has no CURVE.
+    pub fn bind_curve(
+        ctx: &zmq::Context,
+        endpoint: &str,
+        options: &SocketOptions,
+        server: CurveServer,
+    ) -> Result<Router, TransportError> {
+        require_curve()?;
+        Router::bind_with(ctx, endpoint, options, Some(server))
+    }
+
+    fn bind_with(
+        ctx: &zmq::Context,
+        endpoint: &str,
+        options: &SocketOptions,
+        curve: Option<CurveServer>,
+    ) -> Result<Router, TransportError> {
         let net = ctx.socket(zmq::ROUTER).map_err(|source| TransportError::Socket { source })?;
         configure(&net, options)?;
         // A send to a peer that is gone must be an error the broker sees, not a silent drop.
@@ -238,13 +315,33 @@ impl Router {
         // A worker that reconnects with the same identity takes over its old
         // connection, even before the heartbeat has declared the old one dead.
         set("ZMQ_ROUTER_HANDOVER", net.set_router_handover(true))?;
+        let refusals = Arc::new(Refusals::default());
+        let gatekeeper = match curve {
+            None => None,
+            Some(server) => {
+                set("ZMQ_CURVE_SERVER", net.set_curve_server(true))?;
+                set("ZMQ_CURVE_SECRETKEY", net.set_curve_secretkey(server.key.secret().as_bytes()))?;
+                set("ZMQ_ZAP_DOMAIN", net.set_zap_domain(zap::ZAP_DOMAIN))?;
+                Some(Gatekeeper::start(ctx, &net, server.allowed, Arc::clone(&refusals))?)
+            }
+        };
         net.bind(endpoint).map_err(|source| TransportError::Bind { endpoint: endpoint.to_owned(), source })?;
         let local = match net.get_last_endpoint() {
             Ok(Ok(local)) => local,
             _ => endpoint.to_owned(),
         };
         let pump = Pump::start(ctx, "jobz-router", net, options, ROUTER_KEEP_FRAMES, router_incoming, None)?;
-        Ok(Router { pump, endpoint: local })
+        Ok(Router { pump, endpoint: local, _gatekeeper: gatekeeper, refusals })
+    }
+
+    /// Whether this router is a CURVE server.
+    pub fn is_encrypted(&self) -> bool {
+        self._gatekeeper.is_some()
+    }
+
+    /// What the ZAP handler and the handshake monitor refused so far (zeros for a plain router).
+    pub fn refusals(&self) -> Arc<Refusals> {
+        Arc::clone(&self.refusals)
     }
 
     /// The endpoint actually bound: with port 0, the port the system chose.
@@ -329,16 +426,51 @@ impl Dealer {
         options: &SocketOptions,
         identity: Option<Vec<u8>>,
     ) -> Result<Dealer, TransportError> {
+        Dealer::connect_with(ctx, endpoint, options, identity, None)
+    }
+
+    /// [`Dealer::connect`] as a CURVE client of the broker whose public key is
+    /// `client.broker`, known by our key pair `client.key`. Every socket it
+    /// makes (also on [`Dealer::reconnect`]) has these keys before it connects.
+    /// Refused with [`TransportError::NoCurve`] when libzmq has no CURVE.
+    pub fn connect_curve(
+        ctx: &zmq::Context,
+        endpoint: &str,
+        options: &SocketOptions,
+        identity: Option<Vec<u8>>,
+        client: CurveClient,
+    ) -> Result<Dealer, TransportError> {
+        require_curve()?;
+        Dealer::connect_with(ctx, endpoint, options, identity, Some(client))
+    }
+
+    fn connect_with(
+        ctx: &zmq::Context,
+        endpoint: &str,
+        options: &SocketOptions,
+        identity: Option<Vec<u8>>,
+        curve: Option<CurveClient>,
+    ) -> Result<Dealer, TransportError> {
         match identity.as_deref() {
             Some([]) => return Err(TransportError::Identity { reason: "empty" }),
             Some([0, ..]) => return Err(TransportError::Identity { reason: "starts with a zero byte" }),
             Some(id) if id.len() > 255 => return Err(TransportError::Identity { reason: "longer than 255 bytes" }),
             _ => {}
         }
-        let redial = Redial { ctx: ctx.clone(), endpoint: endpoint.to_owned(), options: options.clone(), identity };
+        let redial =
+            Redial { ctx: ctx.clone(), endpoint: endpoint.to_owned(), options: options.clone(), identity, curve };
         let net = redial.socket()?;
+        let monitor = redial.watch(&net);
         redial.connect(&net)?;
-        let pump = Pump::start(ctx, "jobz-dealer", net, options, DEALER_KEEP_FRAMES, dealer_incoming, Some(redial))?;
+        let pump = Pump::start(
+            ctx,
+            "jobz-dealer",
+            net,
+            options,
+            DEALER_KEEP_FRAMES,
+            dealer_incoming,
+            Some(Dialer { redial, monitor, handshake_logs: BTreeMap::new(), refused: false }),
+        )?;
         Ok(Dealer { pump, endpoint: endpoint.to_owned() })
     }
 
@@ -384,12 +516,60 @@ impl Dealer {
     }
 }
 
+/// A dealer's pump's own state: how to make its socket again, and the monitor
+/// of the current socket's handshakes.
+struct Dialer {
+    redial: Redial,
+    monitor: Option<zmq::Socket>,
+    /// Failed handshakes repeat on every reconnect; each kind is logged once per
+    /// interval, so a new kind of failure shows at once.
+    handshake_logs: BTreeMap<(u16, u32), LogLimit>,
+    /// The broker refused this socket for good (a key or mechanism it will not
+    /// take): libzmq stops trying, so sends fail until the next reconnect, and
+    /// their failures are no news.
+    refused: bool,
+}
+
+/// Kinds of handshake failure remembered for rate-limiting (there are a handful).
+const HANDSHAKE_LOG_KINDS_MAX: usize = 16;
+
+impl Dialer {
+    /// Logs a failed handshake seen by the monitor, at most once per interval per kind.
+    fn explain(&mut self, frames: &[Vec<u8>]) {
+        let Some((event, value)) = zap::parse_event(frames) else { return };
+        let redial = &self.redial;
+        let own_key = redial.curve.as_ref().map(|c| &c.key.public);
+        let Some((severity, text)) = zap::describe_client_failure(event, value, &redial.endpoint, own_key) else {
+            return;
+        };
+        if severity == Severity::Error {
+            self.refused = true;
+        }
+        // Protocol errors differ by code; other events by event alone (their value is an errno).
+        let kind =
+            if event == zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL.to_raw() { (event, value) } else { (event, 0) };
+        if self.handshake_logs.len() >= HANDSHAKE_LOG_KINDS_MAX && !self.handshake_logs.contains_key(&kind) {
+            self.handshake_logs.clear();
+        }
+        let log = self
+            .handshake_logs
+            .entry(kind)
+            .or_insert_with(|| LogLimit::new(crate::limits::HANDSHAKE_FAILURE_LOG_INTERVAL));
+        let Some(suppressed) = log.allow(Instant::now()) else { return };
+        match severity {
+            Severity::Error => tracing::error!(suppressed, "{text}"),
+            Severity::Warn => tracing::warn!(suppressed, "{text}"),
+        }
+    }
+}
+
 /// What it takes to make a dealer's socket again.
 struct Redial {
     ctx: zmq::Context,
     endpoint: String,
     options: SocketOptions,
     identity: Option<Vec<u8>>,
+    curve: Option<CurveClient>,
 }
 
 impl Redial {
@@ -402,7 +582,24 @@ impl Redial {
         if let Some(id) = &self.identity {
             set("ZMQ_ROUTING_ID", net.set_identity(id))?;
         }
+        if let Some(curve) = &self.curve {
+            set("ZMQ_CURVE_SERVERKEY", net.set_curve_serverkey(curve.broker.as_bytes()))?;
+            set("ZMQ_CURVE_PUBLICKEY", net.set_curve_publickey(curve.key.public.as_bytes()))?;
+            set("ZMQ_CURVE_SECRETKEY", net.set_curve_secretkey(curve.key.secret().as_bytes()))?;
+        }
         Ok(net)
+    }
+
+    /// A monitor of `net`'s failed handshakes, for the pump to explain them.
+    /// Without one the dealer still works; it only cannot say why it is refused.
+    fn watch(&self, net: &zmq::Socket) -> Option<zmq::Socket> {
+        match zap::watch_handshakes(&self.ctx, net) {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the connection's handshakes; a refusal will not be explained");
+                None
+            }
+        }
     }
 
     fn connect(&self, net: &zmq::Socket) -> Result<(), TransportError> {
@@ -564,7 +761,7 @@ impl<In: Send + 'static> Pump<In> {
         options: &SocketOptions,
         keep_frames: usize,
         decode: fn(Vec<Vec<u8>>) -> In,
-        redial: Option<Redial>,
+        dialer: Option<Dialer>,
     ) -> Result<Pump<In>, TransportError> {
         let address = format!("inproc://jobz-pump-{}", NEXT_PUMP.fetch_add(1, Ordering::Relaxed));
         let pull = ctx.socket(zmq::PULL).map_err(|source| TransportError::Socket { source })?;
@@ -592,7 +789,7 @@ impl<In: Send + 'static> Pump<In> {
             pending: None,
             keep_frames,
             decode,
-            redial,
+            dialer,
             close_wait: options.command_timeout / 2,
             _exited: exited_tx,
         };
@@ -785,8 +982,8 @@ struct Owner<In> {
     pending: Option<In>,
     keep_frames: usize,
     decode: fn(Vec<Vec<u8>>) -> In,
-    /// Makes a fresh network socket (dealers only).
-    redial: Option<Redial>,
+    /// Makes a fresh network socket and explains failed handshakes (dealers only).
+    dialer: Option<Dialer>,
     /// How long `reconnect` waits for the old socket to be destroyed; half the
     /// caller's wait, so the caller still gets an answer.
     close_wait: Duration,
@@ -801,11 +998,17 @@ impl<In> Owner<In> {
                 break;
             }
             let listening = self.pending.is_none();
-            let (commands, network) = {
+            let monitor = self.dialer.as_ref().and_then(|d| d.monitor.as_ref());
+            let (commands, network, handshakes) = {
                 let network_events = if listening { zmq::POLLIN } else { zmq::PollEvents::empty() };
-                let mut items = [self.pull.as_poll_item(zmq::POLLIN), self.net.as_poll_item(network_events)];
+                let mut items = vec![self.pull.as_poll_item(zmq::POLLIN), self.net.as_poll_item(network_events)];
+                if let Some(monitor) = monitor {
+                    items.push(monitor.as_poll_item(zmq::POLLIN));
+                }
                 match zmq::poll(&mut items, if listening { -1 } else { STALLED_RECHECK_MS }) {
-                    Ok(_) => (items[0].is_readable(), items[1].is_readable()),
+                    Ok(_) => {
+                        (items[0].is_readable(), items[1].is_readable(), items.get(2).is_some_and(|i| i.is_readable()))
+                    }
                     Err(zmq::Error::EINTR) => continue,
                     Err(e) => {
                         tracing::error!(error = %e, "transport poll failed; stopping");
@@ -818,6 +1021,9 @@ impl<In> Owner<In> {
             }
             if network && !self.receive() {
                 break;
+            }
+            if handshakes {
+                self.handshake_events();
             }
         }
         tracing::debug!("transport pump stopped");
@@ -877,7 +1083,12 @@ impl<In> Owner<In> {
                     if let Err(e) = self.send(frames) {
                         self.failed_posts.fetch_add(1, Ordering::Relaxed);
                         // Unknown peers are routine (heartbeats to a worker that just left).
+                        let refused = self.dialer.as_ref().is_some_and(|d| d.refused);
                         match e {
+                            // A refused connection (logged as an error already) takes nothing until the reconnect.
+                            TransportError::Full if refused => {
+                                tracing::debug!("a message was dropped: the broker refused this connection")
+                            }
                             TransportError::Full => tracing::warn!("a message was dropped: the send queue is full"),
                             e => tracing::debug!(error = %e, "a message was dropped"),
                         }
@@ -903,12 +1114,32 @@ impl<In> Owner<In> {
     /// Paranoid Pirate: after a heartbeat timeout, a fresh socket. The old one
     /// is destroyed before the new one connects, so nothing of it survives.
     fn reconnect(&mut self) -> Result<(), TransportError> {
-        let Some(redial) = &self.redial else {
+        let Some(dialer) = &mut self.dialer else {
             return Err(TransportError::Send { source: zmq::Error::ENOTSUP });
         };
-        let fresh = redial.socket()?;
-        redial.close(std::mem::replace(&mut self.net, fresh), self.close_wait);
-        redial.connect(&self.net)
+        let fresh = dialer.redial.socket()?;
+        // Watched before it connects, so its first handshake is seen too.
+        let monitor = dialer.redial.watch(&fresh);
+        dialer.redial.close(std::mem::replace(&mut self.net, fresh), self.close_wait);
+        dialer.monitor = monitor;
+        dialer.refused = false;
+        dialer.redial.connect(&self.net)
+    }
+
+    /// Explains the failed handshakes the dealer's monitor reports.
+    fn handshake_events(&mut self) {
+        let Some(dialer) = &mut self.dialer else { return };
+        for _ in 0..BATCH_MAX {
+            let Some(monitor) = &dialer.monitor else { return };
+            match receive_message(monitor, 2) {
+                Ok(Some(frames)) => dialer.explain(&frames),
+                Ok(None) | Err(zmq::Error::EINTR) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read handshake events");
+                    return;
+                }
+            }
+        }
     }
 
     /// Reads what the network has, up to a batch. False once nobody listens or the socket failed.
@@ -936,7 +1167,7 @@ impl<In> Owner<In> {
 }
 
 /// One message, of which at most `keep` frames are kept; `None` if none is waiting.
-fn receive_message(socket: &zmq::Socket, keep: usize) -> Result<Option<Vec<Vec<u8>>>, zmq::Error> {
+pub(crate) fn receive_message(socket: &zmq::Socket, keep: usize) -> Result<Option<Vec<Vec<u8>>>, zmq::Error> {
     let mut frames = Vec::with_capacity(keep);
     loop {
         let message = match socket.recv_msg(zmq::DONTWAIT) {

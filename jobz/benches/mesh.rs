@@ -42,7 +42,11 @@
 //!
 //! The data directories live under Cargo's target tmp dir, on the build's disk
 //! (fsync is real there; tmpfs would flatter the store); `JOBZ_BENCH_DIR`
-//! measures another disk. `JOBZ_BENCH_PARTS=1,3` runs only some parts. Every
+//! measures another disk. `JOBZ_BENCH_PARTS=1,3` runs only some parts.
+//! `JOBZ_BENCH_CURVE=1` runs the separate processes of (4) and (5) with the
+//! mesh encrypted (CURVE): keys are made for the broker and each worker in the
+//! run's temp dir, the workers' public keys allowed, as an operator would with
+//! `jobz keygen`. Compare `JOBZ_BENCH_PARTS=4` with and without it. Every
 //! wait has a deadline; every process started is killed by its PID at the end.
 
 use std::collections::BTreeMap;
@@ -140,6 +144,8 @@ struct Bench {
     file: Arc<config::JobFile>,
     /// The load generator's runtime, separate from every server's, as a client process would be.
     client: Runtime,
+    /// `JOBZ_BENCH_CURVE=1`: the separate processes speak CURVE.
+    curve: bool,
 }
 
 fn main() -> BenchResult<()> {
@@ -151,13 +157,18 @@ fn main() -> BenchResult<()> {
     std::fs::write(&job_path, JOB_FILE)?;
     let file = Arc::new(config::load(&job_path)?);
     let client = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bench-client").build()?;
-    let bench = Bench { base, _job_dir: job_dir, job_path, file, client };
+    let bench = Bench { base, _job_dir: job_dir, job_path, file, client, curve: curve_wanted()? };
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!(
         "jobz mesh bench, {} UTC, {cpus} CPU(s), data under {}",
         chrono::Utc::now().format("%Y-%m-%d %H:%M"),
         bench.base.display()
     );
+    if bench.curve {
+        println!(
+            "JOBZ_BENCH_CURVE=1: the separate processes of (4) and (5) speak CURVE (encrypted, allowed keys only)"
+        );
+    }
     let started = Instant::now();
     let parts = parts()?;
 
@@ -196,7 +207,8 @@ fn main() -> BenchResult<()> {
     };
 
     let backlog = if parts.contains(&4) {
-        println!("\n(4) dispatch with a {BACKLOG}-job backlog: separate `jobz broker` and {WORKERS} `jobz worker --concurrency 1` processes");
+        let encrypted = if bench.curve { ", CURVE on" } else { "" };
+        println!("\n(4) dispatch with a {BACKLOG}-job backlog: separate `jobz broker` and {WORKERS} `jobz worker --concurrency 1` processes{encrypted}");
         let backlog = backlog_rates(&bench)?;
         print_backlog(&backlog, e2e.as_ref().map(|e| e.mesh.rate));
         Some(backlog)
@@ -217,6 +229,15 @@ fn main() -> BenchResult<()> {
     summary(accept.as_ref(), e2e.as_ref(), latency.as_ref(), backlog.as_ref(), limited.as_ref());
     println!("\nwhole run: {:.0}s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// `JOBZ_BENCH_CURVE`: `1` encrypts the mesh of the separate processes, `0` or unset does not.
+fn curve_wanted() -> BenchResult<bool> {
+    match std::env::var("JOBZ_BENCH_CURVE").as_deref() {
+        Err(_) | Ok("0") | Ok("") => Ok(false),
+        Ok("1") => Ok(true),
+        Ok(other) => Err(format!("JOBZ_BENCH_CURVE: {other:?} is neither 0 nor 1").into()),
+    }
 }
 
 /// The parts to run: `JOBZ_BENCH_PARTS=1,3` runs (1) and (3); all five by default.
@@ -1036,6 +1057,31 @@ fn vm_rss_kib(pid: u32) -> BenchResult<u64> {
         .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status").into())
 }
 
+/// CURVE keys of one run of separate processes, written as `jobz keygen` would.
+struct MeshKeys {
+    broker: jobz_core::curve::KeyFiles,
+    /// The allowed-keys directory: every worker's public key.
+    allowed: PathBuf,
+    /// Each worker's secret key file; worker `i` uses `workers[i % len]`.
+    workers: Vec<PathBuf>,
+}
+
+impl MeshKeys {
+    fn write(dir: &Path, workers: usize) -> BenchResult<MeshKeys> {
+        use jobz_core::curve::{write_key_pair, KeyPair};
+        let broker = write_key_pair(&dir.join("broker-key"), &KeyPair::generate()?, "for the bench")?;
+        let allowed = dir.join("allowed");
+        std::fs::create_dir_all(&allowed)?;
+        let mut secrets = Vec::new();
+        for i in 0..workers.max(1) {
+            let files = write_key_pair(&dir.join(format!("worker-{i}-key")), &KeyPair::generate()?, "for the bench")?;
+            std::fs::copy(&files.public, allowed.join(format!("worker-{i}.pub")))?;
+            secrets.push(files.secret);
+        }
+        Ok(MeshKeys { broker, allowed, workers: secrets })
+    }
+}
+
 /// A real broker process and its workers, killed by PID when stopped or dropped.
 struct Processes {
     dir: tempfile::TempDir,
@@ -1044,6 +1090,8 @@ struct Processes {
     endpoint: String,
     broker: Option<Child>,
     workers: Vec<Child>,
+    /// With `JOBZ_BENCH_CURVE=1`, the keys the processes were given.
+    keys: Option<MeshKeys>,
 }
 
 impl Processes {
@@ -1052,16 +1100,18 @@ impl Processes {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let endpoint = format!("tcp://127.0.0.1:{}", free_port()?);
         let log = File::create(dir.path().join("broker.log"))?;
-        let child = Command::new(binary)
+        let keys = if bench.curve { Some(MeshKeys::write(dir.path(), WORKERS)?) } else { None };
+        let mut command = Command::new(binary);
+        command
             .arg("broker")
             .arg("--config")
             .arg(&bench.job_path)
             .args(["--http", &http.to_string(), "--bind", &endpoint, "--data"])
-            .arg(dir.path().join("data"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+            .arg(dir.path().join("data"));
+        if let Some(keys) = &keys {
+            command.arg("--curve-key").arg(&keys.broker.secret).arg("--allowed-keys").arg(&keys.allowed);
+        }
+        let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn()?;
         let mut mesh = Processes {
             dir,
             job_path: bench.job_path.clone(),
@@ -1069,6 +1119,7 @@ impl Processes {
             endpoint,
             broker: Some(child),
             workers: Vec::new(),
+            keys,
         };
         let healthy = bench.client.block_on(async {
             let deadline = Instant::now() + STARTUP_DEADLINE;
@@ -1108,14 +1159,16 @@ impl Processes {
         for i in 0..count {
             let log = File::create(self.dir.path().join(format!("worker-{i}.log")))?;
             let slots = slots.to_string();
-            let child = Command::new(binary)
+            let mut command = Command::new(binary);
+            command
                 .args(["worker", "--broker", &self.endpoint, "--concurrency", &slots, "--name", &format!("bench-{i}")])
                 .arg("--config")
-                .arg(&self.job_path)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()?;
+                .arg(&self.job_path);
+            if let Some(keys) = &self.keys {
+                let own = &keys.workers[i % keys.workers.len()];
+                command.arg("--curve-key").arg(own).arg("--broker-key").arg(&keys.broker.public);
+            }
+            let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn()?;
             self.workers.push(child);
         }
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -12,8 +12,6 @@ use crate::mesh_cmd::{BrokerArgs, WorkerArgs};
 pub const EXIT_FAILURE: u8 = 1;
 /// Bad usage, a bad job file or a bad param: nothing ran.
 pub const EXIT_ERROR: u8 = 2;
-/// The subcommand exists in the contract but is not built yet.
-pub const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Debug, Parser)]
 #[command(name = "jobz", version, about = "Runs named shell jobs across a mesh of machines.")]
@@ -90,6 +88,29 @@ pub struct BrokerTuning {
     pub retention: String,
 }
 
+/// CURVE for a broker (`jobz broker`, `jobz up`): with a key, the ZeroMQ port
+/// is encrypted and admits only the allowed public keys.
+#[derive(Debug, Args, Clone, Default)]
+pub struct BrokerCurveArgs {
+    /// Encrypt the mesh with CURVE: the broker's secret key file (`jobz keygen` writes one)
+    #[arg(long, env = "JOBZ_CURVE_KEY", value_name = "FILE")]
+    pub curve_key: Option<PathBuf>,
+    /// Public keys of the workers and semaphores that may connect: a directory of *.pub files, or a file with one key a line (repeatable)
+    #[arg(long, value_name = "DIR_OR_FILE", requires = "curve_key")]
+    pub allowed_keys: Vec<PathBuf>,
+}
+
+/// CURVE for a worker or semaphore: both flags or neither.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ClientCurveArgs {
+    /// This process's secret key file (`jobz keygen` writes one); the broker must allow its public key
+    #[arg(long, env = "JOBZ_CURVE_KEY", value_name = "FILE", requires = "broker_key")]
+    pub curve_key: Option<PathBuf>,
+    /// The broker's public key: its jobz.pub file, or the 40-character Z85 key itself
+    #[arg(long, env = "JOBZ_BROKER_KEY", value_name = "FILE_OR_Z85", requires = "curve_key")]
+    pub broker_key: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Broker, HTTP front door, N local workers and a semaphore in one process
@@ -109,6 +130,8 @@ pub enum Command {
         tls: TlsArgs,
         #[command(flatten)]
         tuning: BrokerTuning,
+        #[command(flatten)]
+        curve: BrokerCurveArgs,
     },
     /// Broker, HTTP front door, durable store and scheduler
     Broker {
@@ -127,6 +150,8 @@ pub enum Command {
         tls: TlsArgs,
         #[command(flatten)]
         tuning: BrokerTuning,
+        #[command(flatten)]
+        curve: BrokerCurveArgs,
     },
     /// Connects out to the broker and runs the jobs it serves
     Worker {
@@ -149,6 +174,8 @@ pub enum Command {
         /// On SIGTERM/SIGINT, how long running jobs may finish before they are stopped and handed back [default: 30s]
         #[arg(long, value_name = "DURATION")]
         grace: Option<String>,
+        #[command(flatten)]
+        curve: ClientCurveArgs,
     },
     /// Evaluates the gates of the job file
     Semaphore {
@@ -156,6 +183,8 @@ pub enum Command {
         broker: String,
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        curve: ClientCurveArgs,
     },
     /// Starts a job and prints its id
     Start {
@@ -225,8 +254,9 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Writes a CURVE key pair
+    /// Writes a CURVE key pair: DIR/jobz.key (secret) and DIR/jobz.pub (public); prints the public key
     Keygen {
+        /// Where to write the key files [default: the current directory]
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
@@ -273,16 +303,26 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { name, params, config } => crate::eager_cmd::run(&config, &name, &params),
-        Command::Up { config, http, bind, data, workers, tls, tuning } => {
-            crate::mesh_cmd::up(BrokerArgs { config, http, bind, data, allow_drift: false, tls, tuning }, workers)
+        Command::Up { config, http, bind, data, workers, tls, tuning, curve } => crate::mesh_cmd::up(
+            BrokerArgs { config, http, bind, data, allow_drift: false, tls, tuning, curve },
+            workers,
+        ),
+        Command::Broker { config, http, bind, data, allow_drift, tls, tuning, curve } => {
+            crate::mesh_cmd::broker(BrokerArgs { config, http, bind, data, allow_drift, tls, tuning, curve })
         }
-        Command::Broker { config, http, bind, data, allow_drift, tls, tuning } => {
-            crate::mesh_cmd::broker(BrokerArgs { config, http, bind, data, allow_drift, tls, tuning })
+        Command::Worker { broker, config, topics, concurrency, name, exit_when_idle, grace, curve } => {
+            crate::mesh_cmd::worker(WorkerArgs {
+                broker,
+                config,
+                topics,
+                concurrency,
+                name,
+                exit_when_idle,
+                grace,
+                curve,
+            })
         }
-        Command::Worker { broker, config, topics, concurrency, name, exit_when_idle, grace } => {
-            crate::mesh_cmd::worker(WorkerArgs { broker, config, topics, concurrency, name, exit_when_idle, grace })
-        }
-        Command::Semaphore { broker, config } => crate::semaphore_cmd::semaphore(broker, config),
+        Command::Semaphore { broker, config, curve } => crate::semaphore_cmd::semaphore(broker, config, curve),
         Command::Start { name, params, wait, client } => {
             crate::client::start(&client.front(), &name, &params, wait, client.json)
         }
@@ -299,15 +339,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Progress { percent, message, client } => {
             crate::client::progress(&client.front(), percent, message.as_deref())
         }
-        Command::Keygen { .. } => not_built("keygen"),
+        Command::Keygen { out } => crate::keygen_cmd::keygen(out),
         Command::Certs { out, hosts, clients, days } => crate::certs_cmd::certs(&out, &hosts, &clients, days),
         Command::Token { name, scopes } => crate::certs_cmd::token(&name, &scopes),
     }
-}
-
-fn not_built(what: &str) -> anyhow::Result<ExitCode> {
-    eprintln!("jobz {what}: not built yet");
-    Ok(ExitCode::from(EXIT_UNAVAILABLE))
 }
 
 /// Where the job file comes from: `--config`/`$JOBZ_CONFIG`, else `./jobz.yaml`.

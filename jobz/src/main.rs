@@ -8,6 +8,7 @@ mod certs_cmd;
 mod cli;
 mod client;
 mod eager_cmd;
+mod keygen_cmd;
 mod limits;
 mod mesh_cmd;
 mod semaphore_cmd;

@@ -1,23 +1,29 @@
 //! `jobz broker`, `jobz worker` and `jobz up`: the long-running processes.
 //! Each stops cleanly on SIGTERM or SIGINT: the front door stops accepting, the
 //! workers drain, the broker's store flushes.
+//!
+//! CURVE keys are read and checked before anything else happens, so a bad key
+//! file stops the start with nothing changed. `jobz up` with `--curve-key`
+//! gives its local workers and semaphore the broker's own key pair (and allows
+//! it), so they connect over the same encrypted socket as remote ones.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use broker::clock::ShiftedClock;
 use broker::core::BrokerConfig;
 use broker::http::tls::TlsFiles;
 use broker::http::{HttpOptions, Tokens};
 use broker::store::{SqliteStore, StoreOptions};
-use jobz_core::transport::{Router, SocketOptions};
+use jobz_core::curve::{self, AllowedKeys};
+use jobz_core::transport::{require_curve, CurveClient, CurveServer, Router, SocketOptions};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use worker::mesh::WorkerConfig;
 
-use crate::cli::{load_config, ConfigArg};
+use crate::cli::{load_config, BrokerCurveArgs, ClientCurveArgs, ConfigArg};
 
 /// What `jobz broker` and `jobz up` share.
 pub struct BrokerArgs {
@@ -28,6 +34,7 @@ pub struct BrokerArgs {
     pub allow_drift: bool,
     pub tls: crate::cli::TlsArgs,
     pub tuning: crate::cli::BrokerTuning,
+    pub curve: BrokerCurveArgs,
 }
 
 pub struct WorkerArgs {
@@ -38,6 +45,52 @@ pub struct WorkerArgs {
     pub name: Option<String>,
     pub exit_when_idle: Option<String>,
     pub grace: Option<String>,
+    pub curve: ClientCurveArgs,
+}
+
+/// The broker's CURVE settings from its flags: its key pair and the allowed
+/// public keys, or `None` for plain text. `local_peers` (`jobz up`) allows the
+/// broker's own key, which its in-process workers and semaphore use.
+fn broker_curve(args: &BrokerCurveArgs, local_peers: bool) -> anyhow::Result<Option<CurveServer>> {
+    let Some(path) = &args.curve_key else { return Ok(None) };
+    require_curve().context("--curve-key")?;
+    let key = curve::read_key_pair(path).context("--curve-key")?;
+    let mut allowed = AllowedKeys::load(&args.allowed_keys).context("--allowed-keys")?;
+    if local_peers {
+        allowed.insert(key.public, "the broker's own key (jobz up's local workers and semaphore)".into())?;
+    }
+    if allowed.is_empty() {
+        bail!(
+            "--curve-key needs --allowed-keys DIR_OR_FILE: the public keys of the workers and semaphores \
+             that may connect (without any, every one would be refused)"
+        );
+    }
+    Ok(Some(CurveServer { key, allowed }))
+}
+
+/// A worker's or semaphore's CURVE settings from its flags, or `None` for plain text.
+pub(crate) fn client_curve(args: &ClientCurveArgs, broker: &str) -> anyhow::Result<Option<CurveClient>> {
+    match (&args.curve_key, &args.broker_key) {
+        (None, None) => {
+            if !curve::is_loopback_endpoint(broker) {
+                tracing::warn!(
+                    broker,
+                    "connecting to a broker off this machine in plain text: anyone on the way can read and \
+                     change jobs; use --curve-key and --broker-key"
+                );
+            }
+            Ok(None)
+        }
+        (Some(path), Some(broker_key)) => {
+            require_curve().context("--curve-key")?;
+            let key = curve::read_key_pair(path).context("--curve-key")?;
+            let broker = curve::public_key_from_arg(broker_key).context("--broker-key")?;
+            tracing::info!(public_key = %key.public, broker_key = %broker, "the mesh is encrypted (CURVE)");
+            Ok(Some(CurveClient { key, broker }))
+        }
+        (Some(_), None) => bail!("--curve-key needs --broker-key (the broker's public key)"),
+        (None, Some(_)) => bail!("--broker-key needs --curve-key (this process's own key pair)"),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -76,6 +129,7 @@ struct RunningBroker {
 async fn start_broker(
     file: Arc<config::JobFile>,
     args: &BrokerArgs,
+    curve: Option<CurveServer>,
     ctx: &zmq::Context,
     http_shutdown: CancellationToken,
     loop_shutdown: CancellationToken,
@@ -92,10 +146,23 @@ async fn start_broker(
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", args.http))?;
     let http_addr = listener.local_addr().context("reading the HTTP address")?;
-    let router = Router::bind(ctx, &args.bind, &SocketOptions::default())
-        .with_context(|| format!("cannot bind the ZeroMQ endpoint {}", args.bind))?;
+    let options = SocketOptions::default();
+    let encryption = curve.as_ref().map(|server| (server.key.public, server.allowed.len()));
+    let router = match curve {
+        Some(server) => Router::bind_curve(ctx, &args.bind, &options, server),
+        None => Router::bind(ctx, &args.bind, &options),
+    }
+    .with_context(|| format!("cannot bind the ZeroMQ endpoint {}", args.bind))?;
     let endpoint = router.local_endpoint().to_string();
-    warn_if_plain_text(&endpoint);
+    match encryption {
+        Some((public_key, allowed)) => tracing::info!(
+            endpoint,
+            %public_key,
+            allowed,
+            "the mesh is encrypted and authenticated (CURVE): only allowed keys get in"
+        ),
+        None => warn_if_plain_text(&endpoint),
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{http_addr}");
     warn_if_open(&http_addr, tls.is_some(), args.tls.client_ca.is_some(), tokens.len());
@@ -180,12 +247,14 @@ fn duration_flag(flag: &str, value: &str) -> anyhow::Result<std::time::Duration>
     config::duration::parse_duration(value).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
 
+/// The broker says loudly when its plain-text endpoint can be reached from the network.
 fn warn_if_plain_text(endpoint: &str) {
-    let loopback = ["tcp://127.", "tcp://localhost:", "tcp://[::1]", "inproc://", "ipc://"];
-    if !loopback.iter().any(|p| endpoint.starts_with(p)) {
+    if !curve::is_loopback_endpoint(endpoint) {
         tracing::warn!(
             endpoint,
-            "the ZeroMQ endpoint is NOT loopback and NOT encrypted: anyone who reaches it can pose as a worker"
+            "the ZeroMQ endpoint is NOT loopback and NOT encrypted: anyone who reaches it can pose as a worker \
+             (take jobs and their params, report results) or a semaphore, and read the traffic; \
+             use --curve-key and --allowed-keys"
         );
     }
 }
@@ -195,10 +264,11 @@ pub fn broker(args: BrokerArgs) -> anyhow::Result<ExitCode> {
         Ok(f) => Arc::new(f),
         Err(code) => return Ok(code),
     };
+    let curve = broker_curve(&args.curve, false)?;
     runtime()?.block_on(async {
         let shutdown = shutdown_on_signals()?;
         let ctx = zmq::Context::new();
-        let running = start_broker(file, &args, &ctx, shutdown.clone(), shutdown.clone()).await?;
+        let running = start_broker(file, &args, curve, &ctx, shutdown.clone(), shutdown.clone()).await?;
         println!("jobz broker: front door {} , workers connect to {}", running.url, running.endpoint);
         shutdown.cancelled().await;
         wait_stopped(&running.tasks).await;
@@ -236,7 +306,8 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let name = args.name.clone().unwrap_or_else(|| format!("{}-{}", worker::mesh::hostname(), std::process::id()));
-    let config = worker_config(&args, file, args.broker.clone(), name)?;
+    let mut config = worker_config(&args, file, args.broker.clone(), name)?;
+    config.curve = client_curve(&args.curve, &args.broker)?;
     runtime()?.block_on(async {
         let shutdown = shutdown_on_signals()?;
         let ctx = zmq::Context::new();
@@ -251,12 +322,15 @@ pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> 
         Err(code) => return Ok(code),
     };
     let count = workers.unwrap_or_else(cores).max(1);
+    let curve = broker_curve(&args.curve, true)?;
+    // The local workers and semaphore speak CURVE with the broker's own key pair.
+    let local_curve = curve.as_ref().map(|server| CurveClient { key: server.key.clone(), broker: server.key.public });
     runtime()?.block_on(async {
         let shutdown = shutdown_on_signals()?;
         let ctx = zmq::Context::new();
         // The broker's loop outlives the local workers, so they can drain and hand back through it.
         let loop_shutdown = CancellationToken::new();
-        let running = start_broker(file.clone(), &args, &ctx, shutdown.clone(), loop_shutdown.clone()).await?;
+        let running = start_broker(file.clone(), &args, curve, &ctx, shutdown.clone(), loop_shutdown.clone()).await?;
         let worker_tasks = TaskTracker::new();
         for i in 1..=count {
             let name = format!("{}-up-{i}", worker::mesh::hostname());
@@ -268,8 +342,10 @@ pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> 
                 name: Some(name.clone()),
                 exit_when_idle: None,
                 grace: None,
+                curve: ClientCurveArgs::default(),
             };
-            let config = worker_config(&wargs, file.clone(), running.endpoint.clone(), name)?;
+            let mut config = worker_config(&wargs, file.clone(), running.endpoint.clone(), name)?;
+            config.curve = local_curve.clone();
             let ctx = ctx.clone();
             let stop = shutdown.clone();
             worker_tasks.spawn(async move {
@@ -282,6 +358,7 @@ pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> 
             broker: running.endpoint.clone(),
             file: file.clone(),
             name: format!("{}-up-semaphore", worker::mesh::hostname()),
+            curve: local_curve.clone(),
         };
         let (ctx2, stop) = (ctx.clone(), shutdown.clone());
         worker_tasks.spawn(async move {

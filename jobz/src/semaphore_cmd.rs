@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use semaphore::SemaphoreConfig;
 
-use crate::cli::{load_config, ConfigArg};
+use crate::cli::{load_config, ClientCurveArgs, ConfigArg};
 
 /// A semaphore's name among the broker's peers: unique per process, so that
 /// several semaphores on one host do not replace each other.
@@ -17,12 +17,13 @@ pub fn default_name() -> String {
     format!("{}-semaphore-{}", semaphore::hostname(), std::process::id())
 }
 
-pub fn semaphore(broker: String, config: ConfigArg) -> anyhow::Result<ExitCode> {
+pub fn semaphore(broker: String, config: ConfigArg, curve: ClientCurveArgs) -> anyhow::Result<ExitCode> {
     let file = match load_config(&config, false)? {
         Ok(f) => Arc::new(f),
         Err(code) => return Ok(code),
     };
-    let config = SemaphoreConfig { broker, file, name: default_name() };
+    let curve = crate::mesh_cmd::client_curve(&curve, &broker)?;
+    let config = SemaphoreConfig { broker, file, name: default_name(), curve };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
         let shutdown = crate::mesh_cmd::shutdown_on_signals()?;

@@ -20,7 +20,7 @@ mod session;
 use std::sync::Arc;
 
 use config::JobFile;
-use jobz_core::transport::TransportError;
+use jobz_core::transport::{CurveClient, TransportError};
 
 pub use session::run;
 
@@ -33,6 +33,8 @@ pub struct SemaphoreConfig {
     pub file: Arc<JobFile>,
     /// Unique among the broker's peers (the broker replaces a peer that registers under a known name).
     pub name: String,
+    /// Keys for an encrypted broker (`--curve-key`, `--broker-key`); `None` speaks plain text.
+    pub curve: Option<CurveClient>,
 }
 
 /// Why a semaphore stopped with an error.

@@ -49,14 +49,19 @@ pub async fn run(
     ctx: &zmq::Context,
     shutdown: CancellationToken,
 ) -> Result<(), SemaphoreError> {
-    let dealer = Dealer::connect(ctx, &config.broker, &SocketOptions::default(), None)
-        .map_err(|source| SemaphoreError::Connect { endpoint: config.broker.clone(), source })?;
+    let options = SocketOptions::default();
+    let dealer = match &config.curve {
+        Some(curve) => Dealer::connect_curve(ctx, &config.broker, &options, None, curve.clone()),
+        None => Dealer::connect(ctx, &config.broker, &options, None),
+    }
+    .map_err(|source| SemaphoreError::Connect { endpoint: config.broker.clone(), source })?;
     let gates_digest = jobz_core::gates::digest(&config.file);
     tracing::info!(
         semaphore = %config.name,
         broker = %config.broker,
         gates = config.file.gates.len(),
         gates_digest = %gates_digest,
+        encrypted = config.curve.is_some(),
         "semaphore starting"
     );
     if config.file.gates.is_empty() {

@@ -17,7 +17,7 @@ use jobz_core::pipeline::JobFacts;
 use jobz_core::protocol::{
     self, Dispatch, Goodbye, Held, Hello, LeaseRef, Outcome, ResultReport, Role, ServedJob, ToBroker, ToWorker,
 };
-use jobz_core::transport::{Dealer, SocketOptions, TransportError};
+use jobz_core::transport::{CurveClient, Dealer, SocketOptions, TransportError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +41,8 @@ pub struct WorkerConfig {
     pub drain_grace: Duration,
     /// Exit after this long with nothing to do.
     pub exit_when_idle: Option<Duration>,
+    /// Keys for an encrypted broker (`--curve-key`, `--broker-key`); `None` speaks plain text.
+    pub curve: Option<CurveClient>,
 }
 
 impl WorkerConfig {
@@ -55,6 +57,7 @@ impl WorkerConfig {
             kill_grace: limits::DEFAULT_KILL_GRACE,
             drain_grace: limits::DRAIN_GRACE,
             exit_when_idle: None,
+            curve: None,
         }
     }
 
@@ -121,8 +124,12 @@ pub async fn run(config: WorkerConfig, ctx: &zmq::Context, shutdown: Cancellatio
     if !unknown.is_empty() {
         return Err(WorkerError::UnknownTopics(unknown.join(", ")));
     }
-    let dealer = Dealer::connect(ctx, &config.broker, &SocketOptions::default(), None)
-        .map_err(|source| WorkerError::Connect { endpoint: config.broker.clone(), source })?;
+    let options = SocketOptions::default();
+    let dealer = match &config.curve {
+        Some(curve) => Dealer::connect_curve(ctx, &config.broker, &options, None, curve.clone()),
+        None => Dealer::connect(ctx, &config.broker, &options, None),
+    }
+    .map_err(|source| WorkerError::Connect { endpoint: config.broker.clone(), source })?;
     let digests = config
         .served()
         .into_iter()
@@ -150,7 +157,8 @@ pub async fn run(config: WorkerConfig, ctx: &zmq::Context, shutdown: Cancellatio
         reconnect_backoff: limits::RECONNECT_BACKOFF_MIN,
         idle_since: now,
     };
-    tracing::info!(worker = %worker.config.name, broker = %worker.config.broker, jobs = worker.digests.len(), "worker starting");
+    let encrypted = worker.config.curve.is_some();
+    tracing::info!(worker = %worker.config.name, broker = %worker.config.broker, jobs = worker.digests.len(), encrypted, "worker starting");
     worker.hello();
     let mut tick = tokio::time::interval(limits::WORKER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

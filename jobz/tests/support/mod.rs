@@ -99,11 +99,12 @@ impl Mesh {
         format!("tcp://127.0.0.1:{}", self.zmq_port)
     }
 
-    fn spawn(&self, name: &str, args: &[&str]) -> Proc {
+    /// Starts `jobz ARGS` in the test's directory; its output goes to `<name>.log`.
+    pub fn spawn(&self, name: &str, args: &[&str]) -> Proc {
         self.spawn_with_env(name, args, &[])
     }
 
-    fn spawn_with_env(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    pub fn spawn_with_env(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let log =
             match std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{name}.log"))) {
                 Ok(f) => f,
