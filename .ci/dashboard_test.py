@@ -12,7 +12,7 @@
 Every wait has a deadline; everything started is killed by PID at the end.
 Prints `dashboard: N passed, 0 failed` or exits non-zero naming the failed check.
 """
-import argparse, base64, json, os, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
+import argparse, base64, hashlib, json, os, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
 
 import websocket  # websocket-client, installed by .ci/ops-checks.sh into its venv
 
@@ -156,17 +156,7 @@ def main():
     check(promtool is not None, "promtool is installed")
     check(os.access(BIN, os.X_OK), f"the jobz binary exists at {BIN}")
 
-    work = tempfile.mkdtemp(prefix="jobz-dashboard-")
-    with open(os.path.join(work, "jobz.yaml"), "w") as f:
-        f.write(JOB_FILE)
-    http_port, zmq_port = free_port(), free_port()
-    base = f"http://127.0.0.1:{http_port}"
-    up = subprocess.Popen([BIN, "up", "--config", "jobz.yaml", "--http", f"127.0.0.1:{http_port}",
-                           "--bind", f"tcp://127.0.0.1:{zmq_port}", "--data", "data", "--workers", "2"],
-                          cwd=work, stdout=open(os.path.join(work, "up.log"), "w"), stderr=subprocess.STDOUT,
-                          start_new_session=True)
-    procs.append(up)
-    until(lambda: http(f"{base}/healthz")[0] == 200, 30, "jobz up's /healthz")
+    work, up, base = start_up(JOB_FILE)
     browser = Browser(chromium, os.path.join(work, "profile"))
     try:
         browser.call("Page.enable")
@@ -244,13 +234,74 @@ def main():
             check(os.path.getsize(args.screenshot) > 10_000, f"a screenshot is saved to {args.screenshot}")
     finally:
         browser.close()
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_up(up, work)
+    with_tokens(chromium)
     print(f"dashboard: {passed} passed, 0 failed")
+
+
+def start_up(job_file):
+    """`jobz up` on free ports in a temp dir with `job_file`; waits for /healthz."""
+    work = tempfile.mkdtemp(prefix="jobz-dashboard-")
+    with open(os.path.join(work, "jobz.yaml"), "w") as f:
+        f.write(job_file)
+    http_port, zmq_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{http_port}"
+    up = subprocess.Popen([BIN, "up", "--config", "jobz.yaml", "--http", f"127.0.0.1:{http_port}",
+                           "--bind", f"tcp://127.0.0.1:{zmq_port}", "--data", "data", "--workers", "2"],
+                          cwd=work, stdout=open(os.path.join(work, "up.log"), "w"), stderr=subprocess.STDOUT,
+                          start_new_session=True)
+    procs.append(up)
+    until(lambda: http(f"{base}/healthz")[0] == 200, 30, "jobz up's /healthz")
+    return work, up, base
+
+
+def stop_up(up, work):
+    os.killpg(up.pid, signal.SIGTERM)
+    try:
+        up.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def with_tokens(chromium):
+    """A front door with tokens: the page loads, asks for a token, and offers Cancel
+    and Retry only to a token with the admin scope."""
+    viewer, ops = "viewer-token-0123456789", "ops-token-0123456789"
+    digest = lambda t: "sha256:" + hashlib.sha256(t.encode()).hexdigest()
+    job_file = JOB_FILE.replace("gates:", f"""tokens:
+  viewer: {{ hash: "{digest(viewer)}", scopes: [ read ] }}
+  ops: {{ hash: "{digest(ops)}", scopes: [ start, read, admin ] }}
+gates:""", 1)
+    work, up, base = start_up(job_file)
+    browser = Browser(chromium, os.path.join(work, "profile"))
+    try:
+        req = urllib.request.Request(f"{base}/job_start?job_name=breaks", headers={"Authorization": f"Bearer {ops}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            failing = json.loads(r.read())["id"]
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=f"{base}/#job={failing}")
+        until(lambda: "needs a token" in (browser.eval("document.getElementById('error').textContent") or ""), 15,
+              "the page to ask for a token")
+        check(True, "with tokens on, the page loads and asks for a token")
+
+        def use(token):
+            browser.eval(f"document.getElementById('token').value = {json.dumps(token)}")
+            browser.eval("document.getElementById('token-form').requestSubmit()")
+
+        panel = "document.getElementById('job-section')"
+        use(viewer)
+        until(lambda: browser.eval(f"{panel}.dataset.status") == "failed", 30, "the failed job's panel with the read token")
+        time.sleep(1.5)  # a refresh more, with GET /auth answered
+        check(browser.eval("document.getElementById('job-retry').hidden") and
+              browser.eval("document.getElementById('job-cancel').hidden"),
+              "a read-only token is offered neither Cancel nor Retry")
+        use(ops)
+        until(lambda: not browser.eval("document.getElementById('job-retry').hidden"), 15, "a Retry button for ops")
+        check(True, "a token with the admin scope is offered Retry on a failed job")
+    finally:
+        browser.close()
+        stop_up(up, work)
 
 
 if __name__ == "__main__":
