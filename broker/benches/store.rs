@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use broker::model::{Change, JobRecord};
 use broker::store::{SqliteStore, Store, StoreOptions};
 use chrono::Utc;
-use jobz_core::pipeline::Origin;
-use jobz_core::Status;
+use jobz_core::pipeline::{NewJob, Origin};
 
 /// Runs per configuration; the median is reported.
 const RUNS: usize = 5;
@@ -145,32 +144,14 @@ async fn run(store: &SqliteStore, committers: usize, jobs: usize) -> Result<Run,
 
 /// A job as the front door would insert it: a time-ordered id, a few params, queued now.
 fn job(id: &str) -> JobRecord {
-    let now = Utc::now();
-    JobRecord {
-        id: id.to_owned(),
+    let new = NewJob {
         job_name: "import_category_dump".into(),
         params: BTreeMap::from([("date".into(), "2024_01_31".into()), ("category".into(), "books".into())]),
-        status: Status::Queued,
-        attempts: 0,
-        run_id: id.to_owned(),
+        run_id: None,
         parent_id: None,
         origin: Origin::Start,
-        priority: 0,
-        worker: None,
-        lease: None,
-        exit_code: None,
-        signal: None,
-        created_at: now,
-        queued_at: Some(now),
-        started_at: None,
-        finished_at: None,
-        cancelled_at: None,
-        not_before: None,
-        output_tail: String::new(),
-        progress: None,
-        error: None,
-        unique_key: None,
-    }
+    };
+    JobRecord::queued(id.to_owned(), &new, 0, Utc::now())
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
