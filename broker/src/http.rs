@@ -19,7 +19,9 @@
 //! `jobz logs --follow` can poll); the request header `Jobz-Parent-Id` on
 //! `job_start` (a job starting a job joins its run); `priority=` on a start;
 //! the extra job fields `signal, priority, progress, error, origin,
-//! not_before, attempt_list`.
+//! not_before, attempt_list, held_by, unique_key`; `GET /queues` (queued and
+//! running per job name), `GET /auth` (what the caller's token allows) and the
+//! dashboard's files under `/ui/`.
 
 mod api;
 pub mod auth;
