@@ -281,7 +281,7 @@ gates:""", 1)
             failing = json.loads(r.read())["id"]
         browser.call("Page.enable")
         browser.call("Page.navigate", url=f"{base}/#job={failing}")
-        until(lambda: "needs a token" in (browser.eval("document.getElementById('error').textContent") or ""), 15,
+        until(lambda: "needs a token" in (browser.eval("document.getElementById('error')?.textContent") or ""), 15,
               "the page to ask for a token")
         check(True, "with tokens on, the page loads and asks for a token")
 
@@ -291,13 +291,13 @@ gates:""", 1)
 
         panel = "document.getElementById('job-section')"
         use(viewer)
-        until(lambda: browser.eval(f"{panel}.dataset.status") == "failed", 30, "the failed job's panel with the read token")
+        until(lambda: browser.eval(f"{panel}?.dataset.status") == "failed", 30, "the failed job's panel with the read token")
         time.sleep(1.5)  # a refresh more, with GET /auth answered
         check(browser.eval("document.getElementById('job-retry').hidden") and
               browser.eval("document.getElementById('job-cancel').hidden"),
               "a read-only token is offered neither Cancel nor Retry")
         use(ops)
-        until(lambda: not browser.eval("document.getElementById('job-retry').hidden"), 15, "a Retry button for ops")
+        until(lambda: browser.eval("document.getElementById('job-retry')?.hidden") is False, 15, "a Retry button for ops")
         check(True, "a token with the admin scope is offered Retry on a failed job")
     finally:
         browser.close()
