@@ -158,8 +158,7 @@ impl Columns<'_, '_> {
 
 /// A job row, selected with [`JOB_COLUMNS`], as a record.
 pub(super) fn job_from_row(row: &Row<'_>) -> Result<JobRecord, StoreError> {
-    let id: String =
-        row.get("id").map_err(|e| StoreError::Corrupt { id: String::new(), column: "id", reason: e.to_string() })?;
+    let id: String = key_column(row, "id")?;
     let c = Columns { row, id };
     let params_json: String = c.get("params")?;
     let params: BTreeMap<String, String> =
@@ -199,13 +198,14 @@ pub(super) fn job_from_row(row: &Row<'_>) -> Result<JobRecord, StoreError> {
     })
 }
 
+/// The column a row's other errors are reported against (its id, job or gate), read first.
+fn key_column(row: &Row<'_>, column: &'static str) -> Result<String, StoreError> {
+    row.get(column).map_err(|e| StoreError::Corrupt { id: String::new(), column, reason: e.to_string() })
+}
+
 /// An attempt row, selected with [`ATTEMPT_COLUMNS`], as a record.
 pub(super) fn attempt_from_row(row: &Row<'_>) -> Result<AttemptRecord, StoreError> {
-    let job_id: String = row.get("job_id").map_err(|e| StoreError::Corrupt {
-        id: String::new(),
-        column: "job_id",
-        reason: e.to_string(),
-    })?;
+    let job_id: String = key_column(row, "job_id")?;
     let c = Columns { row, id: job_id };
     let stale: i64 = c.get("stale")?;
     Ok(AttemptRecord {
@@ -245,11 +245,7 @@ pub(super) const GATE_EVENT_COLUMNS: &str = "seq, kind, job_id, job_name, params
 
 /// A `gate_events` row as a record.
 pub(super) fn gate_event_from_row(row: &Row<'_>) -> Result<GateEventRecord, StoreError> {
-    let job_id: String = row.get("job_id").map_err(|e| StoreError::Corrupt {
-        id: String::new(),
-        column: "job_id",
-        reason: e.to_string(),
-    })?;
+    let job_id: String = key_column(row, "job_id")?;
     let c = Columns { row, id: job_id };
     let kind: String = c.get("kind")?;
     let kind = match kind.as_str() {
@@ -273,11 +269,7 @@ pub(super) fn gate_event_from_row(row: &Row<'_>) -> Result<GateEventRecord, Stor
 
 /// A `gate_fires` row as a record.
 pub(super) fn fire_from_row(row: &Row<'_>) -> Result<FireRecord, StoreError> {
-    let gate: String = row.get("gate").map_err(|e| StoreError::Corrupt {
-        id: String::new(),
-        column: "gate",
-        reason: e.to_string(),
-    })?;
+    let gate: String = key_column(row, "gate")?;
     let c = Columns { row, id: format!("(fire of gate {gate})") };
     let reason: String = c.get("reason")?;
     let reason = match reason.as_str() {
@@ -298,8 +290,7 @@ pub(super) fn fire_from_row(row: &Row<'_>) -> Result<FireRecord, StoreError> {
 
 /// A `schedules` row (`id, first_seen`) as a record.
 pub(super) fn schedule_from_row(row: &Row<'_>) -> Result<ScheduleRecord, StoreError> {
-    let id: String =
-        row.get("id").map_err(|e| StoreError::Corrupt { id: String::new(), column: "id", reason: e.to_string() })?;
+    let id: String = key_column(row, "id")?;
     let c = Columns { row, id: format!("(schedule {id})") };
     Ok(ScheduleRecord { first_seen: c.time("first_seen")?, id })
 }
@@ -309,11 +300,7 @@ pub(super) const SCHEDULE_FIRE_COLUMNS: &str = "schedule, instant, job_id, error
 
 /// A `schedule_fires` row as a record.
 pub(super) fn schedule_fire_from_row(row: &Row<'_>) -> Result<ScheduleFireRecord, StoreError> {
-    let schedule: String = row.get("schedule").map_err(|e| StoreError::Corrupt {
-        id: String::new(),
-        column: "schedule",
-        reason: e.to_string(),
-    })?;
+    let schedule: String = key_column(row, "schedule")?;
     let c = Columns { row, id: format!("(fire of schedule {schedule})") };
     Ok(ScheduleFireRecord {
         instant: c.time("instant")?,
