@@ -1485,7 +1485,7 @@ impl State {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let asked = Instant::now();
-            let result = shared.store.commit_admitting(batch.changes.clone()).await;
+            let result = shared.store.commit_grouped(batch.changes.clone()).await;
             shared.metrics.committed(asked.elapsed());
             let events = &shared.events;
             // The loop is gone only at shutdown, when nothing is left to acknowledge.

@@ -48,6 +48,7 @@
 mod codec;
 mod schema;
 mod sqlite;
+mod syncer;
 mod writer;
 
 use std::future::Future;
@@ -88,6 +89,17 @@ pub const WRITE_QUEUE_LATER_RESERVE_PERCENT: usize = 25;
 /// than this is still applied whole, in a transaction of its own.
 pub const BATCH_CHANGES_MAX: usize = 1024;
 
+/// How long the writer lets the loop's bookkeeping (dispatches, results,
+/// follow-ups: [`Store::commit_grouped`] and [`Store::commit_later`]) wait for
+/// other changes to share its commit and sync. Nobody is kept waiting by it:
+/// a worker gets its next job before its result is committed; only the
+/// result's acknowledgement and the start of follow-ups come this much later.
+pub const GROUP_COMMIT_DELAY: Duration = Duration::from_millis(5);
+
+/// Committed transactions waiting for the syncer; beyond it the writer waits
+/// for the disk instead of running further ahead of it.
+pub const SYNC_QUEUE_CAPACITY: usize = 64;
+
 /// How long a statement waits for a lock held by another connection (another
 /// process with the file open, or a checkpoint) before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,7 +131,9 @@ pub const PRUNE_BATCH_MAX: usize = 10_000;
 /// The durable store as the broker's dispatch code sees it.
 ///
 /// Writes go through [`Store::commit`] (the caller waits until the changes are
-/// durable) or [`Store::commit_later`] (it does not). Changes are applied in
+/// durable), [`Store::commit_grouped`] (the same, for a caller that can wait a
+/// few milliseconds for others to share the commit) or [`Store::commit_later`]
+/// (it does not wait). Changes are applied in
 /// the order they were queued, and one call's changes are all-or-nothing.
 pub trait Store: Clone + Send + Sync + 'static {
     /// Applies `changes` in order, durably: returns only after they are
@@ -140,6 +154,11 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// or not, the second sees the first.
     fn commit_admitting(&self, changes: Vec<Change>)
         -> impl Future<Output = Result<Vec<Admission>, StoreError>> + Send;
+
+    /// Like [`Store::commit_admitting`], for a caller that nobody waits on
+    /// urgently (the loop's results and follow-ups): the store may hold the
+    /// changes up to [`GROUP_COMMIT_DELAY`] so that others share their commit.
+    fn commit_grouped(&self, changes: Vec<Change>) -> impl Future<Output = Result<Vec<Admission>, StoreError>> + Send;
 
     /// Like [`Store::commit`], but the caller does not wait (dispatch
     /// bookkeeping); a failure to apply is logged. Only fails when the queue is
@@ -253,8 +272,10 @@ impl Default for StoreOptions {
 /// Counters of the writer since the store was opened, for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Transactions committed (each one fsync), prunes included.
+    /// Transactions committed, prunes included.
     pub commits: u64,
+    /// Syncs of the WAL; each makes one or more commits durable.
+    pub syncs: u64,
     /// Changes in committed transactions, skipped ones included.
     pub changes: u64,
     /// Committed changes that matched no row in the state they expect (unknown

@@ -22,9 +22,10 @@ use super::codec::{
     schedule_from_row, ATTEMPT_COLUMNS, GATE_EVENT_COLUMNS, JOB_COLUMNS, SCHEDULE_FIRE_COLUMNS,
 };
 use super::schema::{open_reader, open_writer};
-use super::writer::{Request, Shared, Writer};
+use super::syncer::Syncer;
+use super::writer::{Request, Shared, Urgency, Writer};
 use super::{
-    Store, StoreError, StoreOptions, StoreStats, DB_FILE_NAME, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX,
+    Store, StoreError, StoreOptions, StoreStats, DB_FILE_NAME, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, SYNC_QUEUE_CAPACITY,
     WRITE_QUEUE_LATER_RESERVE_PERCENT,
 };
 use crate::model::{
@@ -111,7 +112,10 @@ impl SqliteStore {
         let capacity = options.queue_capacity.max(1);
         let (requests, receiver) = std::sync::mpsc::sync_channel(capacity);
         let waited_max = capacity - capacity * WRITE_QUEUE_LATER_RESERVE_PERCENT / 100;
-        Writer::spawn(writer, shared.clone(), options.batch_changes_max, receiver)
+        let wal = dir.join(format!("{DB_FILE_NAME}-wal"));
+        let syncer = Syncer::spawn(wal, shared.clone(), SYNC_QUEUE_CAPACITY)
+            .map_err(io_error("start the store sync thread for", &path))?;
+        Writer::spawn(writer, shared.clone(), options.batch_changes_max, receiver, syncer)
             .map_err(io_error("start the store writer thread for", &path))?;
         let closed = AtomicBool::new(false);
         let waited_max = waited_max as u64;
@@ -136,6 +140,17 @@ impl SqliteStore {
         self.send(Request::Pause { paused, resume })?;
         paused_rx.await.map_err(|_| StoreError::Closed)?;
         Ok(WritesPaused { _resume: resume_tx })
+    }
+
+    /// Queues `changes` and waits until they are durable.
+    async fn commit_with(&self, changes: Vec<Change>, urgency: Urgency) -> Result<Vec<Admission>, StoreError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send_waited(Request::Commit { changes, reply: Some(reply), urgency })?;
+        // A dropped reply means the writer stopped before answering.
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Queues a request the caller will wait for, leaving the reserve of the
@@ -189,20 +204,18 @@ impl Store for SqliteStore {
     }
 
     async fn commit_admitting(&self, changes: Vec<Change>) -> Result<Vec<Admission>, StoreError> {
-        if changes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (reply, answer) = oneshot::channel();
-        self.send_waited(Request::Commit { changes, reply: Some(reply) })?;
-        // A dropped reply means the writer stopped before answering.
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.commit_with(changes, Urgency::Now).await
+    }
+
+    async fn commit_grouped(&self, changes: Vec<Change>) -> Result<Vec<Admission>, StoreError> {
+        self.commit_with(changes, Urgency::Soon).await
     }
 
     fn commit_later(&self, changes: Vec<Change>) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
         }
-        self.send(Request::Commit { changes, reply: None })
+        self.send(Request::Commit { changes, reply: None, urgency: Urgency::Soon })
     }
 
     async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
@@ -403,6 +416,7 @@ impl Store for SqliteStore {
         if self.inner.closed.load(Ordering::Acquire)
             || !shared.writer_running.load(Ordering::Acquire)
             || shared.last_batch_failed.load(Ordering::Relaxed)
+            || shared.last_sync_failed.load(Ordering::Relaxed)
         {
             return false;
         }

@@ -9,16 +9,27 @@
 //! transaction rolled back and the batch redone with each caller's changes in
 //! their own savepoint, which rolls back only the rejected caller's changes. A
 //! storage failure (disk full, I/O error) rolls back the whole transaction and
-//! every waiter gets the error. Nothing is answered before the commit
-//! returned, so no 202 is ever sent for a job that is not on disk.
+//! every waiter gets the error.
+//!
+//! Committed answers go to the syncer thread ([`super::syncer`]), which
+//! releases them once the WAL is synced, while the writer goes on with the
+//! next batch. So nothing is answered before it is on disk, and no 202 is ever
+//! sent for a job that is not.
+//!
+//! Not every commit is waited on by a person. A request says how soon it must
+//! be committed ([`Urgency`]): a start over HTTP commits at once (`Now`), while
+//! the loop's bookkeeping (dispatches, results, follow-ups) may wait up to
+//! [`GROUP_COMMIT_DELAY`] for company (`Soon`), so that under load many jobs'
+//! results share one commit and one sync instead of one each.
 //!
 //! It is a `std::thread`, not a tokio task, because every SQLite call blocks.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
@@ -29,7 +40,8 @@ use super::codec::{
     gate_event_kind_to_sql, gate_reason_to_sql, job_from_row, lease_to_sql, opt_time_to_sql, origin_to_sql,
     params_to_sql, time_to_sql, JOB_COLUMNS,
 };
-use super::{StoreError, StoreStats, PRUNE_BATCH_MAX};
+use super::syncer::Syncer;
+use super::{StoreError, StoreStats, GROUP_COMMIT_DELAY, PRUNE_BATCH_MAX};
 use crate::model::{Admission, Change, GuardedInsert, JobRecord};
 
 /// The answer to one request.
@@ -43,6 +55,7 @@ pub(super) enum Request {
     Commit {
         changes: Vec<Change>,
         reply: Option<Reply<Vec<Admission>>>,
+        urgency: Urgency,
     },
     Prune {
         finished_before: DateTime<Utc>,
@@ -66,10 +79,23 @@ pub(super) enum Request {
     },
 }
 
+/// How soon a commit request must be committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Urgency {
+    /// Somebody waits for it (a start, cancel or retry over HTTP): commit at once,
+    /// with whatever else is queued.
+    Now,
+    /// The loop's bookkeeping: commit within [`GROUP_COMMIT_DELAY`], with whatever
+    /// comes meanwhile, or at once with the next `Now`.
+    Soon,
+}
+
 /// Counters and flags shared between the writer and the store's handles.
 #[derive(Default)]
 pub(super) struct Shared {
     commits: AtomicU64,
+    /// WAL syncs done by the syncer thread; each covers one or more commits.
+    pub(super) syncs: AtomicU64,
     changes: AtomicU64,
     skipped: AtomicU64,
     rejected: AtomicU64,
@@ -79,12 +105,15 @@ pub(super) struct Shared {
     pub(super) queued: AtomicU64,
     pub(super) writer_running: AtomicBool,
     pub(super) last_batch_failed: AtomicBool,
+    /// Set by the syncer when a sync failed, cleared by the next that succeeds.
+    pub(super) last_sync_failed: AtomicBool,
 }
 
 impl Shared {
     pub(super) fn stats(&self) -> StoreStats {
         StoreStats {
             commits: self.commits.load(Ordering::Relaxed),
+            syncs: self.syncs.load(Ordering::Relaxed),
             changes: self.changes.load(Ordering::Relaxed),
             skipped: self.skipped.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
@@ -123,6 +152,45 @@ struct Applying {
     stood_for: HashMap<String, String>,
 }
 
+/// Where a batch's further requests come from, and how long it waits for them.
+struct Gather<'a> {
+    requests: &'a Receiver<Request>,
+    /// A request taken from the queue that is not part of the batch: it opens the next one.
+    carried: &'a mut Option<Request>,
+    /// Some request of the batch is `Urgency::Now`: take only what is queued, wait for nothing.
+    urgent: bool,
+    /// Until when a batch of `Urgency::Soon` requests waits for more.
+    deadline: Instant,
+}
+
+impl Gather<'_> {
+    /// The next commit request for a batch that holds `total` changes so far,
+    /// if one is queued (or, for a batch that is not urgent, comes before its
+    /// deadline) and fits; `None` ends the batch.
+    fn next(&mut self, writer: &Writer, total: usize) -> Option<Pending> {
+        if self.carried.is_some() || total >= writer.batch_changes_max {
+            return None;
+        }
+        let next = if self.urgent {
+            self.requests.try_recv().ok()
+        } else {
+            self.requests.recv_timeout(self.deadline.saturating_duration_since(Instant::now())).ok()
+        }?;
+        writer.shared.queued.fetch_sub(1, Ordering::Relaxed);
+        match next {
+            Request::Commit { changes, reply, urgency } if total + changes.len() <= writer.batch_changes_max => {
+                // An urgent request takes the batch with it now, with what else is queued.
+                self.urgent |= urgency == Urgency::Now;
+                Some(Pending { changes, reply })
+            }
+            other => {
+                *self.carried = Some(other);
+                None
+            }
+        }
+    }
+}
+
 /// Why a change could not be applied.
 enum Failure {
     /// The change broke a rule of the schema: roll back this caller's changes only.
@@ -135,6 +203,8 @@ pub(super) struct Writer {
     conn: Connection,
     shared: Arc<Shared>,
     batch_changes_max: usize,
+    /// Releases committed answers once the WAL is synced; taken when the writer ends.
+    syncer: Option<Syncer>,
 }
 
 impl Writer {
@@ -145,10 +215,11 @@ impl Writer {
         shared: Arc<Shared>,
         batch_changes_max: usize,
         requests: Receiver<Request>,
+        syncer: Syncer,
     ) -> std::io::Result<JoinHandle<()>> {
         shared.writer_running.store(true, Ordering::Release);
         let flag = RunningFlag(shared.clone());
-        let writer = Writer { conn, shared, batch_changes_max: batch_changes_max.max(1) };
+        let writer = Writer { conn, shared, batch_changes_max: batch_changes_max.max(1), syncer: Some(syncer) };
         std::thread::Builder::new().name("jobz-store-writer".into()).spawn(move || {
             let _flag = flag;
             writer.run(requests);
@@ -176,40 +247,26 @@ impl Writer {
                 }
             };
             match request {
-                Request::Commit { changes, reply } => {
-                    let mut total = changes.len();
-                    let mut batch = vec![Pending { changes, reply }];
-                    while total < self.batch_changes_max {
-                        match requests.try_recv() {
-                            Ok(next) => {
-                                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-                                match next {
-                                    Request::Commit { changes, reply }
-                                        if total + changes.len() <= self.batch_changes_max =>
-                                    {
-                                        total += changes.len();
-                                        batch.push(Pending { changes, reply });
-                                    }
-                                    other => {
-                                        carried = Some(other);
-                                        break;
-                                    }
-                                }
-                            }
-                            Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                        }
-                    }
-                    self.commit_batch(batch, total);
+                Request::Commit { changes, reply, urgency } => {
+                    // While closing, nothing waits for company.
+                    let urgent = urgency == Urgency::Now || closing.is_some();
+                    let mut gather = Gather {
+                        requests: &requests,
+                        carried: &mut carried,
+                        urgent,
+                        deadline: Instant::now() + GROUP_COMMIT_DELAY,
+                    };
+                    self.commit_batch(Pending { changes, reply }, &mut gather);
                 }
                 Request::Prune { finished_before, limit, reply } => {
                     let result = self.prune(finished_before, limit);
                     // The caller may have given up waiting; the prune stands either way.
-                    let _ = reply.send(result);
+                    self.after_commit(result, move |result| drop(reply.send(result)));
                 }
                 Request::PruneKeys { created_before, limit, reply } => {
                     let result = self.prune_keys(created_before, limit);
                     // The caller may have given up waiting; the prune stands either way.
-                    let _ = reply.send(result);
+                    self.after_commit(result, move |result| drop(reply.send(result)));
                 }
                 Request::Pause { paused, resume } => {
                     // The caller may have given up waiting; we pause regardless
@@ -227,6 +284,10 @@ impl Writer {
             }
         }
         self.finish();
+        // Every committed answer is released (synced) before the close is.
+        if let Some(syncer) = self.syncer.take() {
+            syncer.finish();
+        }
         if let Some(done) = closing {
             // The closer may have given up waiting; the store is closed regardless.
             let _ = done.send(());
@@ -242,9 +303,14 @@ impl Writer {
         }
     }
 
-    fn commit_batch(&mut self, batch: Vec<Pending>, total: usize) {
-        match self.apply_batch(&batch) {
+    /// Applies `first` and the commit requests that follow it (see
+    /// [`Writer::apply_batch_plainly`]) in one transaction, commits, and hands
+    /// the answers to the syncer.
+    fn commit_batch(&mut self, first: Pending, gather: &mut Gather<'_>) {
+        let mut batch = vec![first];
+        match self.apply_batch(&mut batch, gather) {
             Ok((outcomes, skipped)) => {
+                let total: usize = batch.iter().map(|p| p.changes.len()).sum();
                 let applied: usize =
                     batch.iter().zip(&outcomes).filter(|(_, o)| o.is_ok()).map(|(p, _)| p.changes.len()).sum();
                 let rejected = outcomes.iter().filter(|o| o.is_err()).count();
@@ -254,19 +320,39 @@ impl Writer {
                 self.shared.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
                 self.shared.largest_batch.fetch_max(total as u64, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(false, Ordering::Relaxed);
-                for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                    answer(pending.reply, outcome);
-                }
+                let answers: Vec<_> = batch.into_iter().map(|p| p.reply).zip(outcomes).collect();
+                self.after_commit(Ok(()), move |synced: Result<(), StoreError>| {
+                    for (reply, outcome) in answers {
+                        // A refused caller's error stands; the others are durable only if the sync was.
+                        answer(reply, outcome.and_then(|admissions| synced.clone().map(|()| admissions)));
+                    }
+                });
             }
             Err(e) => {
                 self.rollback();
                 self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(true, Ordering::Relaxed);
+                let total: usize = batch.iter().map(|p| p.changes.len()).sum();
                 error!(error = %e, requests = batch.len(), changes = total, "store transaction failed; rolled back");
                 for pending in batch {
                     answer(pending.reply, Err(e.clone()));
                 }
             }
+        }
+    }
+
+    /// Answers a transaction's callers: once the WAL is synced when it
+    /// committed (`result` is `Ok`), at once when it did not.
+    fn after_commit<T: Send + 'static>(
+        &self,
+        result: Result<T, StoreError>,
+        answer: impl FnOnce(Result<T, StoreError>) + Send + 'static,
+    ) {
+        match (result, &self.syncer) {
+            (Ok(value), Some(syncer)) => {
+                syncer.after_commit(Box::new(move |synced: Result<(), StoreError>| answer(synced.map(|()| value))))
+            }
+            (result, _) => answer(result),
         }
     }
 
@@ -279,36 +365,73 @@ impl Writer {
     /// is rejected is the whole transaction rolled back and the batch applied
     /// again with each caller in its own savepoint, so that the rejected
     /// callers alone fail.
-    fn apply_batch(&mut self, batch: &[Pending]) -> Result<(Outcomes, u64), StoreError> {
-        if let Some(applied) = self.apply_batch_plainly(batch)? {
+    fn apply_batch(
+        &mut self,
+        batch: &mut Vec<Pending>,
+        gather: &mut Gather<'_>,
+    ) -> Result<(Outcomes, u64), StoreError> {
+        if let Some(applied) = self.apply_batch_plainly(batch, gather)? {
             return Ok(applied);
         }
         self.rollback();
         self.apply_batch_carefully(batch)
     }
 
-    /// Applies the whole batch in one transaction without savepoints and
-    /// commits; returns each caller's admissions and the skipped count.
-    /// `Ok(None)` when a change was rejected: the transaction is then left open
-    /// for the caller to roll back.
-    fn apply_batch_plainly(&mut self, batch: &[Pending]) -> Result<Option<(Outcomes, u64)>, StoreError> {
+    /// Applies the batch in one transaction without savepoints, taking in the
+    /// commit requests that arrive while it does (up to the batch limit), and
+    /// commits once none is waiting; returns each caller's admissions and the
+    /// skipped count. Applying each request as it comes, rather than draining
+    /// the queue first and applying after, means a request that arrives while
+    /// the writer is busy joins the transaction in flight instead of waiting
+    /// for the next one. `Ok(None)` when a change was rejected: the
+    /// transaction is then left open for the caller to roll back, and `batch`
+    /// holds every request taken in.
+    fn apply_batch_plainly(
+        &mut self,
+        batch: &mut Vec<Pending>,
+        gather: &mut Gather<'_>,
+    ) -> Result<Option<(Outcomes, u64)>, StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
         let mut skipped = 0;
         let mut applying = Applying::default();
         let mut admissions = Vec::with_capacity(batch.len());
-        for pending in batch {
-            for change in &pending.changes {
-                match self.apply(change, &mut applying) {
-                    Ok(true) => {}
-                    Ok(false) => skipped += 1,
-                    Err(Failure::Rejected(e)) => {
-                        debug!(error = %e, "store refused a change; the batch is redone caller by caller");
-                        return Ok(None);
+        let mut total = 0;
+        let mut next = 0;
+        loop {
+            while let Some(pending) = batch.get(next) {
+                next += 1;
+                total += pending.changes.len();
+                for change in &pending.changes {
+                    let failure = match self.apply(change, &mut applying) {
+                        Ok(true) => continue,
+                        Ok(false) => {
+                            skipped += 1;
+                            continue;
+                        }
+                        Err(failure) => failure,
+                    };
+                    // What is queued already belongs to this transaction, as if the
+                    // queue had been drained first: the redo caller by caller takes it
+                    // in, and a storage failure fails it too.
+                    gather.urgent = true;
+                    while let Some(pending) = gather.next(self, total) {
+                        total += pending.changes.len();
+                        batch.push(pending);
                     }
-                    Err(Failure::Storage(e)) => return Err(e),
+                    return match failure {
+                        Failure::Rejected(e) => {
+                            debug!(error = %e, "store refused a change; the batch is redone caller by caller");
+                            Ok(None)
+                        }
+                        Failure::Storage(e) => Err(e),
+                    };
                 }
+                admissions.push(Ok(std::mem::take(&mut applying.admissions)));
             }
-            admissions.push(Ok(std::mem::take(&mut applying.admissions)));
+            match gather.next(self, total) {
+                Some(pending) => batch.push(pending),
+                None => break,
+            }
         }
         self.exec("COMMIT", "commit")?;
         Ok(Some((admissions, skipped)))

@@ -1,0 +1,122 @@
+//! The syncer thread: makes committed transactions durable with one
+//! `fdatasync` of the WAL file for as many commits as have piled up, and only
+//! then answers their callers.
+//!
+//! The writer commits with `synchronous=NORMAL`: SQLite writes a transaction's
+//! WAL frames to the file and returns without waiting for the disk, and it
+//! still syncs the WAL before every checkpoint and the database file after
+//! it, so the file stays consistent across a power loss. What NORMAL leaves
+//! out, the sync of the WAL at each commit, this thread does: after the
+//! writer's `COMMIT` returned, the writer hands the commit's answers over and
+//! goes on with the next transaction while this thread waits for the disk.
+//! A sync covers every frame written before it began, so an answer released
+//! after it is as durable as one under `synchronous=FULL`; and the writer's
+//! CPU work on the next batch overlaps the disk's work on the last one. This
+//! is group commit with a separate flusher, as in PostgreSQL's WAL writer.
+//!
+//! A failed sync answers the commits it covered with the error (HTTP 503):
+//! their changes are in the database but may not be on the disk, so nothing
+//! is acknowledged as durable that is not known to be.
+
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tracing::error;
+
+use super::writer::Shared;
+use super::StoreError;
+
+/// One committed transaction's answers, released once the WAL is synced with
+/// `Ok`, or with the sync's error. Boxed, so commits and prunes, whose answers
+/// differ in type, share the one queue.
+pub(super) type Answers = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// The writer's end of the syncer's queue.
+pub(super) struct Syncer {
+    queue: SyncSender<Answers>,
+    thread: JoinHandle<()>,
+}
+
+impl Syncer {
+    /// Starts the thread that syncs `wal` (the database's `-wal` file).
+    pub(super) fn spawn(wal: PathBuf, shared: Arc<Shared>, capacity: usize) -> std::io::Result<Syncer> {
+        let (queue, pending) = std::sync::mpsc::sync_channel(capacity.max(1));
+        let thread = std::thread::Builder::new()
+            .name("jobz-store-sync".into())
+            .spawn(move || SyncLoop { wal, file: None, shared }.run(pending))?;
+        Ok(Syncer { queue, thread })
+    }
+
+    /// Queues the answers of a transaction that has just committed. Blocks
+    /// while the queue is full: the writer must not run further ahead of the disk.
+    pub(super) fn after_commit(&self, answers: Answers) {
+        if let Err(e) = self.queue.send(answers) {
+            // The thread is gone (it panicked): nothing can be made durable any more.
+            error!("the store's sync thread is gone; failing the commit");
+            (e.0)(Err(StoreError::Internal("the store's sync thread stopped".into())));
+        }
+    }
+
+    /// Syncs what is queued, answers it, and stops the thread.
+    pub(super) fn finish(self) {
+        drop(self.queue);
+        if self.thread.join().is_err() {
+            error!("the store's sync thread panicked");
+        }
+    }
+}
+
+struct SyncLoop {
+    wal: PathBuf,
+    /// Opened at the first sync: the WAL exists once anything was committed,
+    /// and SQLite keeps the same file for as long as the writer's connection is open.
+    file: Option<File>,
+    shared: Arc<Shared>,
+}
+
+/// The most commits one sync answers; the rest wait for the next one.
+const SYNC_BATCH_MAX: usize = 4096;
+
+impl SyncLoop {
+    fn run(mut self, pending: Receiver<Answers>) {
+        // Ends when the writer drops its end, after the last answers were synced.
+        while let Ok(first) = pending.recv() {
+            let mut batch = vec![first];
+            while batch.len() < SYNC_BATCH_MAX {
+                match pending.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            let synced = self.sync();
+            self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+            self.shared.last_sync_failed.store(synced.is_err(), Ordering::Relaxed);
+            if let Err(e) = &synced {
+                error!(error = %e, commits = batch.len(), "syncing the store's WAL failed; those commits are not acknowledged");
+                // The file may be in a bad state: open it afresh next time.
+                self.file = None;
+            }
+            for answers in batch {
+                answers(synced.clone());
+            }
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        let io = |context| {
+            let path = self.wal.clone();
+            move |error| StoreError::Io { context, path, error: Arc::new(error) }
+        };
+        if self.file.is_none() {
+            self.file = Some(OpenOptions::new().read(true).open(&self.wal).map_err(io("open the WAL to sync"))?);
+        }
+        match &self.file {
+            Some(file) => file.sync_data().map_err(io("sync the WAL")),
+            None => Ok(()),
+        }
+    }
+}
