@@ -49,6 +49,11 @@ use crate::curve::{AllowedKeys, KeyPair, PublicKey};
 use crate::protocol::{self, limits, DecodeError, EncodeError, ToBroker, ToWorker};
 use crate::zap::{self, Gatekeeper, LogLimit, Refusals, Severity};
 
+mod local;
+
+use local::LocalPeers;
+pub use local::{LocalConnector, LocalLink};
+
 /// Socket settings, each set explicitly on every network socket: ZeroMQ's own
 /// defaults (infinite linger, no size limit, no heartbeats) suit none of our peers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,8 +177,11 @@ impl From<&[u8]> for PeerId {
 }
 
 impl fmt::Display for PeerId {
-    /// Printable identities (worker names) as text, generated ones as hex.
+    /// Printable identities (worker names) as text, local peers as `local-N`, generated ones as hex.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if LocalPeers::is_local(self) {
+            return f.write_str(&String::from_utf8_lossy(&self.0[1..]));
+        }
         if !self.0.is_empty() && self.0.iter().all(|b| b.is_ascii_graphic()) {
             f.write_str(&String::from_utf8_lossy(&self.0))
         } else {
@@ -272,6 +280,8 @@ pub fn require_curve() -> Result<(), TransportError> {
 /// The broker's socket: a ROUTER bound to an endpoint, serving many peers.
 pub struct Router {
     pump: Pump<Incoming>,
+    /// Peers in this process ([`Router::local_connector`]), beside the network's.
+    local: Arc<LocalPeers>,
     endpoint: String,
     /// The ZAP handler of an encrypted router; after `pump`, so it outlives the
     /// socket it answers for.
@@ -330,8 +340,10 @@ impl Router {
             Ok(Ok(local)) => local,
             _ => endpoint.to_owned(),
         };
-        let pump = Pump::start(ctx, "jobz-router", net, options, ROUTER_KEEP_FRAMES, router_incoming, None)?;
-        Ok(Router { pump, endpoint: local, _gatekeeper: gatekeeper, refusals })
+        let (pump, incoming) =
+            Pump::start(ctx, "jobz-router", net, options, ROUTER_KEEP_FRAMES, router_incoming, None)?;
+        let peers = Arc::new(LocalPeers::new(incoming, usize::try_from(options.send_high_water_mark).unwrap_or(1)));
+        Ok(Router { pump, local: peers, endpoint: local, _gatekeeper: gatekeeper, refusals })
     }
 
     /// Whether this router is a CURVE server.
@@ -349,9 +361,19 @@ impl Router {
         &self.endpoint
     }
 
+    /// Makes links for peers in this process (`jobz up`'s workers): they
+    /// reach the broker's loop through this router without ZeroMQ, and the
+    /// loop answers them through it like any peer (see `transport::local`).
+    pub fn local_connector(&self) -> LocalConnector {
+        LocalConnector::new(Arc::clone(&self.local))
+    }
+
     /// Sends `message` to `peer`; an unknown or vanished peer is
     /// [`TransportError::UnknownPeer`], a peer whose queue is full is [`TransportError::Full`].
     pub fn send(&self, peer: &PeerId, message: &ToWorker) -> Result<(), TransportError> {
+        if LocalPeers::is_local(peer) {
+            return self.local.send(peer, message);
+        }
         let frames = protocol::try_encode(message)?;
         let mut command = Vec::with_capacity(1 + frames.len());
         command.push(peer.0.clone());
@@ -371,6 +393,14 @@ impl Router {
     /// does not encode, the pump has stopped, or its command queue is full
     /// ([`TransportError::Busy`]).
     pub fn send_nowait(&self, peer: &PeerId, message: &ToWorker) -> Result<(), TransportError> {
+        if LocalPeers::is_local(peer) {
+            // Never waits either way; a local peer that is gone or behind is only logged, like a network one.
+            if let Err(e) = self.local.send(peer, message) {
+                self.pump.failed_posts.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, error = %e, "a message to a local peer was dropped");
+            }
+            return Ok(());
+        }
         let frames = protocol::try_encode(message)?;
         let mut command = Vec::with_capacity(1 + frames.len());
         command.push(peer.0.clone());
@@ -462,7 +492,7 @@ impl Dealer {
         let net = redial.socket()?;
         let monitor = redial.watch(&net);
         redial.connect(&net)?;
-        let pump = Pump::start(
+        let (pump, _) = Pump::start(
             ctx,
             "jobz-dealer",
             net,
@@ -513,6 +543,54 @@ impl Dealer {
     /// Stops the pump thread and joins it (within `shutdown_timeout`). Dropping does the same.
     pub fn shutdown(mut self) -> Result<(), TransportError> {
         self.pump.stop()
+    }
+}
+
+/// How a worker or semaphore reaches its broker: a [`Dealer`] over ZeroMQ,
+/// or a [`LocalLink`] to a broker in the same process (`jobz up`). Both carry
+/// the same messages with the same calls.
+pub enum Link {
+    Net(Dealer),
+    Local(LocalLink),
+}
+
+impl Link {
+    /// Queues `message` and waits for the transport's answer (a local link answers at once).
+    pub fn send(&self, message: &ToBroker) -> Result<(), TransportError> {
+        match self {
+            Link::Net(dealer) => dealer.send(message),
+            Link::Local(link) => link.send_nowait(message),
+        }
+    }
+
+    /// Queues `message` without waiting; see [`Dealer::send_nowait`].
+    pub fn send_nowait(&self, message: &ToBroker) -> Result<(), TransportError> {
+        match self {
+            Link::Net(dealer) => dealer.send_nowait(message),
+            Link::Local(link) => link.send_nowait(message),
+        }
+    }
+
+    /// The next message from the broker. Cancel-safe.
+    pub async fn recv(&self) -> Option<Result<ToWorker, DecodeError>> {
+        match self {
+            Link::Net(dealer) => dealer.recv().await,
+            Link::Local(link) => link.recv().await,
+        }
+    }
+
+    /// A fresh connection (Paranoid Pirate). A local link has no connection
+    /// to lose: the Hello that follows is all it needs.
+    pub fn reconnect(&self) -> Result<(), TransportError> {
+        match self {
+            Link::Net(dealer) => dealer.reconnect(),
+            Link::Local(_) => Ok(()),
+        }
+    }
+
+    /// Whether this link stays in the process.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Link::Local(_))
     }
 }
 
@@ -754,6 +832,9 @@ struct Pump<In> {
 static NEXT_PUMP: AtomicU64 = AtomicU64::new(0);
 
 impl<In: Send + 'static> Pump<In> {
+    /// Starts the pump thread on `net`. Also returns a sender into the
+    /// incoming channel, for messages that arrive beside the network's (a
+    /// router's local peers); dropping it leaves the channel to the pump.
     fn start(
         ctx: &zmq::Context,
         thread_name: &str,
@@ -762,7 +843,7 @@ impl<In: Send + 'static> Pump<In> {
         keep_frames: usize,
         decode: fn(Vec<Vec<u8>>) -> In,
         dialer: Option<Dialer>,
-    ) -> Result<Pump<In>, TransportError> {
+    ) -> Result<(Pump<In>, mpsc::Sender<In>), TransportError> {
         let address = format!("inproc://jobz-pump-{}", NEXT_PUMP.fetch_add(1, Ordering::Relaxed));
         let pull = ctx.socket(zmq::PULL).map_err(|source| TransportError::Socket { source })?;
         configure_inproc(&pull)?;
@@ -772,6 +853,7 @@ impl<In: Send + 'static> Pump<In> {
         push.connect(&address).map_err(|source| TransportError::Connect { endpoint: address.clone(), source })?;
 
         let (incoming_tx, incoming_rx) = mpsc::channel(options.incoming_capacity.max(1));
+        let beside = incoming_tx.clone();
         let (reply_tx, reply_rx) = std_mpsc::sync_channel(REPLIES_MAX);
         // Never sent on: the pump drops it when it ends, which is what `stop` waits for.
         let (exited_tx, exited_rx) = std_mpsc::sync_channel(0);
@@ -797,7 +879,7 @@ impl<In: Send + 'static> Pump<In> {
             .name(thread_name.to_owned())
             .spawn(move || owner.run())
             .map_err(|source| TransportError::Thread { source })?;
-        Ok(Pump {
+        let pump = Pump {
             commander: Mutex::new(Commander { push, replies: reply_rx, sequence: 0 }),
             incoming: tokio::sync::Mutex::new(incoming_rx),
             stalled,
@@ -806,7 +888,8 @@ impl<In: Send + 'static> Pump<In> {
             thread: Mutex::new(Some((handle, exited_rx))),
             command_timeout: options.command_timeout,
             shutdown_timeout: options.shutdown_timeout,
-        })
+        };
+        Ok((pump, beside))
     }
 }
 

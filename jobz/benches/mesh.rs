@@ -275,6 +275,8 @@ struct AcceptFigures {
     tls: Option<Sustained>,
     /// Store commits and jobs per commit during the jobz runs, from the store's own counters.
     jobs_per_commit: f64,
+    /// Jobs per WAL sync (fsync): a sync covers every commit made while the one before it ran.
+    jobs_per_sync: f64,
 }
 
 fn accept_rates(bench: &Bench) -> BenchResult<AcceptFigures> {
@@ -296,7 +298,10 @@ fn accept_rates(bench: &Bench) -> BenchResult<AcceptFigures> {
         let mesh = InProcess::start(bench, 0)?;
         jobz.push(bench.client.block_on(sustained(mesh.http, "/job_start?job_name=noop", &plain))?);
         let stats = mesh.store.stats();
-        per_commit.push(stats.changes as f64 / stats.commits.max(1) as f64);
+        per_commit.push((
+            stats.changes as f64 / stats.commits.max(1) as f64,
+            stats.changes as f64 / stats.syncs.max(1) as f64,
+        ));
         mesh.stop();
 
         if let Some(secure) = &secure {
@@ -309,7 +314,8 @@ fn accept_rates(bench: &Bench) -> BenchResult<AcceptFigures> {
         bare: median_run(bare),
         jobz: median_run(jobz),
         tls: (!tls.is_empty()).then(|| median_run(tls)),
-        jobs_per_commit: median(per_commit),
+        jobs_per_commit: median(per_commit.iter().map(|p| p.0).collect()),
+        jobs_per_sync: median(per_commit.iter().map(|p| p.1).collect()),
     })
 }
 
@@ -477,9 +483,10 @@ fn print_accept(f: &AcceptFigures) {
         );
     }
     println!(
-        "    ratio jobz / bare: {:.2}; jobs per store commit (fsync): {:.1}",
+        "    ratio jobz / bare: {:.2}; jobs per store commit: {:.1}, per WAL sync (fsync): {:.1}",
         f.jobz.rate / f.bare.rate,
-        f.jobs_per_commit
+        f.jobs_per_commit,
+        f.jobs_per_sync
     );
     if let Some(tls) = &f.tls {
         println!("    ratio HTTPS / plain jobz: {:.2} (target >= {TARGET_TLS_RATIO})", tls.rate / f.jobz.rate);
@@ -503,8 +510,9 @@ struct E2eRun {
     cpu: CpuSnapshot,
     /// How long the starts themselves took (all 202s in).
     accepted_in: Duration,
-    /// The in-process store's commits (each one fsync) and changes in all, from its counters.
+    /// The in-process store's commits, WAL syncs and changes in all, from its counters.
     store_commits: u64,
+    store_syncs: u64,
     store_changes: u64,
 }
 
@@ -524,7 +532,12 @@ fn e2e_rates(bench: &Bench) -> BenchResult<E2eFigures> {
         let run = bench.client.block_on(run_batch(mesh.http, E2E_JOBS));
         let stats = mesh.store.stats();
         mesh.stop();
-        meshes.push(E2eRun { store_commits: stats.commits, store_changes: stats.changes, ..run? });
+        meshes.push(E2eRun {
+            store_commits: stats.commits,
+            store_syncs: stats.syncs,
+            store_changes: stats.changes,
+            ..run?
+        });
         ceilings.push(spawn_ceiling(E2E_JOBS, WORKERS)?);
         runners.push(runner_ceiling(E2E_JOBS, WORKERS)?);
     }
@@ -583,7 +596,14 @@ async fn run_batch(addr: SocketAddr, jobs: usize) -> BenchResult<E2eRun> {
     let last = SystemTime::from(last);
     let elapsed = last.duration_since(first_start).map_err(|_| "the last job finished before the first start")?;
     let cpu = cpu_from.until(&CpuSnapshot::take());
-    Ok(E2eRun { rate: jobs as f64 / elapsed.as_secs_f64(), cpu, accepted_in, store_commits: 0, store_changes: 0 })
+    Ok(E2eRun {
+        rate: jobs as f64 / elapsed.as_secs_f64(),
+        cpu,
+        accepted_in,
+        store_commits: 0,
+        store_syncs: 0,
+        store_changes: 0,
+    })
 }
 
 /// The machine's ceiling: `threads` threads each spawning `/bin/true` and
@@ -680,8 +700,9 @@ fn print_e2e(f: &E2eFigures) {
     println!("      runner:  {}; {}", f.runner_cpu.machine(), f.runner_cpu.per_job(jobs));
     println!("      mesh:    {}; {}", f.mesh.cpu.machine(), f.mesh.cpu.per_job(jobs));
     println!(
-        "      mesh store: {:.2} commits (fsyncs) per job, {:.1} changes per commit",
+        "      mesh store: {:.2} commits and {:.2} WAL syncs per job, {:.1} changes per commit",
         f.mesh.store_commits as f64 / jobs,
+        f.mesh.store_syncs as f64 / jobs,
         f.mesh.store_changes as f64 / f.mesh.store_commits.max(1) as f64
     );
     println!(
@@ -1239,7 +1260,12 @@ impl InProcess {
     /// [`InProcess::start`] with the front door's options (HTTPS, tokens).
     fn start_with(bench: &Bench, workers: usize, options: HttpOptions) -> BenchResult<InProcess> {
         let dir = tempfile::tempdir_in(&bench.base)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("jobz-broker").build()?;
+        // One worker thread, as `jobz up` runs (jobz/src/limits.rs, RUNTIME_WORKER_THREADS).
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .thread_name("jobz-broker")
+            .build()?;
         let ctx = zmq::Context::new();
         let (stop_front, stop_loop) = (CancellationToken::new(), CancellationToken::new());
         let (broker_tasks, worker_tasks) = (TaskTracker::new(), TaskTracker::new());
@@ -1249,6 +1275,7 @@ impl InProcess {
             let http = listener.local_addr()?;
             let router = Router::bind(&ctx, "tcp://127.0.0.1:0", &SocketOptions::default())?;
             let endpoint = router.local_endpoint().to_string();
+            let local = router.local_connector();
             let mut config = BrokerConfig::new(bench.file.clone(), dir.path().to_path_buf());
             config.url = Some(format!("http://{http}"));
             let (handle, loop_task) = broker::core::start(config, store.clone(), router, stop_loop.clone()).await?;
@@ -1264,7 +1291,9 @@ impl InProcess {
                 }
             });
             for i in 1..=workers {
-                let config = WorkerConfig::new(endpoint.clone(), bench.file.clone(), format!("bench-up-{i}"), 1);
+                let mut config = WorkerConfig::new(endpoint.clone(), bench.file.clone(), format!("bench-up-{i}"), 1);
+                // As `jobz up`: the workers reach the broker in-process.
+                config.local = Some(local.clone());
                 let (ctx, stop) = (ctx.clone(), stop_front.clone());
                 worker_tasks.spawn(async move {
                     if let Err(e) = worker::mesh::run(config, &ctx, stop).await {

@@ -4,8 +4,8 @@
 //!
 //! CURVE keys are read and checked before anything else happens, so a bad key
 //! file stops the start with nothing changed. `jobz up` with `--curve-key`
-//! gives its local workers and semaphore the broker's own key pair (and allows
-//! it), so they connect over the same encrypted socket as remote ones.
+//! encrypts its ZeroMQ socket for remote peers; its own workers and semaphore
+//! reach the broker through in-process links, which never leave the process.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,7 +18,7 @@ use broker::http::tls::TlsFiles;
 use broker::http::{HttpOptions, Tokens};
 use broker::store::{SqliteStore, StoreOptions};
 use jobz_core::curve::{self, AllowedKeys};
-use jobz_core::transport::{require_curve, CurveClient, CurveServer, Router, SocketOptions};
+use jobz_core::transport::{require_curve, CurveClient, CurveServer, LocalConnector, Router, SocketOptions};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use worker::mesh::WorkerConfig;
@@ -49,17 +49,15 @@ pub struct WorkerArgs {
 }
 
 /// The broker's CURVE settings from its flags: its key pair and the allowed
-/// public keys, or `None` for plain text. `local_peers` (`jobz up`) allows the
-/// broker's own key, which its in-process workers and semaphore use.
+/// public keys, or `None` for plain text. With `local_peers` (`jobz up`, whose
+/// own workers and semaphore need no key) no allowed key is needed: remote
+/// peers are then all refused.
 fn broker_curve(args: &BrokerCurveArgs, local_peers: bool) -> anyhow::Result<Option<CurveServer>> {
     let Some(path) = &args.curve_key else { return Ok(None) };
     require_curve().context("--curve-key")?;
     let key = curve::read_key_pair(path).context("--curve-key")?;
-    let mut allowed = AllowedKeys::load(&args.allowed_keys).context("--allowed-keys")?;
-    if local_peers {
-        allowed.insert(key.public, "the broker's own key (jobz up's local workers and semaphore)".into())?;
-    }
-    if allowed.is_empty() {
+    let allowed = AllowedKeys::load(&args.allowed_keys).context("--allowed-keys")?;
+    if allowed.is_empty() && !local_peers {
         bail!(
             "--curve-key needs --allowed-keys DIR_OR_FILE: the public keys of the workers and semaphores \
              that may connect (without any, every one would be refused)"
@@ -94,7 +92,11 @@ pub(crate) fn client_curve(args: &ClientCurveArgs, broker: &str) -> anyhow::Resu
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(crate::limits::RUNTIME_WORKER_THREADS)
+        .enable_all()
+        .build()
+        .context("starting the runtime")
 }
 
 /// Cancels the returned token on the first SIGTERM or SIGINT.
@@ -123,6 +125,8 @@ struct RunningBroker {
     /// The front door's URL (`https://` with TLS), as jobs get it in `JOBZ_URL`.
     url: String,
     endpoint: String,
+    /// Links for workers in this process (`jobz up`), beside the ZeroMQ endpoint.
+    local: LocalConnector,
     tasks: TaskTracker,
 }
 
@@ -154,6 +158,7 @@ async fn start_broker(
     }
     .with_context(|| format!("cannot bind the ZeroMQ endpoint {}", args.bind))?;
     let endpoint = router.local_endpoint().to_string();
+    let local = router.local_connector();
     match encryption {
         Some((public_key, allowed)) => tracing::info!(
             endpoint,
@@ -189,7 +194,7 @@ async fn start_broker(
     });
     tasks.close();
     tracing::info!(http = %url, zmq = %endpoint, "broker listening");
-    Ok(RunningBroker { url, endpoint, tasks })
+    Ok(RunningBroker { url, endpoint, local, tasks })
 }
 
 /// The front door's TLS configuration from `--tls-cert`, `--tls-key` and `--client-ca`, if given.
@@ -323,8 +328,6 @@ pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> 
     };
     let count = workers.unwrap_or_else(cores).max(1);
     let curve = broker_curve(&args.curve, true)?;
-    // The local workers and semaphore speak CURVE with the broker's own key pair.
-    let local_curve = curve.as_ref().map(|server| CurveClient { key: server.key.clone(), broker: server.key.public });
     runtime()?.block_on(async {
         let shutdown = shutdown_on_signals()?;
         let ctx = zmq::Context::new();
@@ -345,7 +348,8 @@ pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> 
                 curve: ClientCurveArgs::default(),
             };
             let mut config = worker_config(&wargs, file.clone(), running.endpoint.clone(), name)?;
-            config.curve = local_curve.clone();
+            // In the broker's own process: an in-process link, no ZeroMQ and nothing to encrypt.
+            config.local = Some(running.local.clone());
             let ctx = ctx.clone();
             let stop = shutdown.clone();
             worker_tasks.spawn(async move {
@@ -358,7 +362,8 @@ pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> 
             broker: running.endpoint.clone(),
             file: file.clone(),
             name: format!("{}-up-semaphore", worker::mesh::hostname()),
-            curve: local_curve.clone(),
+            curve: None,
+            local: Some(running.local.clone()),
         };
         let (ctx2, stop) = (ctx.clone(), shutdown.clone());
         worker_tasks.spawn(async move {

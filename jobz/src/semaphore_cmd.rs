@@ -23,7 +23,7 @@ pub fn semaphore(broker: String, config: ConfigArg, curve: ClientCurveArgs) -> a
         Err(code) => return Ok(code),
     };
     let curve = crate::mesh_cmd::client_curve(&curve, &broker)?;
-    let config = SemaphoreConfig { broker, file, name: default_name(), curve };
+    let config = SemaphoreConfig { broker, file, name: default_name(), curve, local: None };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
         let shutdown = crate::mesh_cmd::shutdown_on_signals()?;

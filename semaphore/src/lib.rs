@@ -20,7 +20,7 @@ mod session;
 use std::sync::Arc;
 
 use config::JobFile;
-use jobz_core::transport::{CurveClient, TransportError};
+use jobz_core::transport::{CurveClient, LocalConnector, TransportError};
 
 pub use session::run;
 
@@ -35,6 +35,8 @@ pub struct SemaphoreConfig {
     pub name: String,
     /// Keys for an encrypted broker (`--curve-key`, `--broker-key`); `None` speaks plain text.
     pub curve: Option<CurveClient>,
+    /// A broker in this process (`jobz up`): an in-process link instead of ZeroMQ to `broker`.
+    pub local: Option<LocalConnector>,
 }
 
 /// Why a semaphore stopped with an error.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use jobz_core::gates::GateEffect;
 use jobz_core::protocol::{self, Events, Fire, FireReason, Fired, Goodbye, Hello, Role, Subscribe, ToBroker, ToWorker};
-use jobz_core::transport::{Dealer, SocketOptions, TransportError};
+use jobz_core::transport::{Dealer, Link, SocketOptions, TransportError};
 use tokio_util::sync::CancellationToken;
 
 use crate::count::Counter;
@@ -50,18 +50,21 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), SemaphoreError> {
     let options = SocketOptions::default();
-    let dealer = match &config.curve {
-        Some(curve) => Dealer::connect_curve(ctx, &config.broker, &options, None, curve.clone()),
-        None => Dealer::connect(ctx, &config.broker, &options, None),
-    }
-    .map_err(|source| SemaphoreError::Connect { endpoint: config.broker.clone(), source })?;
+    let connect_error = |source| SemaphoreError::Connect { endpoint: config.broker.clone(), source };
+    let link = match (&config.local, &config.curve) {
+        (Some(local), _) => Link::Local(local.connect()),
+        (None, Some(curve)) => {
+            Link::Net(Dealer::connect_curve(ctx, &config.broker, &options, None, curve.clone()).map_err(connect_error)?)
+        }
+        (None, None) => Link::Net(Dealer::connect(ctx, &config.broker, &options, None).map_err(connect_error)?),
+    };
     let gates_digest = jobz_core::gates::digest(&config.file);
     tracing::info!(
         semaphore = %config.name,
-        broker = %config.broker,
+        broker = if link.is_local() { "in this process" } else { config.broker.as_str() },
         gates = config.file.gates.len(),
         gates_digest = %gates_digest,
-        encrypted = config.curve.is_some(),
+        encrypted = config.curve.is_some() && !link.is_local(),
         "semaphore starting"
     );
     if config.file.gates.is_empty() {
@@ -71,7 +74,7 @@ pub async fn run(
     let mut session = Session {
         host: crate::hostname(),
         config,
-        dealer,
+        link,
         gates_digest,
         counter: Counter::new(),
         next: 0,
@@ -101,7 +104,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(message) = session.dealer.recv() => session.on_message(message),
+            Some(message) = session.link.recv() => session.on_message(message),
             _ = tick.tick() => session.on_tick(),
         }
         if let Some(message) = session.refused.take() {
@@ -117,7 +120,7 @@ pub async fn run(
 struct Session {
     config: SemaphoreConfig,
     host: String,
-    dealer: Dealer,
+    link: Link,
     gates_digest: String,
     counter: Counter,
     /// Every event with a smaller seq is counted.
@@ -156,7 +159,7 @@ impl Session {
     /// logged here (it is this semaphore's bug or its data's, and resending
     /// would not help).
     fn send(&mut self, message: &ToBroker) -> bool {
-        match self.dealer.send(message) {
+        match self.link.send(message) {
             Ok(()) => {
                 self.last_sent = Instant::now();
                 true
@@ -355,7 +358,7 @@ impl Session {
         let Some(pending) = self.unacked.get(id) else { return true };
         let message = ToBroker::Fire(pending.fire.clone());
         let was_sent = pending.sent.is_some();
-        match self.dealer.send(&message) {
+        match self.link.send(&message) {
             Ok(()) => {
                 self.last_sent = Instant::now();
                 if !was_sent {
@@ -473,7 +476,7 @@ impl Session {
             tracing::warn!(semaphore = %self.config.name, broker = %self.config.broker, retry_in_ms, "the broker does not answer (is it running?); retrying");
         }
         self.lose_session();
-        if let Err(e) = self.dealer.reconnect() {
+        if let Err(e) = self.link.reconnect() {
             tracing::warn!(error = %e, "reconnect failed");
         }
         self.hello();
@@ -488,7 +491,7 @@ impl Session {
         let mut tick = tokio::time::interval(TICK);
         while self.registered && self.in_flight > 0 && Instant::now() < deadline {
             tokio::select! {
-                Some(message) = self.dealer.recv() => self.on_message(message),
+                Some(message) = self.link.recv() => self.on_message(message),
                 _ = tick.tick() => {}
             }
         }

@@ -293,7 +293,7 @@ struct Running {
 }
 
 fn start(ctx: &zmq::Context, endpoint: &str, name: &str, file: Arc<config::JobFile>) -> Running {
-    let config = SemaphoreConfig { broker: endpoint.to_string(), file, name: name.into(), curve: None };
+    let config = SemaphoreConfig { broker: endpoint.to_string(), file, name: name.into(), curve: None, local: None };
     let stop = CancellationToken::new();
     let ctx = ctx.clone();
     let token = stop.clone();

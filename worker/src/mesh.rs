@@ -17,7 +17,7 @@ use jobz_core::pipeline::JobFacts;
 use jobz_core::protocol::{
     self, Dispatch, Goodbye, Held, Hello, LeaseRef, Outcome, ResultReport, Role, ServedJob, ToBroker, ToWorker,
 };
-use jobz_core::transport::{CurveClient, Dealer, SocketOptions, TransportError};
+use jobz_core::transport::{CurveClient, Dealer, Link, LocalConnector, SocketOptions, TransportError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +43,9 @@ pub struct WorkerConfig {
     pub exit_when_idle: Option<Duration>,
     /// Keys for an encrypted broker (`--curve-key`, `--broker-key`); `None` speaks plain text.
     pub curve: Option<CurveClient>,
+    /// A broker in this process (`jobz up`): the worker speaks to it through
+    /// an in-process link instead of connecting to `broker` over ZeroMQ.
+    pub local: Option<LocalConnector>,
 }
 
 impl WorkerConfig {
@@ -58,6 +61,7 @@ impl WorkerConfig {
             drain_grace: limits::DRAIN_GRACE,
             exit_when_idle: None,
             curve: None,
+            local: None,
         }
     }
 
@@ -100,7 +104,7 @@ struct Attempt {
 
 struct Worker {
     config: WorkerConfig,
-    dealer: Dealer,
+    link: Link,
     digests: Vec<ServedJob>,
     running: HashMap<String, Attempt>,
     /// Results sent but not acknowledged, resent until they are.
@@ -125,11 +129,14 @@ pub async fn run(config: WorkerConfig, ctx: &zmq::Context, shutdown: Cancellatio
         return Err(WorkerError::UnknownTopics(unknown.join(", ")));
     }
     let options = SocketOptions::default();
-    let dealer = match &config.curve {
-        Some(curve) => Dealer::connect_curve(ctx, &config.broker, &options, None, curve.clone()),
-        None => Dealer::connect(ctx, &config.broker, &options, None),
-    }
-    .map_err(|source| WorkerError::Connect { endpoint: config.broker.clone(), source })?;
+    let connect_error = |source| WorkerError::Connect { endpoint: config.broker.clone(), source };
+    let link = match (&config.local, &config.curve) {
+        (Some(local), _) => Link::Local(local.connect()),
+        (None, Some(curve)) => {
+            Link::Net(Dealer::connect_curve(ctx, &config.broker, &options, None, curve.clone()).map_err(connect_error)?)
+        }
+        (None, None) => Link::Net(Dealer::connect(ctx, &config.broker, &options, None).map_err(connect_error)?),
+    };
     let digests = config
         .served()
         .into_iter()
@@ -141,7 +148,7 @@ pub async fn run(config: WorkerConfig, ctx: &zmq::Context, shutdown: Cancellatio
     let now = Instant::now();
     let mut worker = Worker {
         config,
-        dealer,
+        link,
         digests,
         running: HashMap::new(),
         unacked: BTreeMap::new(),
@@ -157,15 +164,16 @@ pub async fn run(config: WorkerConfig, ctx: &zmq::Context, shutdown: Cancellatio
         reconnect_backoff: limits::RECONNECT_BACKOFF_MIN,
         idle_since: now,
     };
-    let encrypted = worker.config.curve.is_some();
-    tracing::info!(worker = %worker.config.name, broker = %worker.config.broker, jobs = worker.digests.len(), encrypted, "worker starting");
+    let encrypted = worker.config.curve.is_some() && !worker.link.is_local();
+    let broker = if worker.link.is_local() { "in this process" } else { worker.config.broker.as_str() };
+    tracing::info!(worker = %worker.config.name, broker, jobs = worker.digests.len(), encrypted, "worker starting");
     worker.hello();
     let mut tick = tokio::time::interval(limits::WORKER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let drain_deadline = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Instant::now() + worker.config.drain_grace,
-            Some(message) = worker.dealer.recv() => worker.on_message(message),
+            Some(message) = worker.link.recv() => worker.on_message(message),
             Some(event) = events_rx.recv() => worker.on_attempt_event(event),
             _ = tick.tick() => {
                 worker.on_tick();
@@ -185,7 +193,7 @@ impl Worker {
     /// thread: every message here is either resent (Hello, Result) or harmless
     /// to lose, so a failure is only logged (by the transport, or here).
     fn send(&mut self, message: &ToBroker) {
-        match self.dealer.send_nowait(message) {
+        match self.link.send_nowait(message) {
             Ok(()) => self.last_sent = Instant::now(),
             // The broker is unreachable right now; heartbeats notice and reconnect, results are resent.
             Err(e) => tracing::debug!(error = %e, "send to the broker failed"),
@@ -366,7 +374,7 @@ impl Worker {
                 "lost the broker; reconnecting"
             );
             self.registered = false;
-            if let Err(e) = self.dealer.reconnect() {
+            if let Err(e) = self.link.reconnect() {
                 tracing::warn!(error = %e, "reconnect failed");
             }
             self.hello();
@@ -405,7 +413,7 @@ impl Worker {
         while !self.running.is_empty() && Instant::now() < deadline {
             tokio::select! {
                 Some(event) = events.recv() => self.on_attempt_event(event),
-                Some(message) = self.dealer.recv() => self.on_message(message),
+                Some(message) = self.link.recv() => self.on_message(message),
                 _ = tick.tick() => self.on_tick(),
             }
         }
@@ -430,7 +438,7 @@ impl Worker {
                         }
                         other => self.on_attempt_event(other),
                     },
-                    Some(message) = self.dealer.recv() => self.on_message(message),
+                    Some(message) = self.link.recv() => self.on_message(message),
                     _ = tick.tick() => self.on_tick(),
                 }
             }
@@ -445,7 +453,7 @@ impl Worker {
         let ack_deadline = Instant::now() + limits::RESULT_ACK_WAIT;
         while !self.unacked.is_empty() && Instant::now() < ack_deadline {
             tokio::select! {
-                Some(message) = self.dealer.recv() => self.on_message(message),
+                Some(message) = self.link.recv() => self.on_message(message),
                 _ = tick.tick() => self.on_tick(),
             }
         }
