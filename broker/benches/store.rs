@@ -1,8 +1,8 @@
 //! Group-commit throughput of the durable store: `cargo bench -p broker --bench store`.
 //!
 //! Concurrent committers each insert jobs one at a time and await each commit,
-//! as the HTTP front door does (every 202 waits for its job's commit), with
-//! `synchronous=FULL`. For each batch limit it prints the median of several
+//! as the HTTP front door does (every 202 waits for its job's commit and the
+//! sync of the WAL after it). For each batch limit it prints the median of several
 //! runs in durable inserts per second, its ratio to a batch limit of 1 (one
 //! fsync per job), and the commit latency a caller sees.
 //!
@@ -45,7 +45,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let base =
         std::env::var_os("JOBZ_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into());
     std::fs::create_dir_all(&base)?;
-    println!("store group commit, synchronous=FULL, database under {}", base.display());
+    println!("store group commit, each commit answered after its WAL sync, database under {}", base.display());
     println!("each committer awaits its own commit of one Insert; medians of {RUNS} runs");
     // The disk's own floor: no committer can finish more than one commit per fsync.
     let fsync = fsync_latency(&base)?;

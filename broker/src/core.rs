@@ -186,6 +186,8 @@ struct Running {
     peer: Option<PeerId>,
     /// For attempts without a connected worker: when they go back to the queue.
     orphaned_until: Option<Instant>,
+    /// Whether its start was counted in the metrics (by `Started`, or else by its `Result`).
+    start_counted: bool,
     /// A broadcast job runs once on each worker serving it: one copy per
     /// worker, each under its own lease (the first is `lease`). Empty in queue mode.
     copies: Vec<Copy>,
@@ -577,6 +579,8 @@ impl State {
                             peer: None,
                             orphaned_until: Some(Instant::now() + self.shared.config.lease_timeout),
                             copies: Vec::new(),
+                            // Recovered: its start happened before this broker, and was counted by it.
+                            start_counted: true,
                         },
                     );
                 }
@@ -714,7 +718,15 @@ impl State {
         let worker = worker.name.clone();
         self.running.insert(
             job.id.clone(),
-            Running { job, lease, worker, peer: Some(peer.clone()), orphaned_until: None, copies: Vec::new() },
+            Running {
+                job,
+                lease,
+                worker,
+                peer: Some(peer.clone()),
+                orphaned_until: None,
+                copies: Vec::new(),
+                start_counted: false,
+            },
         );
         true
     }
@@ -772,7 +784,10 @@ impl State {
         if let Err(e) = self.shared.store.commit_later(changes) {
             tracing::warn!(error = %e, job = %job.id, "recording a broadcast failed; the job still runs");
         }
-        self.running.insert(job.id.clone(), Running { job, lease, worker, peer, orphaned_until: None, copies });
+        self.running.insert(
+            job.id.clone(),
+            Running { job, lease, worker, peer, orphaned_until: None, copies, start_counted: false },
+        );
         true
     }
 
@@ -819,7 +834,8 @@ impl State {
             }
             ToBroker::Heartbeat => {}
             ToBroker::Started(protocol::Started { job_id, lease, at }) => {
-                if let Some(r) = self.running.get(&job_id).filter(|r| r.holds(lease)) {
+                if let Some(r) = self.running.get_mut(&job_id).filter(|r| r.holds(lease) && !r.start_counted) {
+                    r.start_counted = true;
                     let latency = (at - r.job.queued_at).to_std().unwrap_or_default();
                     self.shared.metrics.started(latency);
                 }
@@ -1339,6 +1355,11 @@ impl State {
             status = broadcast_status(&running.copies);
         }
         let Some(running) = self.running.remove(&result.job_id) else { return };
+        if !running.start_counted {
+            // A short job says when it started in its result alone.
+            let latency = (result.started_at - running.job.queued_at).to_std().unwrap_or_default();
+            self.shared.metrics.started(latency);
+        }
         if running.copies.is_empty() {
             batch.acks.push((peer, result.job_id.clone(), result.lease));
         }

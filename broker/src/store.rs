@@ -4,10 +4,11 @@
 //! Dispatch code talks to the narrow [`Store`] trait only, so a PostgreSQL
 //! store for several brokers sharing one database can be added later without
 //! touching dispatch. The one implementation today is [`SqliteStore`]: one
-//! SQLite file in WAL mode with `synchronous=FULL`, written by one dedicated
-//! thread that group-commits (many callers' changes in one transaction, one
-//! fsync), and read through a small pool of read-only connections that run
-//! beside the writer.
+//! SQLite file in WAL mode, written by one dedicated thread that
+//! group-commits (many callers' changes in one transaction) while a second
+//! thread syncs the WAL for the commits made meanwhile (one fsync for many),
+//! answering none before its sync; and read through a small pool of read-only
+//! connections that run beside the writer.
 //!
 //! Each [`Change`] applies only to a job in the state it expects, so the store
 //! is the last line of defence against a stale or doubled change. A change
@@ -46,6 +47,7 @@
 //! equals the record written once its times are at microsecond precision.
 
 mod codec;
+mod counts;
 mod schema;
 mod sqlite;
 mod syncer;
@@ -250,6 +252,8 @@ pub struct StoreOptions {
     pub queue_capacity: usize,
     /// Changes applied in one transaction at most.
     pub batch_changes_max: usize,
+    /// How long the loop's bookkeeping may wait for company ([`GROUP_COMMIT_DELAY`]).
+    pub group_commit_delay: Duration,
     pub busy_timeout: Duration,
     pub read_connections: usize,
     /// Caps the database at this many pages (SQLite `max_page_count`); a write
@@ -262,6 +266,7 @@ impl Default for StoreOptions {
         StoreOptions {
             queue_capacity: WRITE_QUEUE_CAPACITY,
             batch_changes_max: BATCH_CHANGES_MAX,
+            group_commit_delay: GROUP_COMMIT_DELAY,
             busy_timeout: BUSY_TIMEOUT,
             read_connections: READ_CONNECTIONS,
             max_page_count: None,
@@ -289,6 +294,8 @@ pub struct StoreStats {
     pub largest_batch: u64,
     /// Requests waiting in the writer's queue right now.
     pub queued: u64,
+    /// Requests queued for the writer since open.
+    pub requests: u64,
 }
 
 /// Why the store could not do what was asked.

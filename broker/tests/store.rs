@@ -460,7 +460,7 @@ async fn a_returned_commit_is_visible_to_a_fresh_connection_while_the_store_is_o
     let (journal_mode, version): (String, i64) = raw
         .query_row("SELECT * FROM pragma_journal_mode, pragma_user_version", [], |row| Ok((row.get(0)?, row.get(1)?)))
         .unwrap();
-    assert_eq!((journal_mode.as_str(), version), ("wal", 5));
+    assert_eq!((journal_mode.as_str(), version), ("wal", 6));
     drop(store);
 }
 
@@ -747,7 +747,7 @@ async fn a_database_from_a_newer_jobz_is_refused() {
     raw.pragma_update(None, "user_version", 99).unwrap();
     drop(raw);
     let err = SqliteStore::open(dir.path(), StoreOptions::default()).err().expect("refused");
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 5, .. }), "{err:?}");
+    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 6, .. }), "{err:?}");
 }
 
 // ---- Queries ----
@@ -931,6 +931,119 @@ async fn counts_are_by_name_and_status() {
             ("beta".to_owned(), Status::Queued, 1),
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_commits_wait_for_company_and_an_urgent_one_takes_them_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A delay no test run comes near, so that what is measured is who waits for it.
+    let options = StoreOptions { group_commit_delay: Duration::from_secs(30), ..StoreOptions::default() };
+    let store = SqliteStore::open(dir.path(), options).unwrap();
+    let before = store.stats();
+    let grouped: Vec<_> = (0..5)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store.commit_grouped(vec![Change::Insert(queued(&format!("g{i}"), "import", at(i)))]).await
+            })
+        })
+        .collect();
+    store.commit_later(vec![Change::Insert(queued("later", "import", at(6)))]).unwrap();
+    wait_until("every grouped commit is queued", || store.stats().requests == before.requests + 6).await;
+    // Nothing of them is committed while they wait for company...
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(store.stats().commits, before.commits, "grouped commits waited");
+    assert_eq!(store.job("g0").await.unwrap(), None);
+    // ...until an urgent commit comes: it takes them all into its transaction.
+    let started = Instant::now();
+    store.commit(vec![Change::Insert(queued("urgent", "import", at(7)))]).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "the urgent commit did not wait for the delay");
+    for handle in grouped {
+        with_timeout(handle).await.unwrap().unwrap();
+    }
+    assert_eq!(store.stats().commits - before.commits, 1, "one transaction for all seven");
+    for id in ["g0", "g4", "later", "urgent"] {
+        assert!(store.job(id).await.unwrap().is_some(), "{id} committed");
+    }
+}
+
+#[tokio::test]
+async fn a_grouped_commit_alone_commits_after_its_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let delay = Duration::from_millis(200);
+    let store =
+        SqliteStore::open(dir.path(), StoreOptions { group_commit_delay: delay, ..StoreOptions::default() }).unwrap();
+    let started = Instant::now();
+    with_timeout(store.commit_grouped(vec![Change::Insert(queued("alone", "import", at(0)))])).await.unwrap();
+    assert!(started.elapsed() >= delay, "committed after {:?}, before the delay", started.elapsed());
+    assert!(store.job("alone").await.unwrap().is_some());
+    // Every answered commit was synced: syncs never lag commits once answered.
+    let stats = store.stats();
+    assert!(stats.syncs >= 1 && stats.syncs <= stats.commits, "{stats:?}");
+}
+
+/// The counts the writer keeps in memory, against a `GROUP BY` over the file itself.
+fn counted_in_the_file(dir: &Path) -> Vec<(String, Status, u64)> {
+    let raw = rusqlite::Connection::open(dir.join(DB_FILE_NAME)).unwrap();
+    let mut statement = raw
+        .prepare("SELECT job_name, status, COUNT(*) FROM jobs GROUP BY job_name, status ORDER BY job_name, status")
+        .unwrap();
+    let rows = statement
+        .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?)))
+        .unwrap();
+    rows.map(|r| r.unwrap()).map(|(name, status, n)| (name, status.parse().unwrap(), n as u64)).collect()
+}
+
+#[tokio::test]
+async fn counts_follow_every_change_a_refused_commit_a_prune_and_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut inserts: Vec<Change> = (0..8).map(|i| Change::Insert(queued(&format!("j{i}"), "alpha", at(i)))).collect();
+    inserts.push(Change::Insert(queued("b0", "beta", at(0))));
+    store.commit(inserts).await.unwrap();
+    let dispatch =
+        |id: &str, lease: u64| Change::Dispatch { id: id.into(), attempt: 1, worker: "w".into(), lease, at: at(20) };
+    let finish = |id: &str, lease: u64, status: Status| Change::Finish {
+        id: id.into(),
+        lease,
+        status,
+        exit_code: Some(0),
+        signal: None,
+        at: at(30),
+        output_tail: String::new(),
+        error: None,
+    };
+    let steps: Vec<Vec<Change>> = vec![
+        (0..6).map(|i| dispatch(&format!("j{i}"), 100 + i)).collect(),
+        vec![finish("j0", 100, Status::Succeeded), finish("j1", 101, Status::Failed)],
+        // A stale finish and a second dispatch change nothing, and count nothing.
+        vec![finish("j2", 999, Status::Succeeded), dispatch("j0", 7)],
+        vec![Change::Requeue { id: "j2".into(), at: at(31), not_before: None }],
+        vec![Change::Fail { id: "j3".into(), at: at(32), error: "gone".into() }],
+        vec![Change::Cancel { id: "j4".into(), at: at(33) }, Change::Cancel { id: "j6".into(), at: at(33) }],
+        vec![Change::Retry { id: "j1".into(), at: at(34), not_before: None }],
+        vec![Change::Cancel { id: "j0".into(), at: at(35) }],
+    ];
+    for changes in steps {
+        store.commit(changes).await.unwrap();
+        assert_eq!(store.counts().await.unwrap(), counted_in_the_file(dir.path()));
+    }
+    // A refused commit (a duplicate id after a good insert) counts nothing of itself.
+    let refused = store
+        .commit(vec![Change::Insert(queued("new", "alpha", at(40))), Change::Insert(queued("j7", "alpha", at(40)))])
+        .await;
+    assert!(matches!(refused, Err(StoreError::Rejected { .. })), "{refused:?}");
+    assert_eq!(store.counts().await.unwrap(), counted_in_the_file(dir.path()));
+    // A prune takes its jobs out of the counts.
+    assert!(!store.prune(at(100), 100).await.unwrap().is_empty());
+    let counts = store.counts().await.unwrap();
+    assert_eq!(counts, counted_in_the_file(dir.path()));
+    assert!(counts.iter().all(|(_, status, _)| matches!(status, Status::Queued | Status::Running)), "{counts:?}");
+    store.close().await;
+    drop(store);
+    // Reopened, the store counts the file afresh.
+    let store = open(dir.path());
+    assert_eq!(store.counts().await.unwrap(), counts);
 }
 
 // ---- Gates ----

@@ -399,3 +399,66 @@ async fn nowait_sends_queued_before_shutdown_still_go_out() {
     assert_eq!(next_good(&router).await.1, hello("goer"));
     assert_eq!(next_good(&router).await.1, goodbye);
 }
+
+// ---- In-process links ----
+
+#[tokio::test]
+async fn a_local_link_and_a_network_dealer_share_one_router() {
+    let ctx = zmq::Context::new();
+    let router = bind(&ctx);
+    let local = router.local_connector().connect();
+    let remote = Dealer::connect(&ctx, router.local_endpoint(), &options(), None).expect("connect");
+    local.send_nowait(&hello("in-process")).expect("queued");
+    remote.send(&hello("remote")).expect("queued");
+    let mut peers = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let (peer, message) = next_good(&router).await;
+        let ToBroker::Hello(hello) = message else { panic!("not a Hello: {message:?}") };
+        peers.insert(hello.name, peer);
+    }
+    let local_peer = &peers["in-process"];
+    assert_eq!(local_peer, local.peer());
+    assert_ne!(local_peer, &peers["remote"]);
+    assert_eq!(local_peer.to_string(), "local-1", "local peers print readably");
+    // The router answers each over its own way, with the same calls.
+    router.send(local_peer, &welcome()).expect("sent to the local peer");
+    router.send_nowait(&peers["remote"], &welcome()).expect("queued for the remote peer");
+    assert_eq!(within("local recv", local.recv()).await.expect("open").expect("good"), welcome());
+    assert_eq!(next_from_broker(&remote).await, welcome());
+}
+
+#[tokio::test]
+async fn a_dropped_or_full_local_link_is_an_error_for_send_and_a_count_for_send_nowait() {
+    let ctx = zmq::Context::new();
+    let router = bind(&ctx);
+    let connector = router.local_connector();
+    let (first, second) = (connector.connect(), connector.connect());
+    assert_ne!(first.peer(), second.peer());
+    let gone = second.peer().clone();
+    drop(second);
+    assert!(matches!(router.send(&gone, &welcome()), Err(TransportError::UnknownPeer { .. })));
+    // A local peer's id that was never connected is unknown too, not sent over the network.
+    let never = PeerId::from(b"\0local-999".to_vec());
+    assert!(matches!(router.send(&never, &welcome()), Err(TransportError::UnknownPeer { .. })));
+    let failed = router.failed_sends();
+    router.send_nowait(&gone, &ToWorker::Heartbeat).expect("not reported");
+    assert_eq!(router.failed_sends(), failed + 1);
+    // A link that does not read fills up at the high-water mark, as a network peer would.
+    let limit = options().send_high_water_mark as usize;
+    for _ in 0..limit {
+        router.send(first.peer(), &ToWorker::Heartbeat).expect("room");
+    }
+    assert!(matches!(router.send(first.peer(), &ToWorker::Heartbeat), Err(TransportError::Full)));
+    assert_eq!(within("local recv", first.recv()).await.expect("open").expect("good"), ToWorker::Heartbeat);
+    router.send(first.peer(), &ToWorker::Heartbeat).expect("room again after a read");
+}
+
+#[tokio::test]
+async fn a_local_link_to_a_router_that_is_gone_says_so() {
+    let ctx = zmq::Context::new();
+    let router = bind(&ctx);
+    let link = router.local_connector().connect();
+    router.shutdown().expect("stopped");
+    // The router's incoming queue went with it: nothing can take the message.
+    assert!(matches!(link.send_nowait(&ToBroker::Heartbeat), Err(TransportError::Stopped)));
+}

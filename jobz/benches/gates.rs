@@ -205,7 +205,7 @@ fn main() {
     let events = (KEYS * SHARDS) as f64;
     println!("gates benchmark: {KEYS} keys x {SHARDS} shards = {events} recorded successes, median of {RUNS} runs");
     println!(
-        "  recording successes durably (SQLite, synchronous=FULL, {EVENTS_PER_COMMIT} per commit): {:.0} events/s",
+        "  recording successes durably (SQLite, each commit synced, {EVENTS_PER_COMMIT} per commit): {:.0} events/s",
         median(record_rates)
     );
     println!("  broker start to /healthz, replaying the events for GET /gates: {:.3} s", median(broker_starts));

@@ -92,7 +92,6 @@ pub enum WorkerError {
 
 /// What an attempt's task tells the worker's loop.
 enum AttemptEvent {
-    Started { job_id: String, lease: u64 },
     Output { job_id: String, lease: u64, offset: u64, data: Vec<u8> },
     Finished(Box<ResultReport>),
 }
@@ -100,6 +99,12 @@ enum AttemptEvent {
 struct Attempt {
     lease: u64,
     cancel: CancellationToken,
+    /// When its process was started.
+    started_at: chrono::DateTime<Utc>,
+    /// Whether `Started` was sent. It goes out at the first tick the attempt
+    /// is still running at: a job that ends before that says when it started
+    /// in its `Result` alone, one message fewer per short job.
+    announced: bool,
 }
 
 struct Worker {
@@ -320,15 +325,14 @@ impl Worker {
             log_path: None,
         };
         let cancel = CancellationToken::new();
-        self.running.insert(dispatch.job_id.clone(), Attempt { lease: dispatch.lease, cancel: cancel.clone() });
+        let attempt =
+            Attempt { lease: dispatch.lease, cancel: cancel.clone(), started_at: Utc::now(), announced: false };
+        self.running.insert(dispatch.job_id.clone(), attempt);
         tokio::spawn(run_attempt(spec, dispatch.job_id, dispatch.lease, cancel, self.events_tx.clone()));
     }
 
     fn on_attempt_event(&mut self, event: AttemptEvent) {
         match event {
-            AttemptEvent::Started { job_id, lease } => {
-                self.send(&ToBroker::Started(protocol::Started { job_id, lease, at: Utc::now() }));
-            }
             AttemptEvent::Output { job_id, lease, offset, data } => {
                 self.send(&ToBroker::Output(protocol::Output { job_id, lease, offset, data }));
             }
@@ -382,6 +386,7 @@ impl Worker {
             self.reconnect_backoff = (self.reconnect_backoff * 2).min(limits::RECONNECT_BACKOFF_MAX);
             return;
         }
+        self.announce_started();
         if now.duration_since(self.last_sent) >= self.heartbeat {
             self.send(&ToBroker::Heartbeat);
         }
@@ -391,6 +396,22 @@ impl Worker {
         }
         if !self.registered && now.duration_since(self.last_sent) >= limits::HELLO_RESEND {
             self.hello();
+        }
+    }
+
+    /// Sends `Started` for the attempts that have been running since before this tick.
+    fn announce_started(&mut self) {
+        let unannounced: Vec<ToBroker> = self
+            .running
+            .iter_mut()
+            .filter(|(_, a)| !a.announced)
+            .map(|(job_id, a)| {
+                a.announced = true;
+                ToBroker::Started(protocol::Started { job_id: job_id.clone(), lease: a.lease, at: a.started_at })
+            })
+            .collect();
+        for message in unannounced {
+            self.send(&message);
         }
     }
 
@@ -469,8 +490,6 @@ async fn run_attempt(
     cancel: CancellationToken,
     events: mpsc::Sender<AttemptEvent>,
 ) {
-    // The loop outlives every attempt task except at exit, when nothing is left to report to.
-    let _ = events.send(AttemptEvent::Started { job_id: job_id.clone(), lease }).await;
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits::OUTPUT_CHANNEL_CAPACITY);
     let started_at = Utc::now();
     let running = runner::run(&spec, cancel, Some(tx));

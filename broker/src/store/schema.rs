@@ -170,6 +170,14 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX schedule_fires_at ON schedule_fires (at);
     ",
+    // Version 6: two indexes fewer on the jobs table, which every insert and
+    // every status change wrote (and every commit's WAL carried). Counts by name
+    // and status are kept in memory by the writer (`store/counts.rs`); recovery
+    // finds the unfinished jobs through jobs_by_status and sorts them itself.
+    "
+    DROP INDEX jobs_queue;
+    DROP INDEX jobs_counts;
+    ",
 ];
 
 /// The schema version this build writes and understands.

@@ -18,9 +18,10 @@ use rusqlite::{params_from_iter, Connection};
 use tokio::sync::oneshot;
 
 use super::codec::{
-    attempt_from_row, count_from_row, fire_from_row, gate_event_from_row, job_from_row, schedule_fire_from_row,
-    schedule_from_row, ATTEMPT_COLUMNS, GATE_EVENT_COLUMNS, JOB_COLUMNS, SCHEDULE_FIRE_COLUMNS,
+    attempt_from_row, fire_from_row, gate_event_from_row, job_from_row, schedule_fire_from_row, schedule_from_row,
+    ATTEMPT_COLUMNS, GATE_EVENT_COLUMNS, JOB_COLUMNS, SCHEDULE_FIRE_COLUMNS,
 };
+use super::counts::Counts;
 use super::schema::{open_reader, open_writer};
 use super::syncer::Syncer;
 use super::writer::{Request, Shared, Urgency, Writer};
@@ -51,6 +52,8 @@ struct Inner {
     closed: AtomicBool,
     /// Queued requests beyond which only `commit_later` is accepted.
     waited_max: u64,
+    /// The writer thread, unparked by every request but a `Soon` commit (see `Gather::next`).
+    writer: std::thread::Thread,
 }
 
 /// Read-only connections, each behind its own lock; a read takes the next one
@@ -108,18 +111,27 @@ impl SqliteStore {
             .map(|_| open_reader(&path, &options).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
         let readers = Arc::new(Readers { connections, next: AtomicUsize::new(0) });
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::with_counts(Counts::load(&writer)?));
         let capacity = options.queue_capacity.max(1);
         let (requests, receiver) = std::sync::mpsc::sync_channel(capacity);
         let waited_max = capacity - capacity * WRITE_QUEUE_LATER_RESERVE_PERCENT / 100;
         let wal = dir.join(format!("{DB_FILE_NAME}-wal"));
         let syncer = Syncer::spawn(wal, shared.clone(), SYNC_QUEUE_CAPACITY)
             .map_err(io_error("start the store sync thread for", &path))?;
-        Writer::spawn(writer, shared.clone(), options.batch_changes_max, receiver, syncer)
-            .map_err(io_error("start the store writer thread for", &path))?;
+        let writer = Writer::spawn(
+            writer,
+            shared.clone(),
+            options.batch_changes_max,
+            options.group_commit_delay,
+            receiver,
+            syncer,
+        )
+        .map_err(io_error("start the store writer thread for", &path))?
+        .thread()
+        .clone();
         let closed = AtomicBool::new(false);
         let waited_max = waited_max as u64;
-        Ok(SqliteStore { inner: Arc::new(Inner { path, requests, shared, readers, closed, waited_max }) })
+        Ok(SqliteStore { inner: Arc::new(Inner { path, requests, shared, readers, closed, waited_max, writer }) })
     }
 
     /// The database file.
@@ -174,8 +186,15 @@ impl SqliteStore {
         }
         // Counted before sending so the writer's decrement never runs first.
         self.inner.shared.queued.fetch_add(1, Ordering::Relaxed);
+        let soon = matches!(request, Request::Commit { urgency: Urgency::Soon, .. });
         match self.inner.requests.try_send(request) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.inner.shared.requests.fetch_add(1, Ordering::Relaxed);
+                if !soon {
+                    self.inner.writer.unpark();
+                }
+                Ok(())
+            }
             Err(e) => {
                 self.inner.shared.queued.fetch_sub(1, Ordering::Relaxed);
                 match e {
@@ -287,14 +306,11 @@ impl Store for SqliteStore {
 
     async fn unfinished(&self) -> Result<Vec<JobRecord>, StoreError> {
         self.read(|conn| {
-            // INDEXED BY: walk the small partial index jobs_queue in order
-            // rather than let the planner (without statistics) sort the rows
-            // it finds through jobs_by_status. SQLite refuses to prepare the
-            // statement if the index cannot serve it, so this cannot silently
-            // degrade.
+            // The few unfinished jobs are found through jobs_by_status; SQLite
+            // sorts them (once, at start) in queue order.
             let mut statement = conn
                 .prepare_cached(&format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_queue WHERE status IN ('queued', 'running')
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE status IN ('queued', 'running')
                      ORDER BY priority DESC, queued_at, seq"
                 ))
                 .map_err(StoreError::sqlite("prepare the unfinished query"))?;
@@ -316,20 +332,7 @@ impl Store for SqliteStore {
     }
 
     async fn counts(&self) -> Result<Vec<(String, Status, u64)>, StoreError> {
-        self.read(|conn| {
-            let mut statement = conn
-                .prepare_cached(
-                    "SELECT job_name, status, COUNT(*) FROM jobs GROUP BY job_name, status ORDER BY job_name, status",
-                )
-                .map_err(StoreError::sqlite("prepare the counts query"))?;
-            let mut rows = statement.query([]).map_err(StoreError::sqlite("count jobs"))?;
-            let mut counts = Vec::new();
-            while let Some(row) = rows.next().map_err(StoreError::sqlite("count jobs"))? {
-                counts.push(count_from_row(row)?);
-            }
-            Ok(counts)
-        })
-        .await
+        Ok(self.inner.shared.counts.snapshot())
     }
 
     async fn gate_events(&self, from: u64, through: u64, limit: usize) -> Result<Vec<GateEventRecord>, StoreError> {
@@ -434,11 +437,14 @@ impl Store for SqliteStore {
         let (done, finished) = oneshot::channel();
         let requests = self.inner.requests.clone();
         let shared = self.inner.shared.clone();
+        let writer = self.inner.writer.clone();
         // A blocking send: the close must wait for room behind what is queued,
         // never be refused as Busy.
         let sent = tokio::task::spawn_blocking(move || {
             shared.queued.fetch_add(1, Ordering::Relaxed);
             let sent = requests.send(Request::Close { done }).is_ok();
+            shared.requests.fetch_add(u64::from(sent), Ordering::Relaxed);
+            writer.unpark();
             if !sent {
                 shared.queued.fetch_sub(1, Ordering::Relaxed);
             }

@@ -19,17 +19,17 @@
 //! Not every commit is waited on by a person. A request says how soon it must
 //! be committed ([`Urgency`]): a start over HTTP commits at once (`Now`), while
 //! the loop's bookkeeping (dispatches, results, follow-ups) may wait up to
-//! [`GROUP_COMMIT_DELAY`] for company (`Soon`), so that under load many jobs'
+//! [`GROUP_COMMIT_DELAY`](super::GROUP_COMMIT_DELAY) for company (`Soon`), so that under load many jobs'
 //! results share one commit and one sync instead of one each.
 //!
 //! It is a `std::thread`, not a tokio task, because every SQLite call blocks.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
@@ -40,8 +40,11 @@ use super::codec::{
     gate_event_kind_to_sql, gate_reason_to_sql, job_from_row, lease_to_sql, opt_time_to_sql, origin_to_sql,
     params_to_sql, time_to_sql, JOB_COLUMNS,
 };
+use super::counts::{Counts, Transition};
 use super::syncer::Syncer;
-use super::{StoreError, StoreStats, GROUP_COMMIT_DELAY, PRUNE_BATCH_MAX};
+use super::{StoreError, StoreStats, PRUNE_BATCH_MAX};
+use jobz_core::Status;
+
 use crate::model::{Admission, Change, GuardedInsert, JobRecord};
 
 /// The answer to one request.
@@ -85,7 +88,7 @@ pub(super) enum Urgency {
     /// Somebody waits for it (a start, cancel or retry over HTTP): commit at once,
     /// with whatever else is queued.
     Now,
-    /// The loop's bookkeeping: commit within [`GROUP_COMMIT_DELAY`], with whatever
+    /// The loop's bookkeeping: commit within the group commit delay, with whatever
     /// comes meanwhile, or at once with the next `Now`.
     Soon,
 }
@@ -103,13 +106,21 @@ pub(super) struct Shared {
     largest_batch: AtomicU64,
     /// Requests in the queue: incremented by senders, decremented on receipt.
     pub(super) queued: AtomicU64,
+    /// Requests ever queued.
+    pub(super) requests: AtomicU64,
     pub(super) writer_running: AtomicBool,
     pub(super) last_batch_failed: AtomicBool,
     /// Set by the syncer when a sync failed, cleared by the next that succeeds.
     pub(super) last_sync_failed: AtomicBool,
+    /// Jobs by name and status, as committed.
+    pub(super) counts: Counts,
 }
 
 impl Shared {
+    pub(super) fn with_counts(counts: Counts) -> Shared {
+        Shared { counts, ..Shared::default() }
+    }
+
     pub(super) fn stats(&self) -> StoreStats {
         StoreStats {
             commits: self.commits.load(Ordering::Relaxed),
@@ -120,6 +131,7 @@ impl Shared {
             failed_batches: self.failed_batches.load(Ordering::Relaxed),
             largest_batch: self.largest_batch.load(Ordering::Relaxed),
             queued: self.queued.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
         }
     }
 }
@@ -150,6 +162,34 @@ struct Applying {
     /// Jobs not inserted because another stood for them (new id → that job's
     /// id), so a later change of the transaction naming the new id names that job.
     stood_for: HashMap<String, String>,
+    /// The jobs the transaction inserted or changed the status of, for the counts.
+    transitions: Vec<Transition>,
+}
+
+impl Applying {
+    /// A job was inserted.
+    fn entered(&mut self, job: &JobRecord) {
+        self.transitions.push(Transition { job_name: job.job_name.clone(), from: None, to: Some(job.status) });
+    }
+
+    /// A statement moved the job named `name` (`None`: it matched no row) from `from` to `to`; true if it did.
+    fn moved(&mut self, name: Option<String>, from: Option<Status>, to: Option<Status>) -> bool {
+        match name {
+            Some(job_name) => {
+                self.transitions.push(Transition { job_name, from, to });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A statement that `changed` the job that was `before` (name and status) now has it at `to`.
+    fn changed(&mut self, changed: bool, before: Option<(String, Status)>, to: Status) -> bool {
+        if let (true, Some((job_name, from))) = (changed, before) {
+            self.transitions.push(Transition { job_name, from: Some(from), to: Some(to) });
+        }
+        changed
+    }
 }
 
 /// Where a batch's further requests come from, and how long it waits for them.
@@ -171,11 +211,22 @@ impl Gather<'_> {
         if self.carried.is_some() || total >= writer.batch_changes_max {
             return None;
         }
-        let next = if self.urgent {
-            self.requests.try_recv().ok()
-        } else {
-            self.requests.recv_timeout(self.deadline.saturating_duration_since(Instant::now())).ok()
-        }?;
+        let next = loop {
+            match self.requests.try_recv() {
+                Ok(next) => break next,
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if self.urgent || now >= self.deadline {
+                return None;
+            }
+            // Parked rather than blocked on the queue: a `Soon` request arriving
+            // meanwhile does not wake the writer (each wake-up is a context
+            // switch, which costs more than the request), anything else does
+            // (`SqliteStore::send` unparks). A spurious wake-up only looks again.
+            std::thread::park_timeout(self.deadline - now);
+        };
         writer.shared.queued.fetch_sub(1, Ordering::Relaxed);
         match next {
             Request::Commit { changes, reply, urgency } if total + changes.len() <= writer.batch_changes_max => {
@@ -203,8 +254,12 @@ pub(super) struct Writer {
     conn: Connection,
     shared: Arc<Shared>,
     batch_changes_max: usize,
+    /// How long a batch of `Urgency::Soon` requests waits for company.
+    group_commit_delay: Duration,
     /// Releases committed answers once the WAL is synced; taken when the writer ends.
     syncer: Option<Syncer>,
+    /// The transitions of the transaction just committed, for `Shared::counts`.
+    transitions: Vec<Transition>,
 }
 
 impl Writer {
@@ -214,12 +269,20 @@ impl Writer {
         conn: Connection,
         shared: Arc<Shared>,
         batch_changes_max: usize,
+        group_commit_delay: Duration,
         requests: Receiver<Request>,
         syncer: Syncer,
     ) -> std::io::Result<JoinHandle<()>> {
         shared.writer_running.store(true, Ordering::Release);
         let flag = RunningFlag(shared.clone());
-        let writer = Writer { conn, shared, batch_changes_max: batch_changes_max.max(1), syncer: Some(syncer) };
+        let writer = Writer {
+            conn,
+            shared,
+            batch_changes_max: batch_changes_max.max(1),
+            group_commit_delay,
+            syncer: Some(syncer),
+            transitions: Vec::new(),
+        };
         std::thread::Builder::new().name("jobz-store-writer".into()).spawn(move || {
             let _flag = flag;
             writer.run(requests);
@@ -254,7 +317,7 @@ impl Writer {
                         requests: &requests,
                         carried: &mut carried,
                         urgent,
-                        deadline: Instant::now() + GROUP_COMMIT_DELAY,
+                        deadline: Instant::now() + self.group_commit_delay,
                     };
                     self.commit_batch(Pending { changes, reply }, &mut gather);
                 }
@@ -320,6 +383,7 @@ impl Writer {
                 self.shared.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
                 self.shared.largest_batch.fetch_max(total as u64, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(false, Ordering::Relaxed);
+                self.shared.counts.apply(&std::mem::take(&mut self.transitions));
                 let answers: Vec<_> = batch.into_iter().map(|p| p.reply).zip(outcomes).collect();
                 self.after_commit(Ok(()), move |synced: Result<(), StoreError>| {
                     for (reply, outcome) in answers {
@@ -330,6 +394,7 @@ impl Writer {
             }
             Err(e) => {
                 self.rollback();
+                self.transitions.clear();
                 self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(true, Ordering::Relaxed);
                 let total: usize = batch.iter().map(|p| p.changes.len()).sum();
@@ -434,6 +499,7 @@ impl Writer {
             }
         }
         self.exec("COMMIT", "commit")?;
+        self.transitions = applying.transitions;
         Ok(Some((admissions, skipped)))
     }
 
@@ -448,6 +514,7 @@ impl Writer {
         let mut applying = Applying::default();
         for pending in batch {
             self.exec("SAVEPOINT request", "open a savepoint")?;
+            let transitions_before = applying.transitions.len();
             let mut skipped = 0;
             let mut outcome = Ok(());
             for change in &pending.changes {
@@ -465,6 +532,7 @@ impl Writer {
             if let Err(e) = &outcome {
                 warn!(error = %e, "store refused a commit; its changes were rolled back");
                 self.exec("ROLLBACK TO request", "roll back to a savepoint")?;
+                applying.transitions.truncate(transitions_before);
             } else {
                 skipped_total += skipped;
             }
@@ -472,6 +540,7 @@ impl Writer {
             outcomes.push(outcome.map(|()| admissions));
         }
         self.exec("COMMIT", "commit")?;
+        self.transitions = applying.transitions;
         Ok((outcomes, skipped_total))
     }
 
@@ -499,12 +568,17 @@ impl Writer {
         let changed = match change {
             Change::Insert(job) => {
                 self.insert(job)?;
+                applying.entered(job);
                 true
             }
             Change::InsertUnlessHeld(guarded) => {
                 let admission = self.insert_unless_held(guarded)?;
-                if let Admission::Existing(existing) = &admission {
-                    applying.stood_for.insert(guarded.job.id.clone(), existing.id.clone());
+                match &admission {
+                    Admission::Existing(existing) => {
+                        applying.stood_for.insert(guarded.job.id.clone(), existing.id.clone());
+                    }
+                    Admission::Inserted => applying.entered(&guarded.job),
+                    Admission::KeyReused { .. } => {}
                 }
                 applying.admissions.push(admission);
                 true
@@ -563,13 +637,14 @@ impl Writer {
                 )?
             }
             Change::Dispatch { id, attempt, worker, lease, at } => {
-                let changed = self.execute(
+                let name = self.execute_returning_name(
                     change,
                     "UPDATE jobs SET status = 'running', attempts = ?2, worker = ?3, lease = ?4, started_at = ?5,
                          not_before = NULL, progress_percent = NULL, progress_message = NULL
-                     WHERE id = ?1 AND status = 'queued'",
+                     WHERE id = ?1 AND status = 'queued' RETURNING job_name",
                     params![id, attempt, worker, lease_to_sql(*lease), time_to_sql(*at)],
                 )?;
+                let changed = applying.moved(name, Some(Status::Queued), Some(Status::Running));
                 if changed {
                     self.execute(
                         change,
@@ -595,11 +670,11 @@ impl Writer {
                 // Conditional on the lease and on `running`: a result for an
                 // attempt that was superseded, cancelled or already finished
                 // changes nothing.
-                let changed = self.execute(
+                let name = self.execute_returning_name(
                     change,
                     "UPDATE jobs SET status = ?3, finished_at = ?4, exit_code = ?5, signal = ?6, output_tail = ?7,
                          error = ?8
-                     WHERE id = ?1 AND lease = ?2 AND status = 'running'",
+                     WHERE id = ?1 AND lease = ?2 AND status = 'running' RETURNING job_name",
                     params![
                         id,
                         lease_to_sql(*lease),
@@ -611,6 +686,7 @@ impl Writer {
                         error
                     ],
                 )?;
+                let changed = applying.moved(name, Some(Status::Running), Some(*status));
                 if changed {
                     self.execute(
                         change,
@@ -626,24 +702,28 @@ impl Writer {
                 // The attempt that held the lease ended without a result; close
                 // it before the job lets go of the lease.
                 self.close_running_attempt(change, id, *at)?;
-                self.execute(
+                let name = self.execute_returning_name(
                     change,
                     "UPDATE jobs SET status = 'queued', lease = NULL, queued_at = ?2, not_before = ?3,
                          progress_percent = NULL, progress_message = NULL
-                     WHERE id = ?1 AND status = 'running'",
+                     WHERE id = ?1 AND status = 'running' RETURNING job_name",
                     params![id, time_to_sql(*at), opt_time_to_sql(*not_before)],
-                )?
+                )?;
+                applying.moved(name, Some(Status::Running), Some(Status::Queued))
             }
             Change::Fail { id, at, error } => {
+                let before = self.name_and_status(change, id)?;
                 self.close_running_attempt(change, id, *at)?;
-                self.execute(
+                let changed = self.execute(
                     change,
                     "UPDATE jobs SET status = 'failed', finished_at = ?2, error = ?3
                      WHERE id = ?1 AND status IN ('queued', 'running')",
                     params![id, time_to_sql(*at), error],
-                )?
+                )?;
+                applying.changed(changed, before, Status::Failed)
             }
             Change::Cancel { id, at } => {
+                let before = self.name_and_status(change, id)?;
                 self.execute(
                     change,
                     "UPDATE attempts SET finished_at = ?2, status = 'cancelled'
@@ -651,21 +731,26 @@ impl Writer {
                        AND lease = (SELECT lease FROM jobs WHERE id = ?1 AND status = 'running')",
                     params![id, time_to_sql(*at)],
                 )?;
-                self.execute(
+                let changed = self.execute(
                     change,
                     "UPDATE jobs SET status = 'cancelled', cancelled_at = ?2, finished_at = ?2
                      WHERE id = ?1 AND status IN ('queued', 'running')",
                     params![id, time_to_sql(*at)],
-                )?
+                )?;
+                applying.changed(changed, before, Status::Cancelled)
             }
-            Change::Retry { id, at, not_before } => self.execute(
-                change,
-                "UPDATE jobs SET status = 'queued', queued_at = ?2, not_before = ?3, finished_at = NULL,
+            Change::Retry { id, at, not_before } => {
+                let before = self.name_and_status(change, id)?;
+                let changed = self.execute(
+                    change,
+                    "UPDATE jobs SET status = 'queued', queued_at = ?2, not_before = ?3, finished_at = NULL,
                      cancelled_at = NULL, exit_code = NULL, signal = NULL, output_tail = '', error = NULL,
                      lease = NULL, progress_percent = NULL, progress_message = NULL
                  WHERE id = ?1 AND status IN ('succeeded', 'failed', 'timed_out', 'cancelled')",
-                params![id, time_to_sql(*at), opt_time_to_sql(*not_before)],
-            )?,
+                    params![id, time_to_sql(*at), opt_time_to_sql(*not_before)],
+                )?;
+                applying.changed(changed, before, Status::Queued)
+            }
             Change::Progress { id, progress } => {
                 check_percent(change, progress.percent)?;
                 self.execute(
@@ -849,6 +934,39 @@ impl Writer {
         }
     }
 
+    /// Runs one cached statement for `change` that ends in `RETURNING job_name`:
+    /// the name of the job it changed, or `None` when it matched no row.
+    fn execute_returning_name(
+        &self,
+        change: &Change,
+        sql: &'static str,
+        params: &[&dyn rusqlite::ToSql],
+    ) -> Result<Option<String>, Failure> {
+        let mut statement = self.conn.prepare_cached(sql).map_err(|e| classify(change, e))?;
+        let mut rows = statement.query(params).map_err(|e| classify(change, e))?;
+        let name = match rows.next().map_err(|e| classify(change, e))? {
+            Some(row) => Some(row.get::<_, String>(0).map_err(|e| classify(change, e))?),
+            None => None,
+        };
+        // Every statement addresses one job by its key.
+        debug_assert!(rows.next().ok().flatten().is_none(), "{} changed more than one row", describe(change));
+        Ok(name)
+    }
+
+    /// The name and status of job `id` before a change whose earlier status
+    /// may be one of several (fail, cancel, retry: none of them frequent).
+    fn name_and_status(&self, change: &Change, id: &str) -> Result<Option<(String, Status)>, Failure> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT job_name, status FROM jobs WHERE id = ?1")
+            .map_err(|e| classify(change, e))?;
+        let found = statement
+            .query_row([id], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))
+            .optional()
+            .map_err(|e| classify(change, e))?;
+        Ok(found.and_then(|(name, status)| Some((name, status.parse().ok()?))))
+    }
+
     /// Runs one cached statement for `change`; true when it changed a row.
     fn execute(&self, change: &Change, sql: &'static str, params: &[&dyn rusqlite::ToSql]) -> Result<bool, Failure> {
         let mut statement = self.conn.prepare_cached(sql).map_err(|e| classify(change, e))?;
@@ -895,10 +1013,12 @@ impl Writer {
             Ok(ids) => {
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(false, Ordering::Relaxed);
+                self.shared.counts.apply(&std::mem::take(&mut self.transitions));
                 debug!(jobs = ids.len(), "store: pruned finished jobs");
             }
             Err(e) => {
                 self.rollback();
+                self.transitions.clear();
                 self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(true, Ordering::Relaxed);
                 error!(error = %e, "store prune failed; rolled back");
@@ -919,14 +1039,23 @@ impl Writer {
                 .prepare_cached(
                     "DELETE FROM jobs WHERE seq IN (
                          SELECT seq FROM jobs WHERE finished_at < ?1 ORDER BY finished_at LIMIT ?2)
-                     RETURNING id",
+                     RETURNING id, job_name, status",
                 )
                 .map_err(StoreError::sqlite("prepare the prune"))?;
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let rows = statement
-                .query_map(params![time_to_sql(finished_before), limit], |row| row.get::<_, String>(0))
+                .query_map(params![time_to_sql(finished_before), limit], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?))
+                })
                 .map_err(StoreError::sqlite("prune"))?;
-            rows.collect::<Result<Vec<String>, _>>().map_err(StoreError::sqlite("prune"))?
+            let pruned = rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::sqlite("prune"))?;
+            self.transitions = pruned
+                .iter()
+                .filter_map(|(_, job_name, status)| {
+                    Some(Transition { job_name: job_name.clone(), from: Some(status.parse().ok()?), to: None })
+                })
+                .collect();
+            pruned.into_iter().map(|(id, _, _)| id).collect::<Vec<String>>()
         };
         // Gate events and fires, and schedule fires, past the same retention go too, in the same bounded steps:
         // a key older than the retention is settled or given up long ago.
