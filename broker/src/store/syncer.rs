@@ -92,6 +92,7 @@ impl SyncLoop {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
+            self.shared.syncing.store(true, Ordering::Release);
             let synced = self.sync();
             self.shared.syncs.fetch_add(1, Ordering::Relaxed);
             self.shared.last_sync_failed.store(synced.is_err(), Ordering::Relaxed);
@@ -102,6 +103,11 @@ impl SyncLoop {
             }
             for answers in batch {
                 answers(synced.clone());
+            }
+            self.shared.syncing.store(false, Ordering::Release);
+            // The writer may be holding an urgent commit for this sync to end.
+            if let Some(writer) = self.shared.writer_thread.get() {
+                writer.unpark();
             }
         }
     }

@@ -16,6 +16,12 @@
 //! next batch. So nothing is answered before it is on disk, and no 202 is ever
 //! sent for a job that is not.
 //!
+//! An urgent batch commits once nothing more is queued and the syncer is free:
+//! while the syncer syncs the last commit, the writer keeps taking requests
+//! into the open transaction (they could not be synced sooner anyway), and
+//! commits them the moment the sync is done, so each sync covers one commit
+//! applied while the one before it was on its way to the disk.
+//!
 //! Not every commit is waited on by a person. A request says how soon it must
 //! be committed ([`Urgency`]): a start over HTTP commits at once (`Now`), while
 //! the loop's bookkeeping (dispatches, results, follow-ups) may wait up to
@@ -114,6 +120,10 @@ pub(super) struct Shared {
     pub(super) last_sync_failed: AtomicBool,
     /// Jobs by name and status, as committed.
     pub(super) counts: Counts,
+    /// Set by the syncer while it syncs; the writer holds urgent commits until it is done.
+    pub(super) syncing: AtomicBool,
+    /// The writer thread, for the syncer to unpark when a sync is done.
+    pub(super) writer_thread: std::sync::OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
@@ -201,6 +211,9 @@ struct Gather<'a> {
     urgent: bool,
     /// Until when a batch of `Urgency::Soon` requests waits for more.
     deadline: Instant,
+    /// An urgent batch waits for the syncer to be free before it commits; not
+    /// once a change failed (then only what is queued is taken in).
+    wait_for_sync: bool,
 }
 
 impl Gather<'_> {
@@ -218,7 +231,18 @@ impl Gather<'_> {
                 Err(TryRecvError::Empty) => {}
             }
             let now = Instant::now();
-            if self.urgent || now >= self.deadline {
+            if self.urgent {
+                if !self.wait_for_sync || !writer.shared.syncing.load(Ordering::Acquire) {
+                    return None;
+                }
+                // The disk is busy syncing the last commit, so this one could not
+                // be synced before that ends anyway: keep taking requests in until
+                // it does (the syncer unparks the writer), then commit them all.
+                // Requests that come meanwhile join a transaction already applied.
+                std::thread::park_timeout(SYNC_WAIT_RECHECK);
+                continue;
+            }
+            if now >= self.deadline {
                 return None;
             }
             // Parked rather than blocked on the queue: a `Soon` request arriving
@@ -241,6 +265,9 @@ impl Gather<'_> {
         }
     }
 }
+
+/// How often an urgent batch held for a busy syncer looks again, should a wake-up be missed.
+const SYNC_WAIT_RECHECK: Duration = Duration::from_millis(10);
 
 /// Why a change could not be applied.
 enum Failure {
@@ -290,6 +317,8 @@ impl Writer {
     }
 
     fn run(mut self, requests: Receiver<Request>) {
+        // Set once, here; a second set cannot happen and would change nothing.
+        let _ = self.shared.writer_thread.set(std::thread::current());
         // A request drained that did not fit the batch: it opens the next one.
         let mut carried: Option<Request> = None;
         // Set by a Close: from then on the writer only empties the queue (of
@@ -318,6 +347,7 @@ impl Writer {
                         carried: &mut carried,
                         urgent,
                         deadline: Instant::now() + self.group_commit_delay,
+                        wait_for_sync: true,
                     };
                     self.commit_batch(Pending { changes, reply }, &mut gather);
                 }
@@ -479,6 +509,7 @@ impl Writer {
                     // queue had been drained first: the redo caller by caller takes it
                     // in, and a storage failure fails it too.
                     gather.urgent = true;
+                    gather.wait_for_sync = false;
                     while let Some(pending) = gather.next(self, total) {
                         total += pending.changes.len();
                         batch.push(pending);
