@@ -509,6 +509,16 @@ impl State {
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => Event::Wake,
             };
             self.handle(event);
+            // What else is ready already is handled before dispatching and
+            // publishing once for all of it: a burst of starts (or of results)
+            // costs one dispatch pass and one snapshot, not one per event.
+            for _ in 1..limits::EVENTS_PER_TURN {
+                let ready = match events.try_recv() {
+                    Ok(event) => event,
+                    Err(_) => break,
+                };
+                self.handle(ready);
+            }
             self.dispatch();
             self.publish();
         }

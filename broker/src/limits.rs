@@ -4,6 +4,10 @@ use std::time::Duration;
 
 /// Events waiting for the broker's loop; senders wait when it is full.
 pub const EVENT_QUEUE: usize = 4096;
+/// Events the loop handles in one turn at most before it dispatches and
+/// publishes, so a burst is handled in a few passes but the loop still looks
+/// at its other inputs (the network, the tick) between them.
+pub const EVENTS_PER_TURN: usize = 64;
 /// How often the loop checks leases, retry times and heartbeats.
 pub const TICK: Duration = Duration::from_millis(100);
 /// How often the broker and workers send heartbeats.
