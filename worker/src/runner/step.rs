@@ -91,7 +91,7 @@ pub(crate) async fn run(
     command
         .args(args)
         .envs(spec.env.iter().map(|(name, value)| (name, value)))
-        .stdin(Stdio::null())
+        .stdin(dev_null())
         .stdout(stdout)
         .stderr(stderr)
         .process_group(0);
@@ -247,6 +247,18 @@ fn output_pipe() -> io::Result<(OwnedFd, OwnedFd, pipe::Receiver)> {
     let stdout = sender.into_blocking_fd()?;
     let stderr = stdout.try_clone()?;
     Ok((stdout, stderr, receiver))
+}
+
+/// Standard input for a step: `/dev/null`, opened once per process and
+/// duplicated for each step (`Stdio::null()` opens it again every time, a path
+/// lookup per spawn). Falls back to `Stdio::null()` if it cannot be opened.
+fn dev_null() -> Stdio {
+    static DEV_NULL: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    let file = DEV_NULL.get_or_init(|| std::fs::File::open("/dev/null").ok());
+    match file.as_ref().and_then(|f| f.try_clone().ok()) {
+        Some(file) => Stdio::from(file),
+        None => Stdio::null(),
+    }
 }
 
 /// Checks that `cwd` is a directory we may enter.
