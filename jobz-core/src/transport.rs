@@ -555,6 +555,23 @@ pub enum Link {
 }
 
 impl Link {
+    /// A worker's or semaphore's link to its broker: in-process through
+    /// `local` when the broker lives in this process, else a dealer connected
+    /// to `endpoint`, as a CURVE client when `curve` is given.
+    pub fn connect(
+        ctx: &zmq::Context,
+        endpoint: &str,
+        options: &SocketOptions,
+        curve: Option<&CurveClient>,
+        local: Option<&LocalConnector>,
+    ) -> Result<Link, TransportError> {
+        Ok(match (local, curve) {
+            (Some(local), _) => Link::Local(local.connect()),
+            (None, Some(curve)) => Link::Net(Dealer::connect_curve(ctx, endpoint, options, None, curve.clone())?),
+            (None, None) => Link::Net(Dealer::connect(ctx, endpoint, options, None)?),
+        })
+    }
+
     /// Queues `message` and waits for the transport's answer (a local link answers at once).
     pub fn send(&self, message: &ToBroker) -> Result<(), TransportError> {
         match self {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use jobz_core::gates::GateEffect;
 use jobz_core::protocol::{self, Events, Fire, FireReason, Fired, Goodbye, Hello, Role, Subscribe, ToBroker, ToWorker};
-use jobz_core::transport::{Dealer, Link, SocketOptions, TransportError};
+use jobz_core::transport::{Link, SocketOptions, TransportError};
 use tokio_util::sync::CancellationToken;
 
 use crate::count::Counter;
@@ -50,14 +50,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), SemaphoreError> {
     let options = SocketOptions::default();
-    let connect_error = |source| SemaphoreError::Connect { endpoint: config.broker.clone(), source };
-    let link = match (&config.local, &config.curve) {
-        (Some(local), _) => Link::Local(local.connect()),
-        (None, Some(curve)) => {
-            Link::Net(Dealer::connect_curve(ctx, &config.broker, &options, None, curve.clone()).map_err(connect_error)?)
-        }
-        (None, None) => Link::Net(Dealer::connect(ctx, &config.broker, &options, None).map_err(connect_error)?),
-    };
+    let link = Link::connect(ctx, &config.broker, &options, config.curve.as_ref(), config.local.as_ref())
+        .map_err(|source| SemaphoreError::Connect { endpoint: config.broker.clone(), source })?;
     let gates_digest = jobz_core::gates::digest(&config.file);
     tracing::info!(
         semaphore = %config.name,

@@ -17,7 +17,7 @@ use jobz_core::pipeline::JobFacts;
 use jobz_core::protocol::{
     self, Dispatch, Goodbye, Held, Hello, LeaseRef, Outcome, ResultReport, Role, ServedJob, ToBroker, ToWorker,
 };
-use jobz_core::transport::{CurveClient, Dealer, Link, LocalConnector, SocketOptions, TransportError};
+use jobz_core::transport::{CurveClient, Link, LocalConnector, SocketOptions, TransportError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -134,14 +134,8 @@ pub async fn run(config: WorkerConfig, ctx: &zmq::Context, shutdown: Cancellatio
         return Err(WorkerError::UnknownTopics(unknown.join(", ")));
     }
     let options = SocketOptions::default();
-    let connect_error = |source| WorkerError::Connect { endpoint: config.broker.clone(), source };
-    let link = match (&config.local, &config.curve) {
-        (Some(local), _) => Link::Local(local.connect()),
-        (None, Some(curve)) => {
-            Link::Net(Dealer::connect_curve(ctx, &config.broker, &options, None, curve.clone()).map_err(connect_error)?)
-        }
-        (None, None) => Link::Net(Dealer::connect(ctx, &config.broker, &options, None).map_err(connect_error)?),
-    };
+    let link = Link::connect(ctx, &config.broker, &options, config.curve.as_ref(), config.local.as_ref())
+        .map_err(|source| WorkerError::Connect { endpoint: config.broker.clone(), source })?;
     let digests = config
         .served()
         .into_iter()
