@@ -19,7 +19,7 @@ use config::{JobFile, Mode};
 use jobz_core::gates::{GateBook, UpstreamEvent};
 use jobz_core::pipeline::{self, AttemptEnd, Decision, GateReason, JobFacts, NewJob, Origin};
 use jobz_core::protocol::{self, Dispatch, Held, Hello, LeaseRef, ResultReport, Role, ToBroker, ToWorker, Welcome};
-use jobz_core::transport::{Incoming, PeerId, Router};
+use jobz_core::transport::{Incoming, PeerId, Router, TransportError};
 use jobz_core::Status;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -878,7 +878,13 @@ impl State {
             url: self.shared.config.url.clone(),
         });
         if let Err(e) = self.router.send(&peer, &welcome) {
-            tracing::warn!(semaphore = %hello.name, error = %e, "cannot answer Hello");
+            match e {
+                // A peer that said Hello on its way out (a draining worker's last Hello) and is gone.
+                TransportError::UnknownPeer { .. } => {
+                    tracing::debug!(semaphore = %hello.name, "the peer left before its Welcome")
+                }
+                e => tracing::warn!(semaphore = %hello.name, error = %e, "cannot answer Hello"),
+            }
             return;
         }
         if self.gates.semaphores.insert(peer, (hello.name.clone(), Instant::now())).is_none() {
@@ -1190,7 +1196,13 @@ impl State {
             url: self.shared.config.url.clone(),
         });
         if let Err(e) = self.router.send(&peer, &welcome) {
-            tracing::warn!(worker = %name, error = %e, "cannot answer Hello");
+            match e {
+                // A peer that said Hello on its way out (a draining worker's last Hello) and is gone.
+                TransportError::UnknownPeer { .. } => {
+                    tracing::debug!(worker = %name, "the peer left before its Welcome")
+                }
+                e => tracing::warn!(worker = %name, error = %e, "cannot answer Hello"),
+            }
             return;
         }
         let now = Utc::now();
