@@ -164,6 +164,16 @@ struct Pending {
 /// Each caller's outcome in a batch: its admissions, or why its changes were refused.
 type Outcomes = Vec<Result<Vec<Admission>, StoreError>>;
 
+/// What a committed transaction of commit requests did.
+struct Applied {
+    /// Each caller's outcome, in the batch's order.
+    outcomes: Outcomes,
+    /// Changes that matched no row (no-ops).
+    skipped: u64,
+    /// The jobs it inserted or moved, for the counts.
+    transitions: Vec<Transition>,
+}
+
 /// What applying one transaction's changes learnt so far.
 #[derive(Default)]
 struct Applying {
@@ -285,8 +295,6 @@ pub(super) struct Writer {
     group_commit_delay: Duration,
     /// Releases committed answers once the WAL is synced; taken when the writer ends.
     syncer: Option<Syncer>,
-    /// The transitions of the transaction just committed, for `Shared::counts`.
-    transitions: Vec<Transition>,
 }
 
 impl Writer {
@@ -308,7 +316,6 @@ impl Writer {
             batch_changes_max: batch_changes_max.max(1),
             group_commit_delay,
             syncer: Some(syncer),
-            transitions: Vec::new(),
         };
         std::thread::Builder::new().name("jobz-store-writer".into()).spawn(move || {
             let _flag = flag;
@@ -402,7 +409,7 @@ impl Writer {
     fn commit_batch(&mut self, first: Pending, gather: &mut Gather<'_>) {
         let mut batch = vec![first];
         match self.apply_batch(&mut batch, gather) {
-            Ok((outcomes, skipped)) => {
+            Ok(Applied { outcomes, skipped, transitions }) => {
                 let total: usize = batch.iter().map(|p| p.changes.len()).sum();
                 let applied: usize =
                     batch.iter().zip(&outcomes).filter(|(_, o)| o.is_ok()).map(|(p, _)| p.changes.len()).sum();
@@ -413,7 +420,7 @@ impl Writer {
                 self.shared.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
                 self.shared.largest_batch.fetch_max(total as u64, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(false, Ordering::Relaxed);
-                self.shared.counts.apply(&std::mem::take(&mut self.transitions));
+                self.shared.counts.apply(&transitions);
                 let answers: Vec<_> = batch.into_iter().map(|p| p.reply).zip(outcomes).collect();
                 self.after_commit(Ok(()), move |synced: Result<(), StoreError>| {
                     for (reply, outcome) in answers {
@@ -424,7 +431,6 @@ impl Writer {
             }
             Err(e) => {
                 self.rollback();
-                self.transitions.clear();
                 self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(true, Ordering::Relaxed);
                 let total: usize = batch.iter().map(|p| p.changes.len()).sum();
@@ -452,7 +458,7 @@ impl Writer {
     }
 
     /// Applies every caller's changes in one transaction and commits. Returns
-    /// each caller's outcome and the number of skipped changes, or the storage
+    /// what it did ([`Applied`]), or the storage
     /// failure that aborted the transaction (the caller rolls back).
     ///
     /// The common case, where no change breaks a rule of the schema, applies
@@ -460,11 +466,7 @@ impl Writer {
     /// is rejected is the whole transaction rolled back and the batch applied
     /// again with each caller in its own savepoint, so that the rejected
     /// callers alone fail.
-    fn apply_batch(
-        &mut self,
-        batch: &mut Vec<Pending>,
-        gather: &mut Gather<'_>,
-    ) -> Result<(Outcomes, u64), StoreError> {
+    fn apply_batch(&mut self, batch: &mut Vec<Pending>, gather: &mut Gather<'_>) -> Result<Applied, StoreError> {
         if let Some(applied) = self.apply_batch_plainly(batch, gather)? {
             return Ok(applied);
         }
@@ -474,8 +476,7 @@ impl Writer {
 
     /// Applies the batch in one transaction without savepoints, taking in the
     /// commit requests that arrive while it does (up to the batch limit), and
-    /// commits once none is waiting; returns each caller's admissions and the
-    /// skipped count. Applying each request as it comes, rather than draining
+    /// commits once none is waiting; returns what it did ([`Applied`]). Applying each request as it comes, rather than draining
     /// the queue first and applying after, means a request that arrives while
     /// the writer is busy joins the transaction in flight instead of waiting
     /// for the next one. `Ok(None)` when a change was rejected: the
@@ -485,7 +486,7 @@ impl Writer {
         &mut self,
         batch: &mut Vec<Pending>,
         gather: &mut Gather<'_>,
-    ) -> Result<Option<(Outcomes, u64)>, StoreError> {
+    ) -> Result<Option<Applied>, StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
         let mut skipped = 0;
         let mut applying = Applying::default();
@@ -530,13 +531,12 @@ impl Writer {
             }
         }
         self.exec("COMMIT", "commit")?;
-        self.transitions = applying.transitions;
-        Ok(Some((admissions, skipped)))
+        Ok(Some(Applied { outcomes: admissions, skipped, transitions: applying.transitions }))
     }
 
     /// Applies the batch in one transaction with each caller's changes in
     /// their own savepoint, so a rejected caller rolls back alone, and commits.
-    fn apply_batch_carefully(&mut self, batch: &[Pending]) -> Result<(Outcomes, u64), StoreError> {
+    fn apply_batch_carefully(&mut self, batch: &[Pending]) -> Result<Applied, StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut skipped_total = 0;
@@ -571,8 +571,7 @@ impl Writer {
             outcomes.push(outcome.map(|()| admissions));
         }
         self.exec("COMMIT", "commit")?;
-        self.transitions = applying.transitions;
-        Ok((outcomes, skipped_total))
+        Ok(Applied { outcomes, skipped: skipped_total, transitions: applying.transitions })
     }
 
     fn exec(&self, sql: &'static str, context: &'static str) -> Result<(), StoreError> {
@@ -1041,30 +1040,30 @@ impl Writer {
         }
         let result = self.prune_in_transaction(finished_before, limit);
         match &result {
-            Ok(ids) => {
+            Ok((ids, transitions)) => {
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(false, Ordering::Relaxed);
-                self.shared.counts.apply(&std::mem::take(&mut self.transitions));
+                self.shared.counts.apply(transitions);
                 debug!(jobs = ids.len(), "store: pruned finished jobs");
             }
             Err(e) => {
                 self.rollback();
-                self.transitions.clear();
                 self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(true, Ordering::Relaxed);
                 error!(error = %e, "store prune failed; rolled back");
             }
         }
-        result
+        result.map(|(ids, _)| ids)
     }
 
+    /// The pruned jobs' ids, and their leaving the counts.
     fn prune_in_transaction(
         &mut self,
         finished_before: DateTime<Utc>,
         limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<(Vec<String>, Vec<Transition>), StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a prune")?;
-        let ids = {
+        let (ids, transitions) = {
             let mut statement = self
                 .conn
                 .prepare_cached(
@@ -1080,13 +1079,13 @@ impl Writer {
                 })
                 .map_err(StoreError::sqlite("prune"))?;
             let pruned = rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::sqlite("prune"))?;
-            self.transitions = pruned
+            let transitions = pruned
                 .iter()
                 .filter_map(|(_, job_name, status)| {
                     Some(Transition { job_name: job_name.clone(), from: Some(status.parse().ok()?), to: None })
                 })
                 .collect();
-            pruned.into_iter().map(|(id, _, _)| id).collect::<Vec<String>>()
+            (pruned.into_iter().map(|(id, _, _)| id).collect::<Vec<String>>(), transitions)
         };
         // Gate events and fires, and schedule fires, past the same retention go too, in the same bounded steps:
         // a key older than the retention is settled or given up long ago.
@@ -1120,7 +1119,7 @@ impl Writer {
             )
             .map_err(StoreError::sqlite("prune schedule fires"))?;
         self.exec("COMMIT", "commit a prune")?;
-        Ok(ids)
+        Ok((ids, transitions))
     }
 
     /// Forgets at most `limit` idempotency keys first given before
