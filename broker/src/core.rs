@@ -870,6 +870,22 @@ impl State {
         }
     }
 
+    /// Answers a Hello of `name` with `welcome`; false when it could not be sent.
+    fn welcome(&self, peer: &PeerId, name: &str, welcome: &ToWorker) -> bool {
+        match self.router.send(peer, welcome) {
+            Ok(()) => true,
+            // A peer that said Hello on its way out (a draining worker's last Hello) and is gone.
+            Err(TransportError::UnknownPeer { .. }) => {
+                tracing::debug!(peer = name, "the peer left before its Welcome");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(peer = name, error = %e, "cannot answer Hello");
+                false
+            }
+        }
+    }
+
     fn on_semaphore_hello(&mut self, peer: PeerId, hello: Hello) {
         let welcome = ToWorker::Welcome(Welcome {
             heartbeat_ms: self.shared.config.heartbeat.as_millis() as u64,
@@ -877,14 +893,7 @@ impl State {
             drift: Vec::new(),
             url: self.shared.config.url.clone(),
         });
-        if let Err(e) = self.router.send(&peer, &welcome) {
-            match e {
-                // A peer that said Hello on its way out (a draining worker's last Hello) and is gone.
-                TransportError::UnknownPeer { .. } => {
-                    tracing::debug!(semaphore = %hello.name, "the peer left before its Welcome")
-                }
-                e => tracing::warn!(semaphore = %hello.name, error = %e, "cannot answer Hello"),
-            }
+        if !self.welcome(&peer, &hello.name, &welcome) {
             return;
         }
         if self.gates.semaphores.insert(peer, (hello.name.clone(), Instant::now())).is_none() {
@@ -1195,14 +1204,7 @@ impl State {
             drift,
             url: self.shared.config.url.clone(),
         });
-        if let Err(e) = self.router.send(&peer, &welcome) {
-            match e {
-                // A peer that said Hello on its way out (a draining worker's last Hello) and is gone.
-                TransportError::UnknownPeer { .. } => {
-                    tracing::debug!(worker = %name, "the peer left before its Welcome")
-                }
-                e => tracing::warn!(worker = %name, error = %e, "cannot answer Hello"),
-            }
+        if !self.welcome(&peer, &name, &welcome) {
             return;
         }
         let now = Utc::now();
