@@ -327,6 +327,12 @@ struct State {
     /// Results already committed, so a resend (lost ack) is acknowledged again, not recorded as stale.
     recently_done: VecDeque<(String, u64)>,
     recently_done_set: HashSet<(String, u64)>,
+    /// Jobs on their way back to a queue (requeued, retried, followed up) in a
+    /// batch not committed yet: readers of the store may already see them
+    /// queued while the loop holds them nowhere else.
+    entering: HashSet<String>,
+    /// Of those, the ones cancelled meanwhile: they are not queued once committed.
+    cancelled_entering: HashSet<String>,
     /// The broker's digest of each job definition, for drift detection.
     digests: HashMap<String, String>,
     seq: u64,
@@ -408,6 +414,8 @@ pub async fn start(
         workers: HashMap::new(),
         recently_done: VecDeque::new(),
         recently_done_set: HashSet::new(),
+        entering: HashSet::new(),
+        cancelled_entering: HashSet::new(),
         digests,
         seq: 0,
         dispatch_turn: 0,
@@ -1527,6 +1535,7 @@ impl State {
 
     /// Sends `batch` to the store; the loop goes on and learns the outcome as an event.
     fn commit(&mut self, batch: Batch) {
+        self.entering.extend(batch.enqueue.iter().map(|job| job.id.clone()));
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let asked = Instant::now();
@@ -1549,6 +1558,8 @@ impl State {
                 return;
             }
         };
+        // The batch's jobs are in the store now; those cancelled on their way are not queued.
+        let cancelled = self.arrived(&batch);
         self.drop_held(&mut batch, admissions);
         self.settle_fires(&batch);
         for event in &batch.events {
@@ -1563,15 +1574,34 @@ impl State {
             let _ = self.router.send_nowait(&peer, &ToWorker::ResultAck(LeaseRef { job_id, lease }));
         }
         for job in batch.enqueue {
-            self.enqueue(job);
+            if !cancelled.contains(&job.id) {
+                self.enqueue(job);
+            }
         }
         self.shared.wake(&batch.finished);
     }
 
+    /// The store has answered for `batch`: its jobs are no longer on their way
+    /// to a queue. Returns those cancelled meanwhile.
+    fn arrived(&mut self, batch: &Batch) -> HashSet<String> {
+        let mut cancelled = HashSet::new();
+        for job in &batch.enqueue {
+            self.entering.remove(&job.id);
+            if self.cancelled_entering.remove(&job.id) {
+                cancelled.insert(job.id.clone());
+            }
+        }
+        cancelled
+    }
+
     fn on_commit_failed(&mut self, batch: Batch, e: StoreError) {
         tracing::error!(error = %e, "store commit failed; the results stay unacknowledged and will be resent");
+        let cancelled = self.arrived(&batch);
         for r in batch.restore {
-            self.running.insert(r.job.id.clone(), r);
+            // A job cancelled on its way back to the queue stays cancelled (its Cancel commits on its own).
+            if !cancelled.contains(&r.job.id) {
+                self.running.insert(r.job.id.clone(), r);
+            }
         }
         // The fires were not recorded: the semaphores ask again.
         for (_, fired) in &batch.fires {
@@ -1680,6 +1710,10 @@ impl State {
             // The worker's result for this attempt comes back as cancelled; acknowledge it quietly.
             // A worker that is away now gets the Cancel when it registers again holding this lease.
             self.remember_done(id.to_string(), r.lease);
+        } else if self.entering.contains(id) {
+            // Committed after the batch that requeues it (the store applies in order), so the
+            // Cancel finds it queued; the loop leaves it out of the queue once that batch is in.
+            self.cancelled_entering.insert(id.to_string());
         } else {
             return false;
         }
