@@ -271,7 +271,10 @@ struct Sustained {
 
 struct AcceptFigures {
     bare: Sustained,
+    /// The broker and front door in this process, on a runtime of their own.
     jobz: Sustained,
+    /// A `jobz broker` process, as it is deployed: the figure the target is about.
+    process: Sustained,
     /// `JOBZ_BENCH_TLS=1`: the same broker behind HTTPS, client certificates and a token.
     tls: Option<Sustained>,
     /// Store commits and jobs per commit during the jobz runs, from the store's own counters.
@@ -286,18 +289,20 @@ fn accept_rates(bench: &Bench) -> BenchResult<AcceptFigures> {
         Ok("0") | Err(_) => None,
         Ok(other) => return Err(format!("JOBZ_BENCH_TLS: {other:?} is not 0 or 1").into()),
     };
+    let binary = jobz_binary()?;
     let mut bare = Vec::new();
     let mut jobz = Vec::new();
+    let mut process = Vec::new();
     let mut tls = Vec::new();
     let mut per_commit = Vec::new();
     let plain = Access::default();
     for _ in 0..RUNS {
         let server = BareServer::start()?;
-        bare.push(bench.client.block_on(sustained(server.addr, "/job_start?job_name=noop", &plain))?);
+        bare.push(bench.client.block_on(sustained(server.addr, "/job_start?job_name=noop", &plain, None))?);
         server.stop();
 
         let mesh = InProcess::start(bench, 0)?;
-        jobz.push(bench.client.block_on(sustained(mesh.http, "/job_start?job_name=noop", &plain))?);
+        jobz.push(bench.client.block_on(sustained(mesh.http, "/job_start?job_name=noop", &plain, None))?);
         let stats = mesh.store.stats();
         per_commit.push((
             stats.changes as f64 / stats.commits.max(1) as f64,
@@ -305,15 +310,21 @@ fn accept_rates(bench: &Bench) -> BenchResult<AcceptFigures> {
         ));
         mesh.stop();
 
+        let mut broker = Processes::broker(bench, &binary)?;
+        let pid = broker.broker_pid();
+        process.push(bench.client.block_on(sustained(broker.http, "/job_start?job_name=noop", &plain, Some(pid)))?);
+        broker.stop();
+
         if let Some(secure) = &secure {
             let mesh = InProcess::start_with(bench, 0, secure.options())?;
-            tls.push(bench.client.block_on(sustained(mesh.http, "/job_start?job_name=noop", &secure.access))?);
+            tls.push(bench.client.block_on(sustained(mesh.http, "/job_start?job_name=noop", &secure.access, None))?);
             mesh.stop();
         }
     }
     Ok(AcceptFigures {
         bare: median_run(bare),
         jobz: median_run(jobz),
+        process: median_run(process),
         tls: (!tls.is_empty()).then(|| median_run(tls)),
         jobs_per_commit: median(per_commit.iter().map(|p| p.0).collect()),
         jobs_per_sync: median(per_commit.iter().map(|p| p.1).collect()),
@@ -399,8 +410,14 @@ fn median_run(mut runs: Vec<Sustained>) -> Sustained {
 }
 
 /// [`CLIENTS`] connections each sending `path` back to back: a warm-up, then the
-/// measured window. Counts only 202s; anything else is an error.
-async fn sustained(addr: SocketAddr, path: &'static str, access: &Access) -> BenchResult<Sustained> {
+/// measured window. Counts only 202s; anything else is an error. The CPU is
+/// this process's, and `server`'s threads too when the server is a process of its own.
+async fn sustained(
+    addr: SocketAddr,
+    path: &'static str,
+    access: &Access,
+    server: Option<u32>,
+) -> BenchResult<Sustained> {
     let accepted = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -438,9 +455,10 @@ async fn sustained(addr: SocketAddr, path: &'static str, access: &Access) -> Ben
         }));
     }
     tokio::time::sleep(ACCEPT_WARMUP).await;
-    let (count_from, from, cpu_from) = (accepted.load(Ordering::Relaxed), Instant::now(), CpuSnapshot::take());
+    let (count_from, from, cpu_from) =
+        (accepted.load(Ordering::Relaxed), Instant::now(), CpuSnapshot::take_with(server));
     tokio::time::sleep(ACCEPT_WINDOW).await;
-    let (count_to, to, cpu_to) = (accepted.load(Ordering::Relaxed), Instant::now(), CpuSnapshot::take());
+    let (count_to, to, cpu_to) = (accepted.load(Ordering::Relaxed), Instant::now(), CpuSnapshot::take_with(server));
     stop.store(true, Ordering::Relaxed);
     let mut latencies = Vec::new();
     for client in clients {
@@ -463,7 +481,11 @@ async fn sustained(addr: SocketAddr, path: &'static str, access: &Access) -> Ben
 
 fn print_accept(f: &AcceptFigures) {
     println!("    {:<26} {:>10} {:>10} {:>10} {:>7}", "server", "starts/s", "p50", "p99", "errors");
-    for (name, s) in [("bare hyper 1.x (202 at once)", &f.bare), ("jobz broker (202 after fsync)", &f.jobz)] {
+    for (name, s) in [
+        ("bare hyper 1.x (202 at once)", &f.bare),
+        ("jobz, in-process (202 after fsync)", &f.jobz),
+        ("`jobz broker` process (the same)", &f.process),
+    ] {
         println!(
             "    {:<26} {:>10.0} {:>10} {:>10} {:>7}",
             name,
@@ -484,8 +506,9 @@ fn print_accept(f: &AcceptFigures) {
         );
     }
     println!(
-        "    ratio jobz / bare: {:.2}; jobs per store commit: {:.1}, per WAL sync (fsync): {:.1}",
+        "    ratio jobz / bare: {:.2} (process {:.2}); in-process jobs per store commit: {:.1}, per WAL sync (fsync): {:.1}",
         f.jobz.rate / f.bare.rate,
+        f.process.rate / f.bare.rate,
         f.jobs_per_commit,
         f.jobs_per_sync
     );
@@ -495,6 +518,7 @@ fn print_accept(f: &AcceptFigures) {
     println!("    CPU and context switches (cs) per start, in the window:");
     println!("      bare: {}; {}", f.bare.cpu.machine(), f.bare.cpu.per_job(f.bare.window_starts as f64));
     println!("      jobz: {}; {}", f.jobz.cpu.machine(), f.jobz.cpu.per_job(f.jobz.window_starts as f64));
+    println!("      process: {}; {}", f.process.cpu.machine(), f.process.cpu.per_job(f.process.window_starts as f64));
     if let Some(tls) = &f.tls {
         println!("      https: {}; {}", tls.cpu.machine(), tls.cpu.per_job(tls.window_starts as f64));
     }
@@ -1601,6 +1625,15 @@ impl CpuSnapshot {
         CpuSnapshot::of("/proc/self")
     }
 
+    /// This process, with the threads of process `other` (one the bench started) beside its own.
+    fn take_with(other: Option<u32>) -> CpuSnapshot {
+        let mut snapshot = CpuSnapshot::take();
+        if let Some(pid) = other {
+            snapshot.threads.extend(CpuSnapshot::of(&format!("/proc/{pid}")).threads);
+        }
+        snapshot
+    }
+
     /// The process whose `/proc` directory is `proc_dir`.
     fn of(proc_dir: &str) -> CpuSnapshot {
         let mut snapshot = CpuSnapshot::default();
@@ -1821,7 +1854,13 @@ fn summary(
     let mut rows: Vec<(String, String, String, &str)> = Vec::new();
     if let Some(a) = accept {
         rows.push((
-            "(1) jobz accepted starts/s".into(),
+            "(1) `jobz broker` accepted starts/s".into(),
+            format!("{:.0} (bare hyper {:.0}, ratio {:.2})", a.process.rate, a.bare.rate, a.process.rate / a.bare.rate),
+            format!(">= {TARGET_ACCEPTED_PER_SECOND:.0}"),
+            verdict(a.process.rate >= TARGET_ACCEPTED_PER_SECOND),
+        ));
+        rows.push((
+            "(1) in-process broker accepted starts/s".into(),
             format!("{:.0} (bare hyper {:.0}, ratio {:.2})", a.jobz.rate, a.bare.rate, a.jobz.rate / a.bare.rate),
             format!(">= {TARGET_ACCEPTED_PER_SECOND:.0}"),
             verdict(a.jobz.rate >= TARGET_ACCEPTED_PER_SECOND),
