@@ -24,8 +24,11 @@ pub(crate) struct Tail {
 }
 
 impl Tail {
+    /// Grows as output comes, up to `capacity`: most jobs write little or
+    /// nothing, and a 64 KiB buffer per attempt made up front costs every one
+    /// of them an allocation the allocator returns to the system on free.
     pub(crate) fn new(capacity: usize) -> Tail {
-        Tail { bytes: VecDeque::with_capacity(capacity), capacity, truncated: false }
+        Tail { bytes: VecDeque::new(), capacity, truncated: false }
     }
 
     pub(crate) fn push(&mut self, chunk: &[u8]) {

@@ -187,7 +187,8 @@ async fn supervise(
 /// Copies the pipe to the sink until EOF, or until the drain deadline passes
 /// (a process that left the process group can hold the pipe open forever).
 async fn copy_output(mut reader: pipe::Receiver, sink: &mut Sink, drain_deadline: oneshot::Receiver<Instant>) {
-    let mut buffer = vec![0; limits::OUTPUT_CHUNK_BYTES];
+    // Filled without zeroing first (`read_buf` reads into the spare capacity).
+    let mut buffer = Vec::with_capacity(limits::OUTPUT_CHUNK_BYTES);
     let drain_over = async {
         match drain_deadline.await {
             Ok(deadline) => tokio::time::sleep_until(deadline).await,
@@ -228,12 +229,12 @@ async fn copy_output(mut reader: pipe::Receiver, sink: &mut Sink, drain_deadline
 }
 
 /// Reads one chunk and writes it to the sink; false at EOF.
-async fn copy_chunk(reader: &mut pipe::Receiver, buffer: &mut [u8], sink: &mut Sink) -> io::Result<bool> {
-    let read = reader.read(buffer).await?;
-    if read == 0 {
+async fn copy_chunk(reader: &mut pipe::Receiver, buffer: &mut Vec<u8>, sink: &mut Sink) -> io::Result<bool> {
+    buffer.clear();
+    if reader.read_buf(buffer).await? == 0 {
         return Ok(false);
     }
-    sink.write(&buffer[..read]).await;
+    sink.write(buffer).await;
     Ok(true)
 }
 
