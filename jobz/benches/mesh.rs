@@ -17,7 +17,9 @@
 //!    started as fast as 16 clients can, from the first start to the last
 //!    success; against the machine's ceiling, 2 threads spawning and waiting
 //!    for `/bin/true` with `std::process::Command`. Also the worker's runner
-//!    alone (no broker, no network), to tell the runner's cost from the mesh's.
+//!    alone (no broker, no network), to tell the runner's cost from the mesh's,
+//!    and tokio's process support alone with the runner's way of spawning (the
+//!    "tokio floor"), to tell the runner's own code from what it is built on.
 //! 3. **Latency from the 202 to the process start** at a light load: one
 //!    `/bin/date +%s%N` at a time; the process prints its own start time, the
 //!    client notes when the 202 arrived, both on CLOCK_REALTIME. `date`'s own
@@ -547,11 +549,13 @@ struct E2eFigures {
     ceiling_cpu: CpuSnapshot,
     runner_only: f64,
     runner_cpu: CpuSnapshot,
+    tokio_floor: f64,
+    tokio_cpu: CpuSnapshot,
 }
 
 fn e2e_rates(bench: &Bench) -> BenchResult<E2eFigures> {
     // Interleaved, so that a burst of load from elsewhere on the machine does not hit one side only.
-    let (mut meshes, mut ceilings, mut runners) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut meshes, mut ceilings, mut runners, mut floors) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
         let mesh = InProcess::start(bench, WORKERS)?;
         let run = bench.client.block_on(run_batch(mesh.http, E2E_JOBS));
@@ -565,12 +569,14 @@ fn e2e_rates(bench: &Bench) -> BenchResult<E2eFigures> {
         });
         ceilings.push(spawn_ceiling(E2E_JOBS, WORKERS)?);
         runners.push(runner_ceiling(E2E_JOBS, WORKERS)?);
+        floors.push(tokio_floor(E2E_JOBS, WORKERS)?);
     }
     meshes.sort_by(|a, b| a.rate.total_cmp(&b.rate));
     let mesh = meshes.swap_remove(meshes.len() / 2);
     let (ceiling, ceiling_cpu) = median_by_rate(ceilings);
     let (runner_only, runner_cpu) = median_by_rate(runners);
-    Ok(E2eFigures { mesh, ceiling, ceiling_cpu, runner_only, runner_cpu })
+    let (tokio_floor, tokio_cpu) = median_by_rate(floors);
+    Ok(E2eFigures { mesh, ceiling, ceiling_cpu, runner_only, runner_cpu, tokio_floor, tokio_cpu })
 }
 
 fn median_by_rate(mut runs: Vec<(f64, CpuSnapshot)>) -> (f64, CpuSnapshot) {
@@ -704,9 +710,64 @@ fn runner_ceiling(jobs: usize, tasks: usize) -> BenchResult<(f64, CpuSnapshot)> 
     Ok(((per_task * tasks) as f64 / elapsed.as_secs_f64(), spent))
 }
 
+/// What tokio's process support costs by itself, with the runner's way of
+/// spawning and none of its code: `tasks` concurrent loops, each spawning
+/// `/bin/true` in a process group of its own, stdin from `/dev/null`, stdout
+/// and stderr in one pipe, then reading the pipe to EOF while awaiting the exit
+/// (tokio reaps through a pidfd in its epoll). The runner cannot be cheaper
+/// than this, and the mesh runs the runner.
+fn tokio_floor(jobs: usize, tasks: usize) -> BenchResult<(f64, CpuSnapshot)> {
+    use tokio::io::AsyncReadExt;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bench-tokio").build()?;
+    let per_task = jobs / tasks;
+    let null = File::open("/dev/null")?;
+    let from = CpuSnapshot::take();
+    let clock = Instant::now();
+    runtime.block_on(async {
+        let mut handles = Vec::new();
+        for _ in 0..tasks {
+            let null = null.try_clone()?;
+            handles.push(tokio::spawn(async move {
+                let mut buffer = Vec::with_capacity(16 * 1024);
+                for _ in 0..per_task {
+                    let (sender, mut receiver) = tokio::net::unix::pipe::pipe()?;
+                    let stdout = sender.into_blocking_fd()?;
+                    let stderr = stdout.try_clone()?;
+                    let mut command = tokio::process::Command::new("/bin/true");
+                    command.process_group(0).stdin(null.try_clone()?).stdout(stdout).stderr(stderr);
+                    let mut child = command.spawn()?;
+                    drop(command);
+                    buffer.clear();
+                    let (read, status) = tokio::join!(receiver.read_buf(&mut buffer), child.wait());
+                    read?;
+                    if !status?.success() {
+                        return Err(std::io::Error::other("/bin/true did not succeed"));
+                    }
+                }
+                Ok::<(), std::io::Error>(())
+            }));
+        }
+        for handle in handles {
+            tokio::time::timeout(RUN_DEADLINE, handle).await.map_err(|_| "the tokio loop timed out")???;
+        }
+        BenchResult::Ok(())
+    })?;
+    let elapsed = clock.elapsed();
+    // Read while the runtime's threads still exist.
+    let spent = from.until(&CpuSnapshot::take());
+    runtime.shutdown_timeout(STOP_DEADLINE);
+    Ok(((per_task * tasks) as f64 / elapsed.as_secs_f64(), spent))
+}
+
 fn print_e2e(f: &E2eFigures) {
     println!("    {:<52} {:>10} {:>9}", "", "jobs/s", "vs ceiling");
     println!("    {:<52} {:>10.0} {:>9}", "ceiling: 2 threads, std Command::status(/bin/true)", f.ceiling, "1.00");
+    println!(
+        "    {:<52} {:>10.0} {:>9.2}",
+        "tokio floor: 2 tasks, tokio::process, pipe, pgroup",
+        f.tokio_floor,
+        f.tokio_floor / f.ceiling
+    );
     println!(
         "    {:<52} {:>10.0} {:>9.2}",
         "runner only: 2 tasks, worker::runner::run(/bin/true)",
@@ -722,6 +783,7 @@ fn print_e2e(f: &E2eFigures) {
     let jobs = E2E_JOBS as f64;
     println!("    CPU and context switches (cs) per job, in this process:");
     println!("      ceiling: {}; {}", f.ceiling_cpu.machine(), f.ceiling_cpu.per_job(jobs));
+    println!("      tokio:   {}; {}", f.tokio_cpu.machine(), f.tokio_cpu.per_job(jobs));
     println!("      runner:  {}; {}", f.runner_cpu.machine(), f.runner_cpu.per_job(jobs));
     println!("      mesh:    {}; {}", f.mesh.cpu.machine(), f.mesh.cpu.per_job(jobs));
     println!(
