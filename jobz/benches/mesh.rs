@@ -679,35 +679,17 @@ fn spawn_ceiling(jobs: usize, threads: usize) -> BenchResult<(f64, CpuSnapshot)>
 /// The worker's runner alone, no broker, no network: `tasks` concurrent loops
 /// of `runner::run` on `/bin/true` (process group, output pipe, tokio child reaping).
 fn runner_ceiling(jobs: usize, tasks: usize) -> BenchResult<(f64, CpuSnapshot)> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bench-runner").build()?;
-    let per_task = jobs / tasks;
-    let from = CpuSnapshot::take();
-    let clock = Instant::now();
-    runtime.block_on(async {
-        let mut handles = Vec::new();
-        for _ in 0..tasks {
-            handles.push(tokio::spawn(async move {
-                let spec = JobSpec::new(vec!["/bin/true".to_string()]);
-                for _ in 0..per_task {
-                    let outcome =
-                        runner::run(&spec, CancellationToken::new(), None).await.map_err(|e| e.to_string())?;
-                    if !outcome.succeeded() {
-                        return Err(format!("/bin/true did not succeed under the runner: {:?}", outcome.status));
-                    }
-                }
-                Ok::<(), String>(())
-            }));
+    let spec = Arc::new(JobSpec::new(vec!["/bin/true".to_string()]));
+    timed_loops("bench-runner", jobs, tasks, move || {
+        let spec = spec.clone();
+        async move {
+            let outcome = runner::run(&spec, CancellationToken::new(), None).await.map_err(|e| e.to_string())?;
+            if !outcome.succeeded() {
+                return Err(format!("/bin/true did not succeed under the runner: {:?}", outcome.status));
+            }
+            Ok(())
         }
-        for handle in handles {
-            tokio::time::timeout(RUN_DEADLINE, handle).await.map_err(|_| "the runner loop timed out")???;
-        }
-        BenchResult::Ok(())
-    })?;
-    let elapsed = clock.elapsed();
-    // Read while the runtime's threads still exist.
-    let spent = from.until(&CpuSnapshot::take());
-    runtime.shutdown_timeout(STOP_DEADLINE);
-    Ok(((per_task * tasks) as f64 / elapsed.as_secs_f64(), spent))
+    })
 }
 
 /// What tokio's process support costs by itself, with the runner's way of
@@ -717,43 +699,67 @@ fn runner_ceiling(jobs: usize, tasks: usize) -> BenchResult<(f64, CpuSnapshot)> 
 /// (tokio reaps through a pidfd in its epoll). The runner cannot be cheaper
 /// than this, and the mesh runs the runner.
 fn tokio_floor(jobs: usize, tasks: usize) -> BenchResult<(f64, CpuSnapshot)> {
+    let null = Arc::new(File::open("/dev/null")?);
+    timed_loops("bench-tokio", jobs, tasks, move || tokio_floor_job(null.clone()))
+}
+
+/// One job of [`tokio_floor`].
+async fn tokio_floor_job(null: Arc<File>) -> Result<(), String> {
     use tokio::io::AsyncReadExt;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bench-tokio").build()?;
+    let failed = |e: std::io::Error| e.to_string();
+    let (sender, mut receiver) = tokio::net::unix::pipe::pipe().map_err(failed)?;
+    let stdout = sender.into_blocking_fd().map_err(failed)?;
+    let stderr = stdout.try_clone().map_err(failed)?;
+    let mut command = tokio::process::Command::new("/bin/true");
+    command.process_group(0).stdin(null.try_clone().map_err(failed)?).stdout(stdout).stderr(stderr);
+    let mut child = command.spawn().map_err(failed)?;
+    drop(command);
+    let drain = async {
+        let mut buffer = Vec::with_capacity(16 * 1024);
+        while receiver.read_buf(&mut buffer).await? > 0 {
+            buffer.clear();
+        }
+        std::io::Result::Ok(())
+    };
+    let (read, status) = tokio::join!(drain, child.wait());
+    read.map_err(failed)?;
+    if !status.map_err(failed)?.success() {
+        return Err("/bin/true did not succeed under tokio::process".into());
+    }
+    Ok(())
+}
+
+/// Runs `tasks` concurrent loops of `jobs / tasks` calls of `job` each, on a
+/// multi-thread runtime of its own whose threads are named `thread_name`.
+/// Returns the rate and the CPU spent, read before the runtime's threads end.
+fn timed_loops<J, F>(thread_name: &str, jobs: usize, tasks: usize, job: J) -> BenchResult<(f64, CpuSnapshot)>
+where
+    J: Fn() -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name(thread_name).build()?;
     let per_task = jobs / tasks;
-    let null = File::open("/dev/null")?;
     let from = CpuSnapshot::take();
     let clock = Instant::now();
     runtime.block_on(async {
         let mut handles = Vec::new();
         for _ in 0..tasks {
-            let null = null.try_clone()?;
+            let job = job.clone();
             handles.push(tokio::spawn(async move {
-                let mut buffer = Vec::with_capacity(16 * 1024);
                 for _ in 0..per_task {
-                    let (sender, mut receiver) = tokio::net::unix::pipe::pipe()?;
-                    let stdout = sender.into_blocking_fd()?;
-                    let stderr = stdout.try_clone()?;
-                    let mut command = tokio::process::Command::new("/bin/true");
-                    command.process_group(0).stdin(null.try_clone()?).stdout(stdout).stderr(stderr);
-                    let mut child = command.spawn()?;
-                    drop(command);
-                    buffer.clear();
-                    let (read, status) = tokio::join!(receiver.read_buf(&mut buffer), child.wait());
-                    read?;
-                    if !status?.success() {
-                        return Err(std::io::Error::other("/bin/true did not succeed"));
-                    }
+                    job().await?;
                 }
-                Ok::<(), std::io::Error>(())
+                Ok::<(), String>(())
             }));
         }
         for handle in handles {
-            tokio::time::timeout(RUN_DEADLINE, handle).await.map_err(|_| "the tokio loop timed out")???;
+            tokio::time::timeout(RUN_DEADLINE, handle)
+                .await
+                .map_err(|_| format!("a {thread_name} loop timed out"))???;
         }
         BenchResult::Ok(())
     })?;
     let elapsed = clock.elapsed();
-    // Read while the runtime's threads still exist.
     let spent = from.until(&CpuSnapshot::take());
     runtime.shutdown_timeout(STOP_DEADLINE);
     Ok(((per_task * tasks) as f64 / elapsed.as_secs_f64(), spent))

@@ -25,8 +25,9 @@ pub(crate) struct Tail {
 
 impl Tail {
     /// Grows as output comes, up to `capacity`: most jobs write little or
-    /// nothing, and a 64 KiB buffer per attempt made up front costs every one
-    /// of them an allocation the allocator returns to the system on free.
+    /// nothing, and a 64 KiB buffer made up front for every attempt cost each
+    /// of them a large allocation, whose free sends glibc's allocator into
+    /// consolidating its free lists.
     pub(crate) fn new(capacity: usize) -> Tail {
         Tail { bytes: VecDeque::new(), capacity, truncated: false }
     }
