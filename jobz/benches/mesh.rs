@@ -78,6 +78,11 @@ use tokio_util::task::TaskTracker;
 use worker::mesh::WorkerConfig;
 use worker::runner::{self, JobSpec};
 
+/// The allocator of the `jobz` binary, so that the in-process parts measure
+/// what `jobz up` runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
 /// The bench's job file: one job that does nothing, one that prints its start
