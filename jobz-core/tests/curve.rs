@@ -64,6 +64,17 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A refused peer's send either queues (its handshake has not failed yet) or
+/// finds no pipe to queue on (libzmq drops a session whose handshake failed
+/// with a protocol error, and with it the pipe): both are fine, the refusal is
+/// what the test looks for, and it comes from the connection alone.
+fn queue_or_refused(sent: Result<(), TransportError>) {
+    match sent {
+        Ok(()) | Err(TransportError::Full) => {}
+        Err(e) => panic!("a refused peer's send failed otherwise: {e}"),
+    }
+}
+
 /// The next message reaching the router must come from `id`: a refused peer
 /// that had got in would have been first, since it sent before.
 async fn next_is_from(router: &Router, id: &[u8]) {
@@ -97,7 +108,7 @@ async fn an_unknown_key_is_refused_and_counted() {
     let (allowed, stranger) = (key(), key());
     let (router, server) = curve_router(&ctx, &[&allowed]);
     let refused = curve_dealer(&ctx, &router, &stranger, &server, b"stranger");
-    refused.send(&heartbeat()).expect("queued");
+    queue_or_refused(refused.send(&heartbeat()));
     let refusals = router.refusals();
     wait_until("the ZAP refusal", || refusals.keys() >= 1);
     let good = curve_dealer(&ctx, &router, &allowed, &server, b"good");
@@ -112,12 +123,12 @@ async fn a_plain_text_peer_and_a_wrong_broker_key_are_refused() {
     let (router, server) = curve_router(&ctx, &[&worker]);
     let refusals = router.refusals();
     let plain = Dealer::connect(&ctx, router.local_endpoint(), &options(), Some(b"plain".to_vec())).expect("connect");
-    plain.send(&heartbeat()).expect("queued");
+    queue_or_refused(plain.send(&heartbeat()));
     wait_until("the plain-text refusal", || refusals.handshakes() >= 1);
     // The right own key, but another broker's public key: the HELLO does not decrypt.
     let impostor = key();
     let lost = curve_dealer(&ctx, &router, &worker, &impostor, b"lost");
-    lost.send(&heartbeat()).expect("queued");
+    queue_or_refused(lost.send(&heartbeat()));
     wait_until("the undecryptable handshake", || refusals.handshakes() >= 2);
     let good = curve_dealer(&ctx, &router, &worker, &server, b"good");
     good.send(&heartbeat()).expect("send");
