@@ -728,8 +728,14 @@ impl State {
         worker.owed.insert((job.id.clone(), lease));
         let queued_for = (now - job.queued_at).to_std().unwrap_or_default();
         self.shared.metrics.dispatched(&job.job_name, queued_for);
-        let change =
-            Change::Dispatch { id: job.id.clone(), attempt: job.attempts, worker: worker.name.clone(), lease, at: now };
+        let change = Change::Dispatch {
+            id: job.id.clone(),
+            job_name: job.job_name.clone(),
+            attempt: job.attempts,
+            worker: worker.name.clone(),
+            lease,
+            at: now,
+        };
         if let Err(e) = self.shared.store.commit_later(vec![change]) {
             tracing::warn!(error = %e, job = %job.id, "recording a dispatch failed; the job still runs");
         }
@@ -786,7 +792,14 @@ impl State {
             worker.owed.insert((job.id.clone(), lease));
             let name = worker.name.clone();
             changes.push(if copies.is_empty() {
-                Change::Dispatch { id: job.id.clone(), attempt, worker: name.clone(), lease, at: now }
+                Change::Dispatch {
+                    id: job.id.clone(),
+                    job_name: job.job_name.clone(),
+                    attempt,
+                    worker: name.clone(),
+                    lease,
+                    at: now,
+                }
             } else {
                 Change::AttemptStart { id: job.id.clone(), attempt, worker: name.clone(), lease, at: now }
             });
@@ -1421,6 +1434,7 @@ impl State {
         self.shared.metrics.finished(&running.job.job_name, status, ending.run_time);
         batch.changes.push(Change::Finish {
             id: running.job.id.clone(),
+            job_name: running.job.job_name.clone(),
             lease: running.lease,
             status,
             exit_code: ending.exit_code,
@@ -1855,7 +1869,7 @@ impl State {
 /// `Requeue`, queued again once that is committed.
 fn requeue(batch: &mut Batch, running: Running, at: DateTime<Utc>) {
     let mut job = running.job;
-    batch.changes.push(Change::Requeue { id: job.id.clone(), at, not_before: None });
+    batch.changes.push(Change::Requeue { id: job.id.clone(), job_name: job.job_name.clone(), at, not_before: None });
     job.queued_at = at;
     job.not_before = None;
     batch.enqueue.push(job);

@@ -208,8 +208,11 @@ pub enum Change {
     /// the job (a `Fire`) then name the job that stood for it instead.
     InsertUnlessHeld(Box<GuardedInsert>),
     /// Queued → running: attempt `attempt` handed to `worker` under `lease`.
+    /// `job_name` is the job's, for the store's counts by name (the store
+    /// does not read it back from the row).
     Dispatch {
         id: String,
+        job_name: String,
         attempt: u32,
         worker: String,
         lease: u64,
@@ -231,9 +234,10 @@ pub enum Change {
         exit_code: Option<i32>,
         at: DateTime<Utc>,
     },
-    /// Running → a final status, for the attempt holding `lease`.
+    /// Running → a final status, for the attempt holding `lease`. `job_name` as in `Dispatch`.
     Finish {
         id: String,
+        job_name: String,
         lease: u64,
         status: Status,
         exit_code: Option<i32>,
@@ -245,6 +249,8 @@ pub enum Change {
     /// Running → queued: the lease was lost (worker gone) or a retry is due at `not_before`.
     Requeue {
         id: String,
+        /// As in `Dispatch`.
+        job_name: String,
         at: DateTime<Utc>,
         not_before: Option<DateTime<Utc>>,
     },

@@ -194,6 +194,7 @@ async fn every_change_applies_as_documented_on_job_and_attempts() {
     // Dispatch: running, attempt 1 under lease 7.
     let dispatch = |attempt, lease, worker: &str, t| Change::Dispatch {
         id: "j".into(),
+        job_name: "import".into(),
         attempt,
         worker: worker.into(),
         lease,
@@ -229,6 +230,7 @@ async fn every_change_applies_as_documented_on_job_and_attempts() {
     store
         .commit(vec![Change::Finish {
             id: "j".into(),
+            job_name: "import".into(),
             lease: 7,
             status: Status::Failed,
             exit_code: Some(3),
@@ -263,7 +265,15 @@ async fn every_change_applies_as_documented_on_job_and_attempts() {
 
     // Dispatch attempt 2, then the worker is lost: Requeue with a not_before.
     store.commit(vec![dispatch(2, 8, "w2", at(4))]).await.unwrap();
-    store.commit(vec![Change::Requeue { id: "j".into(), at: at(5), not_before: Some(at(15)) }]).await.unwrap();
+    store
+        .commit(vec![Change::Requeue {
+            id: "j".into(),
+            job_name: "import".into(),
+            at: at(5),
+            not_before: Some(at(15)),
+        }])
+        .await
+        .unwrap();
     expected.attempts = 2;
     expected.worker = Some("w2".into());
     expected.started_at = Some(at(4));
@@ -342,6 +352,7 @@ async fn finishing_with_a_wrong_lease_or_in_a_wrong_state_changes_nothing() {
     store.commit(vec![Change::Insert(queued("j", "import", at(0)))]).await.unwrap();
     let finish = |lease| Change::Finish {
         id: "j".into(),
+        job_name: "import".into(),
         lease,
         status: Status::Succeeded,
         exit_code: Some(0),
@@ -355,7 +366,14 @@ async fn finishing_with_a_wrong_lease_or_in_a_wrong_state_changes_nothing() {
     assert_eq!(job(&store, "j").await, queued("j", "import", at(0)));
 
     store
-        .commit(vec![Change::Dispatch { id: "j".into(), attempt: 1, worker: "w".into(), lease: 7, at: at(1) }])
+        .commit(vec![Change::Dispatch {
+            id: "j".into(),
+            job_name: "import".into(),
+            attempt: 1,
+            worker: "w".into(),
+            lease: 7,
+            at: at(1),
+        }])
         .await
         .unwrap();
     let running = job(&store, "j").await;
@@ -368,7 +386,14 @@ async fn finishing_with_a_wrong_lease_or_in_a_wrong_state_changes_nothing() {
     // A second dispatch of a running job, and a stale result for a lease never handed out, are no-ops too.
     store
         .commit(vec![
-            Change::Dispatch { id: "j".into(), attempt: 2, worker: "x".into(), lease: 8, at: at(2) },
+            Change::Dispatch {
+                id: "j".into(),
+                job_name: "import".into(),
+                attempt: 2,
+                worker: "x".into(),
+                lease: 8,
+                at: at(2),
+            },
             Change::Stale {
                 id: "j".into(),
                 lease: 99,
@@ -400,8 +425,15 @@ async fn changes_for_unknown_ids_are_no_ops_not_errors() {
         .commit(vec![
             Change::Cancel { id: "pruned".into(), at: at(0) },
             Change::Insert(queued("new", "import", at(0))),
-            Change::Dispatch { id: "pruned".into(), attempt: 1, worker: "w".into(), lease: 1, at: at(0) },
-            Change::Requeue { id: "pruned".into(), at: at(0), not_before: None },
+            Change::Dispatch {
+                id: "pruned".into(),
+                job_name: "import".into(),
+                attempt: 1,
+                worker: "w".into(),
+                lease: 1,
+                at: at(0),
+            },
+            Change::Requeue { id: "pruned".into(), job_name: "import".into(), at: at(0), not_before: None },
             Change::Retry { id: "pruned".into(), at: at(0), not_before: None },
             Change::Progress { id: "pruned".into(), progress: Progress { percent: 1.0, message: None } },
         ])
@@ -772,9 +804,17 @@ async fn unfinished_lists_queued_and_running_jobs_in_queue_order() {
         Change::Insert(with_priority("done", 100, 0)),
         Change::Insert(with_priority("gone", 100, 0)),
     ];
-    changes.push(Change::Dispatch { id: "done".into(), attempt: 1, worker: "w".into(), lease: 1, at: at(5) });
+    changes.push(Change::Dispatch {
+        id: "done".into(),
+        job_name: "import".into(),
+        attempt: 1,
+        worker: "w".into(),
+        lease: 1,
+        at: at(5),
+    });
     changes.push(Change::Finish {
         id: "done".into(),
+        job_name: "import".into(),
         lease: 1,
         status: Status::Succeeded,
         exit_code: Some(0),
@@ -784,7 +824,14 @@ async fn unfinished_lists_queued_and_running_jobs_in_queue_order() {
         error: None,
     });
     changes.push(Change::Cancel { id: "gone".into(), at: at(6) });
-    changes.push(Change::Dispatch { id: "mid-1".into(), attempt: 1, worker: "w".into(), lease: 2, at: at(7) });
+    changes.push(Change::Dispatch {
+        id: "mid-1".into(),
+        job_name: "import".into(),
+        attempt: 1,
+        worker: "w".into(),
+        lease: 2,
+        at: at(7),
+    });
     store.commit(changes).await.unwrap();
 
     let order: Vec<_> = store.unfinished().await.unwrap().into_iter().map(|j| (j.id, j.status)).collect();
@@ -874,9 +921,17 @@ async fn prune_deletes_only_finished_jobs_older_than_the_cutoff_up_to_the_limit(
     for i in 0..10 {
         let id = format!("old{i}");
         changes.push(Change::Insert(queued(&id, "import", at(0))));
-        changes.push(Change::Dispatch { id: id.clone(), attempt: 1, worker: "w".into(), lease: i, at: at(1) });
+        changes.push(Change::Dispatch {
+            id: id.clone(),
+            job_name: "import".into(),
+            attempt: 1,
+            worker: "w".into(),
+            lease: i,
+            at: at(1),
+        });
         changes.push(Change::Finish {
             id,
+            job_name: "import".into(),
             lease: i,
             status: Status::Failed,
             exit_code: Some(1),
@@ -1001,10 +1056,17 @@ async fn counts_follow_every_change_a_refused_commit_a_prune_and_a_reopen() {
     let mut inserts: Vec<Change> = (0..8).map(|i| Change::Insert(queued(&format!("j{i}"), "alpha", at(i)))).collect();
     inserts.push(Change::Insert(queued("b0", "beta", at(0))));
     store.commit(inserts).await.unwrap();
-    let dispatch =
-        |id: &str, lease: u64| Change::Dispatch { id: id.into(), attempt: 1, worker: "w".into(), lease, at: at(20) };
+    let dispatch = |id: &str, lease: u64| Change::Dispatch {
+        id: id.into(),
+        job_name: "alpha".into(),
+        attempt: 1,
+        worker: "w".into(),
+        lease,
+        at: at(20),
+    };
     let finish = |id: &str, lease: u64, status: Status| Change::Finish {
         id: id.into(),
+        job_name: "alpha".into(),
         lease,
         status,
         exit_code: Some(0),
@@ -1018,7 +1080,7 @@ async fn counts_follow_every_change_a_refused_commit_a_prune_and_a_reopen() {
         vec![finish("j0", 100, Status::Succeeded), finish("j1", 101, Status::Failed)],
         // A stale finish and a second dispatch change nothing, and count nothing.
         vec![finish("j2", 999, Status::Succeeded), dispatch("j0", 7)],
-        vec![Change::Requeue { id: "j2".into(), at: at(31), not_before: None }],
+        vec![Change::Requeue { id: "j2".into(), job_name: "alpha".into(), at: at(31), not_before: None }],
         vec![Change::Fail { id: "j3".into(), at: at(32), error: "gone".into() }],
         vec![Change::Cancel { id: "j4".into(), at: at(33) }, Change::Cancel { id: "j6".into(), at: at(33) }],
         vec![Change::Retry { id: "j1".into(), at: at(34), not_before: None }],
@@ -1144,9 +1206,18 @@ async fn admit(store: &SqliteStore, change: Change) -> Admission {
 
 /// Runs job `id` to `status`, finishing at `finished`.
 async fn run_to(store: &SqliteStore, id: &str, status: Status, finished: DateTime<Utc>) {
-    let dispatch = Change::Dispatch { id: id.into(), attempt: 1, worker: "w1".into(), lease: 9, at: finished };
+    let job_name = job(store, id).await.job_name;
+    let dispatch = Change::Dispatch {
+        id: id.into(),
+        job_name: job_name.clone(),
+        attempt: 1,
+        worker: "w1".into(),
+        lease: 9,
+        at: finished,
+    };
     let finish = Change::Finish {
         id: id.into(),
+        job_name,
         lease: 9,
         status,
         exit_code: Some(i32::from(status != Status::Succeeded)),

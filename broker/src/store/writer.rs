@@ -192,15 +192,13 @@ impl Applying {
         self.transitions.push(Transition { job_name: job.job_name.clone(), from: None, to: Some(job.status) });
     }
 
-    /// A statement moved the job named `name` (`None`: it matched no row) from `from` to `to`; true if it did.
-    fn moved(&mut self, name: Option<String>, from: Option<Status>, to: Option<Status>) -> bool {
-        match name {
-            Some(job_name) => {
-                self.transitions.push(Transition { job_name, from, to });
-                true
-            }
-            None => false,
+    /// A statement that `updated` (matched its row, or not) moved the job
+    /// named `job_name` from `from` to `to`; true if it did.
+    fn moved_if(&mut self, updated: bool, job_name: &str, from: Option<Status>, to: Option<Status>) -> bool {
+        if updated {
+            self.transitions.push(Transition { job_name: job_name.to_owned(), from, to });
         }
+        updated
     }
 
     /// A statement that `changed` the job that was `before` (name and status) now has it at `to`.
@@ -666,15 +664,15 @@ impl Writer {
                     params![fire.schedule, time_to_sql(fire.instant), job_id, fire.error, time_to_sql(fire.at)],
                 )?
             }
-            Change::Dispatch { id, attempt, worker, lease, at } => {
-                let name = self.execute_returning_name(
+            Change::Dispatch { id, job_name, attempt, worker, lease, at } => {
+                let updated = self.execute(
                     change,
                     "UPDATE jobs SET status = 'running', attempts = ?2, worker = ?3, lease = ?4, started_at = ?5,
                          not_before = NULL, progress_percent = NULL, progress_message = NULL
-                     WHERE id = ?1 AND status = 'queued' RETURNING job_name",
+                     WHERE id = ?1 AND status = 'queued'",
                     params![id, attempt, worker, lease_to_sql(*lease), time_to_sql(*at)],
                 )?;
-                let changed = applying.moved(name, Some(Status::Queued), Some(Status::Running));
+                let changed = applying.moved_if(updated, job_name, Some(Status::Queued), Some(Status::Running));
                 if changed {
                     self.execute(
                         change,
@@ -696,15 +694,15 @@ impl Writer {
                  WHERE job_id = ?1 AND lease = ?2 AND finished_at IS NULL",
                 params![id, lease_to_sql(*lease), status.as_str(), time_to_sql(*at), exit_code],
             )?,
-            Change::Finish { id, lease, status, exit_code, signal, at, output_tail, error } => {
+            Change::Finish { id, job_name, lease, status, exit_code, signal, at, output_tail, error } => {
                 // Conditional on the lease and on `running`: a result for an
                 // attempt that was superseded, cancelled or already finished
                 // changes nothing.
-                let name = self.execute_returning_name(
+                let updated = self.execute(
                     change,
                     "UPDATE jobs SET status = ?3, finished_at = ?4, exit_code = ?5, signal = ?6, output_tail = ?7,
                          error = ?8
-                     WHERE id = ?1 AND lease = ?2 AND status = 'running' RETURNING job_name",
+                     WHERE id = ?1 AND lease = ?2 AND status = 'running'",
                     params![
                         id,
                         lease_to_sql(*lease),
@@ -716,7 +714,7 @@ impl Writer {
                         error
                     ],
                 )?;
-                let changed = applying.moved(name, Some(Status::Running), Some(*status));
+                let changed = applying.moved_if(updated, job_name, Some(Status::Running), Some(*status));
                 if changed {
                     self.execute(
                         change,
@@ -728,18 +726,18 @@ impl Writer {
                 }
                 changed
             }
-            Change::Requeue { id, at, not_before } => {
+            Change::Requeue { id, job_name, at, not_before } => {
                 // The attempt that held the lease ended without a result; close
                 // it before the job lets go of the lease.
                 self.close_running_attempt(change, id, *at)?;
-                let name = self.execute_returning_name(
+                let updated = self.execute(
                     change,
                     "UPDATE jobs SET status = 'queued', lease = NULL, queued_at = ?2, not_before = ?3,
                          progress_percent = NULL, progress_message = NULL
-                     WHERE id = ?1 AND status = 'running' RETURNING job_name",
+                     WHERE id = ?1 AND status = 'running'",
                     params![id, time_to_sql(*at), opt_time_to_sql(*not_before)],
                 )?;
-                applying.moved(name, Some(Status::Running), Some(Status::Queued))
+                applying.moved_if(updated, job_name, Some(Status::Running), Some(Status::Queued))
             }
             Change::Fail { id, at, error } => {
                 let before = self.name_and_status(change, id)?;
@@ -962,25 +960,6 @@ impl Writer {
             Some(row) => job_from_row(row).map(Some).map_err(Failure::Rejected),
             None => Ok(None),
         }
-    }
-
-    /// Runs one cached statement for `change` that ends in `RETURNING job_name`:
-    /// the name of the job it changed, or `None` when it matched no row.
-    fn execute_returning_name(
-        &self,
-        change: &Change,
-        sql: &'static str,
-        params: &[&dyn rusqlite::ToSql],
-    ) -> Result<Option<String>, Failure> {
-        let mut statement = self.conn.prepare_cached(sql).map_err(|e| classify(change, e))?;
-        let mut rows = statement.query(params).map_err(|e| classify(change, e))?;
-        let name = match rows.next().map_err(|e| classify(change, e))? {
-            Some(row) => Some(row.get::<_, String>(0).map_err(|e| classify(change, e))?),
-            None => None,
-        };
-        // Every statement addresses one job by its key.
-        debug_assert!(rows.next().ok().flatten().is_none(), "{} changed more than one row", describe(change));
-        Ok(name)
     }
 
     /// The name and status of job `id` before a change whose earlier status
