@@ -46,6 +46,7 @@
 //! dropped on the way in (see [`to_store_precision`]), so a record read back
 //! equals the record written once its times are at microsecond precision.
 
+mod checkpointer;
 mod codec;
 mod counts;
 mod schema;
@@ -112,9 +113,12 @@ pub const READ_CONNECTIONS: usize = 4;
 /// Prepared statements each connection keeps compiled.
 pub const STATEMENT_CACHE_CAPACITY: usize = 64;
 
-/// The WAL is checkpointed into the database file once it holds this many
-/// pages (SQLite's default, set explicitly).
-pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 1000;
+/// The writer checkpoints the WAL into the database file itself once it
+/// holds this many pages: a backstop only, for a checkpoint thread
+/// (`store/checkpointer.rs`, every 50 ms) that cannot keep up. SQLite's
+/// default, 1000, made every few dozen commits stall the writer on a copy
+/// and a sync of the database file.
+pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 16_000;
 
 /// After a checkpoint the WAL file is truncated to at most this size, so one
 /// burst does not leave a large file behind for good.

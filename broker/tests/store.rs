@@ -1535,3 +1535,29 @@ async fn pruning_drops_old_schedule_fires_but_keeps_each_schedules_latest() {
     assert_eq!(store.schedule_fires("t", 10).await.unwrap(), vec![schedule_fire("t", 60, None, 1)]);
     assert_eq!(store.schedule_fires("u", 10).await.unwrap().len(), 2, "recent fires stay");
 }
+
+/// The writer does not checkpoint (its automatic checkpoint is a far-off
+/// backstop): the checkpoint thread copies the WAL into the database file
+/// beside it, so the file grows while the WAL holds far fewer pages than the
+/// backstop, and every job reads back after a reopen.
+#[tokio::test]
+async fn the_checkpoint_thread_copies_the_wal_into_the_database_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let db = dir.path().join(DB_FILE_NAME);
+    let before = std::fs::metadata(&db).unwrap().len();
+    for batch in 0..20 {
+        let changes = (0..100).map(|i| Change::Insert(queued(&format!("j{batch}-{i}"), "import", at(batch)))).collect();
+        store.commit(changes).await.unwrap();
+    }
+    wait_until("the database file holds the committed pages", || {
+        std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0) > before + 64 * 1024
+    })
+    .await;
+    let wal_pages = std::fs::metadata(dir.path().join(format!("{DB_FILE_NAME}-wal"))).unwrap().len() / 4096;
+    assert!(wal_pages < u64::from(broker::store::WAL_AUTOCHECKPOINT_PAGES), "the WAL holds {wal_pages} pages");
+    store.close().await;
+    let reopened = open(dir.path());
+    assert_eq!(job(&reopened, "j19-99").await.id, "j19-99");
+    assert_eq!(reopened.jobs(JobFilter { limit: 5000, ..JobFilter::default() }).await.unwrap().len(), 2000);
+}

@@ -17,6 +17,7 @@ use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection};
 use tokio::sync::oneshot;
 
+use super::checkpointer::Checkpointer;
 use super::codec::{
     attempt_from_row, fire_from_row, gate_event_from_row, job_from_row, schedule_fire_from_row, schedule_from_row,
     ATTEMPT_COLUMNS, GATE_EVENT_COLUMNS, JOB_COLUMNS, SCHEDULE_FIRE_COLUMNS,
@@ -118,6 +119,7 @@ impl SqliteStore {
         let wal = dir.join(format!("{DB_FILE_NAME}-wal"));
         let syncer = Syncer::spawn(wal, shared.clone(), SYNC_QUEUE_CAPACITY)
             .map_err(io_error("start the store sync thread for", &path))?;
+        let checkpointer = Checkpointer::spawn(&path, &options, shared.clone())?;
         let writer = Writer::spawn(
             writer,
             shared.clone(),
@@ -125,6 +127,7 @@ impl SqliteStore {
             options.group_commit_delay,
             receiver,
             syncer,
+            checkpointer,
         )
         .map_err(io_error("start the store writer thread for", &path))?
         .thread()

@@ -42,6 +42,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::{debug, error, warn};
 
+use super::checkpointer::Checkpointer;
 use super::codec::{
     gate_event_kind_to_sql, gate_reason_to_sql, job_from_row, lease_to_sql, opt_time_to_sql, origin_to_sql,
     params_to_sql, time_to_sql, JOB_COLUMNS,
@@ -102,7 +103,7 @@ pub(super) enum Urgency {
 /// Counters and flags shared between the writer and the store's handles.
 #[derive(Default)]
 pub(super) struct Shared {
-    commits: AtomicU64,
+    pub(super) commits: AtomicU64,
     /// WAL syncs done by the syncer thread; each covers one or more commits.
     pub(super) syncs: AtomicU64,
     changes: AtomicU64,
@@ -293,6 +294,8 @@ pub(super) struct Writer {
     group_commit_delay: Duration,
     /// Releases committed answers once the WAL is synced; taken when the writer ends.
     syncer: Option<Syncer>,
+    /// Copies the WAL into the database file beside the writer; stopped when the writer ends.
+    checkpointer: Option<Checkpointer>,
 }
 
 impl Writer {
@@ -305,6 +308,7 @@ impl Writer {
         group_commit_delay: Duration,
         requests: Receiver<Request>,
         syncer: Syncer,
+        checkpointer: Checkpointer,
     ) -> std::io::Result<JoinHandle<()>> {
         shared.writer_running.store(true, Ordering::Release);
         let flag = RunningFlag(shared.clone());
@@ -314,6 +318,7 @@ impl Writer {
             batch_changes_max: batch_changes_max.max(1),
             group_commit_delay,
             syncer: Some(syncer),
+            checkpointer: Some(checkpointer),
         };
         std::thread::Builder::new().name("jobz-store-writer".into()).spawn(move || {
             let _flag = flag;
@@ -385,6 +390,9 @@ impl Writer {
         // Every committed answer is released (synced) before the close is.
         if let Some(syncer) = self.syncer.take() {
             syncer.finish();
+        }
+        if let Some(checkpointer) = self.checkpointer.take() {
+            checkpointer.finish();
         }
         if let Some(done) = closing {
             // The closer may have given up waiting; the store is closed regardless.
