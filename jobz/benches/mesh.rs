@@ -433,13 +433,14 @@ async fn sustained(
     for _ in 0..CLIENTS {
         let (accepted, errors, stop, first_error) =
             (accepted.clone(), errors.clone(), stop.clone(), first_error.clone());
-        let mut client = Client::connect_with(addr, access.clone()).await?;
+        let mut load = Load::connect(addr, access, path).await?;
+        let access = access.clone();
         clients.push(tokio::spawn(async move {
             // (end of the exchange, its duration), to keep those inside the window.
             let mut samples: Vec<(Instant, Duration)> = Vec::with_capacity(1 << 16);
             while !stop.load(Ordering::Relaxed) {
                 let sent = Instant::now();
-                match client.get(path).await {
+                match load.once().await {
                     Ok((StatusCode::ACCEPTED, _)) => {
                         accepted.fetch_add(1, Ordering::Relaxed);
                         let now = Instant::now();
@@ -452,8 +453,9 @@ async fn sustained(
                             Err(e) => e.to_string(),
                         };
                         first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(text);
-                        if client.reconnect().await.is_err() {
-                            break;
+                        match Load::connect(addr, &access, path).await {
+                            Ok(fresh) => load = fresh,
+                            Err(_) => break,
                         }
                     }
                 }
@@ -1527,7 +1529,6 @@ struct Access {
 }
 
 struct Client {
-    addr: SocketAddr,
     access: Access,
     sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
 }
@@ -1552,12 +1553,7 @@ impl Client {
         })
         .await
         .map_err(|_| format!("connecting to {addr} took over {REQUEST_DEADLINE:?}"))??;
-        Ok(Client { addr, access, sender })
-    }
-
-    async fn reconnect(&mut self) -> BenchResult<()> {
-        *self = Client::connect_with(self.addr, self.access.clone()).await?;
-        Ok(())
+        Ok(Client { access, sender })
     }
 
     /// One GET on this connection: its status and whole body.
@@ -1604,16 +1600,105 @@ where
     Ok(sender)
 }
 
+// ---------------------------------------------------------------------------
+// The load generator: one task per connection writing a request it built once
+// and reading the answer straight off the socket, as wrk does. A load
+// generator shares this machine's two cores with the server it loads, so it
+// must cost little per request: hyper's client (a task for the caller and one
+// for the connection, a request built each time) cost about twice as much.
+// ---------------------------------------------------------------------------
+
+/// A stream to the server: plain TCP or TLS.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// One keep-alive connection sending the same GET again and again.
+struct Load {
+    stream: Box<dyn Stream>,
+    request: Arc<[u8]>,
+    buffer: Vec<u8>,
+}
+
+impl Load {
+    async fn connect(addr: SocketAddr, access: &Access, path: &str) -> BenchResult<Load> {
+        let mut request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+        if let Some(authorization) = &access.authorization {
+            request.push_str(&format!("Authorization: {authorization}\r\n"));
+        }
+        request.push_str("\r\n");
+        let stream = tokio::time::timeout(REQUEST_DEADLINE, async {
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let stream: Box<dyn Stream> = match &access.tls {
+                None => Box::new(stream),
+                Some(tls) => {
+                    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                    Box::new(tls.connect(name, stream).await?)
+                }
+            };
+            BenchResult::Ok(stream)
+        })
+        .await
+        .map_err(|_| format!("connecting to {addr} took over {REQUEST_DEADLINE:?}"))??;
+        Ok(Load { stream, request: request.into_bytes().into(), buffer: Vec::with_capacity(4096) })
+    }
+
+    /// Sends the request once and reads its whole answer: the status, and the body for an error's text.
+    async fn once(&mut self) -> BenchResult<(StatusCode, Vec<u8>)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tokio::time::timeout(REQUEST_DEADLINE, async {
+            self.stream.write_all(&self.request).await?;
+            self.buffer.clear();
+            loop {
+                if self.stream.read_buf(&mut self.buffer).await? == 0 {
+                    return Err("the server closed the connection".into());
+                }
+                if let Some((status, body)) = parse_answer(&self.buffer)? {
+                    return Ok((status, body));
+                }
+            }
+        })
+        .await
+        .map_err(|_| format!("an answer took over {REQUEST_DEADLINE:?}"))?
+    }
+}
+
+/// The status and body of a complete HTTP/1.1 answer with a Content-Length,
+/// or `None` while more bytes are needed.
+fn parse_answer(bytes: &[u8]) -> BenchResult<Option<(StatusCode, Vec<u8>)>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut answer = httparse::Response::new(&mut headers);
+    let head = match answer.parse(bytes)? {
+        httparse::Status::Complete(head) => head,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let status = StatusCode::from_u16(answer.code.ok_or("an answer without a status")?)?;
+    let length = answer
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .ok_or("an answer without Content-Length")
+        .and_then(|h| std::str::from_utf8(h.value).map_err(|_| "a Content-Length that is not text"))?
+        .parse::<usize>()?;
+    if bytes.len() < head + length {
+        return Ok(None);
+    }
+    if bytes.len() > head + length {
+        return Err("more bytes than one answer (nothing was pipelined)".into());
+    }
+    Ok(Some((status, bytes[head..].to_vec())))
+}
+
 /// Sends `count` starts over [`CLIENTS`] connections as fast as they are answered; every one must be a 202.
 async fn start_many(addr: SocketAddr, path: &'static str, count: usize) -> BenchResult<()> {
     let next = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         let next = next.clone();
-        let mut client = Client::connect(addr).await?;
+        let mut load = Load::connect(addr, &Access::default(), path).await?;
         clients.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < count as u64 {
-                match client.get(path).await? {
+                match load.once().await? {
                     (StatusCode::ACCEPTED, _) => {}
                     (status, body) => {
                         return Err(format!("start answered {status}: {}", String::from_utf8_lossy(&body)).into())
