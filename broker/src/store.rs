@@ -49,6 +49,7 @@
 mod checkpointer;
 mod codec;
 mod counts;
+mod journal;
 mod schema;
 mod sqlite;
 mod syncer;
@@ -106,6 +107,11 @@ pub const SYNC_QUEUE_CAPACITY: usize = 64;
 /// How long a statement waits for a lock held by another connection (another
 /// process with the file open, or a checkpoint) before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The start journal's size, preallocated in the data directory. It starts
+/// over once past half of it, when a WAL sync has covered what it holds: at
+/// 20,000 starts a second, about 200 bytes each, every second or so.
+pub const START_JOURNAL_BYTES: u64 = 16 << 20;
 
 /// Read-only connections serving `job`, `jobs`, `attempts` and the like.
 pub const READ_CONNECTIONS: usize = 4;
@@ -263,6 +269,12 @@ pub struct StoreOptions {
     /// Caps the database at this many pages (SQLite `max_page_count`); a write
     /// beyond it fails as on a full disk. `None` keeps SQLite's own cap.
     pub max_page_count: Option<u32>,
+    /// Answer starts after a sync of the start journal (`store/journal.rs`)
+    /// rather than of the WAL. Off, every commit waits for a WAL sync; the
+    /// journal is still read at open, so turning it off loses nothing.
+    pub start_journal: bool,
+    /// The start journal's preallocated size ([`START_JOURNAL_BYTES`]).
+    pub start_journal_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -274,6 +286,8 @@ impl Default for StoreOptions {
             busy_timeout: BUSY_TIMEOUT,
             read_connections: READ_CONNECTIONS,
             max_page_count: None,
+            start_journal: true,
+            start_journal_bytes: START_JOURNAL_BYTES,
         }
     }
 }
@@ -285,6 +299,8 @@ pub struct StoreStats {
     pub commits: u64,
     /// Syncs of the WAL; each makes one or more commits durable.
     pub syncs: u64,
+    /// Syncs of the start journal; each makes the starts of one or more commits durable.
+    pub journal_syncs: u64,
     /// Changes in committed transactions, skipped ones included.
     pub changes: u64,
     /// Committed changes that matched no row in the state they expect (unknown
@@ -337,6 +353,9 @@ pub enum StoreError {
     /// The database cannot be set up as the store needs it (e.g. no WAL on this file system).
     #[error("{0}")]
     Unsupported(String),
+    /// The start journal cannot be read, so starts it may hold cannot be put back.
+    #[error("the start journal {}: {reason}", path.display())]
+    JournalUnreadable { path: PathBuf, reason: String },
     /// A read task died (a bug); the store itself is unaffected.
     #[error("a store read failed unexpectedly: {0}")]
     Internal(String),

@@ -492,7 +492,7 @@ async fn a_returned_commit_is_visible_to_a_fresh_connection_while_the_store_is_o
     let (journal_mode, version): (String, i64) = raw
         .query_row("SELECT * FROM pragma_journal_mode, pragma_user_version", [], |row| Ok((row.get(0)?, row.get(1)?)))
         .unwrap();
-    assert_eq!((journal_mode.as_str(), version), ("wal", 6));
+    assert_eq!((journal_mode.as_str(), version), ("wal", 7));
     drop(store);
 }
 
@@ -779,7 +779,7 @@ async fn a_database_from_a_newer_jobz_is_refused() {
     raw.pragma_update(None, "user_version", 99).unwrap();
     drop(raw);
     let err = SqliteStore::open(dir.path(), StoreOptions::default()).err().expect("refused");
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 6, .. }), "{err:?}");
+    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 7, .. }), "{err:?}");
 }
 
 // ---- Queries ----
@@ -1113,7 +1113,7 @@ async fn counts_follow_every_change_a_refused_commit_a_prune_and_a_reopen() {
 fn gate_event(seq: u64, job_id: &str) -> GateEventRecord {
     GateEventRecord {
         seq,
-        kind: if seq % 2 == 0 { GateEventKind::FailedForGood } else { GateEventKind::Succeeded },
+        kind: if seq.is_multiple_of(2) { GateEventKind::FailedForGood } else { GateEventKind::Succeeded },
         job_id: job_id.into(),
         job_name: "shard".into(),
         params: BTreeMap::from([("date".to_string(), "2024_01_31".to_string())]),
@@ -1560,4 +1560,132 @@ async fn the_checkpoint_thread_copies_the_wal_into_the_database_file() {
     let reopened = open(dir.path());
     assert_eq!(job(&reopened, "j19-99").await.id, "j19-99");
     assert_eq!(reopened.jobs(JobFilter { limit: 5000, ..JobFilter::default() }).await.unwrap().len(), 2000);
+}
+
+// ---- The start journal ----
+
+/// Copies the files named `names` from `from` to `to`.
+fn copy_files(from: &Path, to: &Path, names: &[&str]) {
+    for name in names {
+        let source = from.join(name);
+        if source.exists() {
+            std::fs::copy(&source, to.join(name)).unwrap();
+        }
+    }
+}
+
+const JOURNAL: &str = "starts.journal";
+
+/// A power loss after starts were answered through the journal but before
+/// SQLite's WAL reached the disk: the database files as they were before
+/// those starts, beside the journal as it was after. Opening puts every
+/// answered start back (plain and guarded, with its idempotency key), counts
+/// them, and a second open changes nothing more.
+#[tokio::test]
+async fn starts_the_database_lost_come_back_from_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let early: Vec<JobRecord> = (0..20).map(|i| queued(&format!("early{i}"), "import", at(i))).collect();
+    for job in &early {
+        store.commit(vec![Change::Insert(job.clone())]).await.unwrap();
+    }
+    // What the disk held of SQLite before the later starts.
+    let before = tempfile::tempdir().unwrap();
+    {
+        let _paused = store.pause_writes().await.unwrap();
+        copy_files(dir.path(), before.path(), &[DB_FILE_NAME, &format!("{DB_FILE_NAME}-wal")]);
+    }
+    let late: Vec<JobRecord> = (0..30).map(|i| queued(&format!("late{i}"), "export", at(100 + i))).collect();
+    for job in &late {
+        store.commit(vec![Change::Insert(job.clone())]).await.unwrap();
+    }
+    let keyed_job = keyed("guarded", "export", "k1", at(200));
+    let admission = admit(&store, guarded(keyed_job.clone(), at(0), Some(("idem-1", at(0))))).await;
+    assert_eq!(admission, Admission::Inserted);
+    assert!(store.stats().journal_syncs >= 1, "{:?}", store.stats());
+    // ... and the journal as the disk held it after them.
+    {
+        let _paused = store.pause_writes().await.unwrap();
+        copy_files(dir.path(), before.path(), &[JOURNAL]);
+    }
+    drop(store);
+
+    let lost = before.path();
+    let reopened = open(lost);
+    for job in early.iter().chain(&late).chain([&keyed_job]) {
+        assert_eq!(&self::job(&reopened, &job.id).await, job, "job {} after the loss", job.id);
+    }
+    // The idempotency key came back too: a repeat gets the same job.
+    let repeat = keyed("repeat", "export", "k1", at(201));
+    match admit(&reopened, guarded(repeat, at(0), Some(("idem-1", at(0))))).await {
+        Admission::Existing(existing) => assert_eq!(existing.id, "guarded"),
+        other => panic!("the key was lost: {other:?}"),
+    }
+    assert_eq!(reopened.counts().await.unwrap(), counted_in_the_file(lost));
+    reopened.close().await;
+    drop(reopened);
+    let again = open(lost);
+    assert_eq!(again.jobs(JobFilter { limit: 1000, ..JobFilter::default() }).await.unwrap().len(), 51);
+}
+
+/// A start is answered after a sync of the journal, not of the WAL; a
+/// cancel (not a start) after a sync of the WAL.
+#[tokio::test]
+async fn starts_are_answered_through_the_journal_and_other_changes_through_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let before = store.stats();
+    store.commit(vec![Change::Insert(queued("a", "import", at(0)))]).await.unwrap();
+    let after_start = store.stats();
+    assert_eq!(after_start.journal_syncs, before.journal_syncs + 1, "{after_start:?}");
+    assert_eq!(after_start.syncs, before.syncs, "{after_start:?}");
+    store.commit(vec![Change::Cancel { id: "a".into(), at: at(1) }]).await.unwrap();
+    let after_cancel = store.stats();
+    assert_eq!(after_cancel.syncs, after_start.syncs + 1, "{after_cancel:?}");
+    assert_eq!(after_cancel.journal_syncs, after_start.journal_syncs, "{after_cancel:?}");
+    // Turned off, a start waits for the WAL.
+    drop(store);
+    let off = SqliteStore::open(dir.path(), StoreOptions { start_journal: false, ..StoreOptions::default() }).unwrap();
+    let before = off.stats();
+    off.commit(vec![Change::Insert(queued("b", "import", at(2)))]).await.unwrap();
+    assert_eq!(off.stats().syncs, before.syncs + 1);
+    assert_eq!(off.stats().journal_syncs, 0);
+}
+
+/// A small journal fills and starts over many times (each time once a WAL
+/// sync has covered it); its file keeps its size, and every start is there
+/// after a reopen.
+#[tokio::test]
+async fn a_full_journal_starts_over_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions { start_journal_bytes: 16 * 1024, ..StoreOptions::default() };
+    let store = SqliteStore::open(dir.path(), options.clone()).unwrap();
+    let size = std::fs::metadata(dir.path().join(JOURNAL)).unwrap().len();
+    assert_eq!(size, 16 * 1024);
+    for batch in 0..60 {
+        let changes = (0..10).map(|i| Change::Insert(queued(&format!("j{batch}-{i}"), "import", at(batch)))).collect();
+        store.commit(changes).await.unwrap();
+    }
+    let stats = store.stats();
+    // About 2 KiB a record: the 8 KiB half is passed every few commits, and a
+    // commit answered through the WAL lets the journal start over.
+    assert!(stats.journal_syncs >= 30 && stats.syncs >= 5, "{stats:?}");
+    assert_eq!(std::fs::metadata(dir.path().join(JOURNAL)).unwrap().len(), size);
+    drop(store);
+    let reopened = SqliteStore::open(dir.path(), options).unwrap();
+    assert_eq!(reopened.jobs(JobFilter { limit: 1000, ..JobFilter::default() }).await.unwrap().len(), 600);
+}
+
+/// A file where the journal should be that is not one (another program's,
+/// or garbage) stops the store from opening, with a clear error, and is left as it was.
+#[tokio::test]
+async fn a_journal_that_is_not_one_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let path = dir.path().join(JOURNAL);
+    std::fs::write(&path, b"not a journal at all, just some text").unwrap();
+    let err = SqliteStore::open(dir.path(), StoreOptions::default()).err().expect("refused");
+    assert!(matches!(err, StoreError::JournalUnreadable { .. }), "{err:?}");
+    assert!(err.to_string().contains("starts.journal"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"not a journal at all, just some text");
 }

@@ -67,7 +67,7 @@ const Z85_ALPHABET: &[u8; 85] =
 
 /// Z85 (ZeroMQ RFC 32) of `data`; `None` unless its length is a multiple of 4.
 pub fn z85_encode(data: &[u8]) -> Option<String> {
-    if data.len() % 4 != 0 {
+    if !data.len().is_multiple_of(4) {
         return None;
     }
     let mut out = String::with_capacity(data.len() / 4 * 5);
@@ -88,7 +88,7 @@ pub fn z85_encode(data: &[u8]) -> Option<String> {
 /// own decoder accepts characters outside the alphabet; this one does not.)
 pub fn z85_decode(text: &str) -> Option<Vec<u8>> {
     let bytes = text.as_bytes();
-    if bytes.len() % 5 != 0 {
+    if !bytes.len().is_multiple_of(5) {
         return None;
     }
     let mut out = Vec::with_capacity(bytes.len() / 5 * 4);

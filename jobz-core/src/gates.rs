@@ -97,7 +97,7 @@ impl GateBook {
             UpstreamEvent::FailedForGood(job) => (job, true),
         };
         let mut effects = Vec::new();
-        for gate in file.gates.values().filter(|g| g.after.iter().any(|a| *a == job.job_name)) {
+        for gate in file.gates.values().filter(|g| g.after.contains(&job.job_name)) {
             let key = match gate_key(gate, job) {
                 Ok(key) => key,
                 Err(message) => {

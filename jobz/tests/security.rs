@@ -126,7 +126,7 @@ fn mutual_tls_refuses_bad_client_certificates_and_serves_the_right_one() {
         let result = client.get("/job_start?job_name=hello");
         assert!(result.is_err(), "{reason}: served {result:?}");
         wait_until(DEADLINE, &format!("the broker to log {reason:?}"), || {
-            mesh.log_lines_with("broker", &format!("TLS handshake refused peer=127.0.0.1:")) > 0
+            mesh.log_lines_with("broker", "TLS handshake refused peer=127.0.0.1:") > 0
                 && mesh.log_lines_with("broker", &format!("reason={reason} ")) > 0
         });
     }

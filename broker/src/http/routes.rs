@@ -158,8 +158,6 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Reject {
     Reject::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} does not take {method}", uri.path()))
 }
 
-/// `GET /`: a page linking the endpoints until the dashboard exists.
-
 /// The body of `POST /job_start`: `{"job_name": …, "params": {…}}`, plus the
 /// start options the query string also takes.
 #[derive(Debug, Deserialize)]

@@ -178,6 +178,15 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX jobs_queue;
     DROP INDEX jobs_counts;
     ",
+    // Version 7: the number of the last start-journal record whose transaction
+    // this database holds (`store/journal.rs`): records above it are put back at open.
+    "
+    CREATE TABLE journal_state (
+        id  INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL CHECK (seq >= 0)
+    ) STRICT;
+    INSERT INTO journal_state (id, seq) VALUES (1, 0);
+    ",
 ];
 
 /// The schema version this build writes and understands.

@@ -23,9 +23,10 @@ use super::codec::{
     ATTEMPT_COLUMNS, GATE_EVENT_COLUMNS, JOB_COLUMNS, SCHEDULE_FIRE_COLUMNS,
 };
 use super::counts::Counts;
+use super::journal::Journal;
 use super::schema::{open_reader, open_writer};
 use super::syncer::Syncer;
-use super::writer::{Request, Shared, Urgency, Writer};
+use super::writer::{Request, Shared, Urgency, Writer, WriterParts};
 use super::{
     Store, StoreError, StoreOptions, StoreStats, DB_FILE_NAME, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, SYNC_QUEUE_CAPACITY,
     WRITE_QUEUE_LATER_RESERVE_PERCENT,
@@ -103,7 +104,11 @@ impl SqliteStore {
             }
         }
         let path = dir.join(DB_FILE_NAME);
-        let writer = open_writer(&path, &options)?;
+        let mut writer = open_writer(&path, &options)?;
+        // Before anything reads the jobs: the starts a crash took from SQLite
+        // come back from the journal first. It is read even when turned off.
+        let journal = Journal::open(&mut writer, dir, options.start_journal_bytes)?;
+        let journal = options.start_journal.then_some(journal);
         // The migration above created the database and WAL files if they were
         // new; their directory entries are made durable before any commit is
         // acknowledged.
@@ -117,21 +122,23 @@ impl SqliteStore {
         let (requests, receiver) = std::sync::mpsc::sync_channel(capacity);
         let waited_max = capacity - capacity * WRITE_QUEUE_LATER_RESERVE_PERCENT / 100;
         let wal = dir.join(format!("{DB_FILE_NAME}-wal"));
-        let syncer = Syncer::spawn(wal, shared.clone(), SYNC_QUEUE_CAPACITY)
+        let journal_file = journal.as_ref().map(|j| (j.file(), j.path().to_owned()));
+        let syncer = Syncer::spawn(wal, journal_file, shared.clone(), SYNC_QUEUE_CAPACITY)
             .map_err(io_error("start the store sync thread for", &path))?;
         let checkpointer = Checkpointer::spawn(&path, &options, shared.clone())?;
-        let writer = Writer::spawn(
-            writer,
-            shared.clone(),
-            options.batch_changes_max,
-            options.group_commit_delay,
-            receiver,
+        let parts = WriterParts {
+            conn: writer,
+            shared: shared.clone(),
+            batch_changes_max: options.batch_changes_max,
+            group_commit_delay: options.group_commit_delay,
             syncer,
             checkpointer,
-        )
-        .map_err(io_error("start the store writer thread for", &path))?
-        .thread()
-        .clone();
+            journal,
+        };
+        let writer = Writer::spawn(parts, receiver)
+            .map_err(io_error("start the store writer thread for", &path))?
+            .thread()
+            .clone();
         let closed = AtomicBool::new(false);
         let waited_max = waited_max as u64;
         Ok(SqliteStore { inner: Arc::new(Inner { path, requests, shared, readers, closed, waited_max, writer }) })

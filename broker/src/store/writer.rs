@@ -38,6 +38,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::{debug, error, warn};
@@ -48,7 +49,8 @@ use super::codec::{
     params_to_sql, time_to_sql, JOB_COLUMNS,
 };
 use super::counts::{Counts, Transition};
-use super::syncer::Syncer;
+use super::journal::{self, Journal, RowTable, JOB_VALUES};
+use super::syncer::{Durability, Syncer};
 use super::{StoreError, StoreStats, PRUNE_BATCH_MAX};
 use jobz_core::Status;
 
@@ -106,6 +108,12 @@ pub(super) struct Shared {
     pub(super) commits: AtomicU64,
     /// WAL syncs done by the syncer thread; each covers one or more commits.
     pub(super) syncs: AtomicU64,
+    /// Start-journal syncs done by the syncer thread.
+    pub(super) journal_syncs: AtomicU64,
+    /// The start-journal number of the last committed transaction that had one.
+    pub(super) journal_committed: AtomicU64,
+    /// Every journaled transaction up to this number is durable in the WAL (set after WAL syncs).
+    pub(super) journal_covered: AtomicU64,
     changes: AtomicU64,
     skipped: AtomicU64,
     rejected: AtomicU64,
@@ -136,6 +144,7 @@ impl Shared {
         StoreStats {
             commits: self.commits.load(Ordering::Relaxed),
             syncs: self.syncs.load(Ordering::Relaxed),
+            journal_syncs: self.journal_syncs.load(Ordering::Relaxed),
             changes: self.changes.load(Ordering::Relaxed),
             skipped: self.skipped.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
@@ -160,6 +169,7 @@ impl Drop for RunningFlag {
 struct Pending {
     changes: Vec<Change>,
     reply: Option<Reply<Vec<Admission>>>,
+    urgency: Urgency,
 }
 
 /// Each caller's outcome in a batch: its admissions, or why its changes were refused.
@@ -173,6 +183,58 @@ struct Applied {
     skipped: u64,
     /// The jobs it inserted or moved, for the counts.
     transitions: Vec<Transition>,
+    /// Whether its urgent callers' inserts were written to the start journal,
+    /// so that a sync of the journal makes them durable.
+    journaled: bool,
+}
+
+/// The rows a transaction's urgent callers inserted, encoded for the start
+/// journal while they are applied (`store/journal.rs`).
+#[derive(Default)]
+struct JournalRows {
+    /// The caller being applied waits for durability (`Urgency::Now`): its rows go in.
+    recording: bool,
+    /// Some urgent caller changed something besides inserting jobs: the
+    /// transaction is answered after a WAL sync, not through the journal.
+    blocked: bool,
+    /// The encoded rows (the payload without its leading count).
+    rows: Vec<u8>,
+    count: u32,
+}
+
+impl JournalRows {
+    fn job(&mut self, values: &[rusqlite::types::ValueRef<'_>]) {
+        if self.recording {
+            journal::encode_row(&mut self.rows, RowTable::Jobs, values);
+            self.count += 1;
+        }
+    }
+
+    fn idempotency_key(&mut self, values: &[rusqlite::types::ValueRef<'_>]) {
+        if self.recording {
+            journal::encode_row(&mut self.rows, RowTable::IdempotencyKeys, values);
+            self.count += 1;
+        }
+    }
+
+    /// A change of an urgent caller that the journal does not carry.
+    fn other(&mut self) {
+        if self.recording {
+            self.blocked = true;
+        }
+    }
+
+    fn payload_len(&self) -> usize {
+        4 + self.rows.len()
+    }
+
+    /// The record's payload: the row count, then the rows.
+    fn payload(&self) -> Vec<u8> {
+        let mut payload = Vec::with_capacity(4 + self.rows.len());
+        payload.extend_from_slice(&self.count.to_le_bytes());
+        payload.extend_from_slice(&self.rows);
+        payload
+    }
 }
 
 /// What applying one transaction's changes learnt so far.
@@ -185,6 +247,8 @@ struct Applying {
     stood_for: HashMap<String, String>,
     /// The jobs the transaction inserted or changed the status of, for the counts.
     transitions: Vec<Transition>,
+    /// Its urgent callers' inserts, for the start journal.
+    journal: JournalRows,
 }
 
 impl Applying {
@@ -265,7 +329,7 @@ impl Gather<'_> {
             Request::Commit { changes, reply, urgency } if total + changes.len() <= writer.batch_changes_max => {
                 // An urgent request takes the batch with it now, with what else is queued.
                 self.urgent |= urgency == Urgency::Now;
-                Some(Pending { changes, reply })
+                Some(Pending { changes, reply, urgency })
             }
             other => {
                 *self.carried = Some(other);
@@ -296,20 +360,26 @@ pub(super) struct Writer {
     syncer: Option<Syncer>,
     /// Copies the WAL into the database file beside the writer; stopped when the writer ends.
     checkpointer: Option<Checkpointer>,
+    /// Where urgent inserts go for a short sync; `None` when turned off.
+    journal: Option<Journal>,
+}
+
+/// What the writer thread is started with.
+pub(super) struct WriterParts {
+    pub(super) conn: Connection,
+    pub(super) shared: Arc<Shared>,
+    pub(super) batch_changes_max: usize,
+    pub(super) group_commit_delay: Duration,
+    pub(super) syncer: Syncer,
+    pub(super) checkpointer: Checkpointer,
+    pub(super) journal: Option<Journal>,
 }
 
 impl Writer {
     /// Starts the writer thread; it runs until the queue's senders are all
     /// dropped (after draining it) or a [`Request::Close`] arrives.
-    pub(super) fn spawn(
-        conn: Connection,
-        shared: Arc<Shared>,
-        batch_changes_max: usize,
-        group_commit_delay: Duration,
-        requests: Receiver<Request>,
-        syncer: Syncer,
-        checkpointer: Checkpointer,
-    ) -> std::io::Result<JoinHandle<()>> {
+    pub(super) fn spawn(parts: WriterParts, requests: Receiver<Request>) -> std::io::Result<JoinHandle<()>> {
+        let WriterParts { conn, shared, batch_changes_max, group_commit_delay, syncer, checkpointer, journal } = parts;
         shared.writer_running.store(true, Ordering::Release);
         let flag = RunningFlag(shared.clone());
         let writer = Writer {
@@ -319,6 +389,7 @@ impl Writer {
             group_commit_delay,
             syncer: Some(syncer),
             checkpointer: Some(checkpointer),
+            journal,
         };
         std::thread::Builder::new().name("jobz-store-writer".into()).spawn(move || {
             let _flag = flag;
@@ -359,7 +430,7 @@ impl Writer {
                         deadline: Instant::now() + self.group_commit_delay,
                         wait_for_sync: true,
                     };
-                    self.commit_batch(Pending { changes, reply }, &mut gather);
+                    self.commit_batch(Pending { changes, reply, urgency }, &mut gather);
                 }
                 Request::Prune { finished_before, limit, reply } => {
                     let result = self.prune(finished_before, limit);
@@ -415,7 +486,7 @@ impl Writer {
     fn commit_batch(&mut self, first: Pending, gather: &mut Gather<'_>) {
         let mut batch = vec![first];
         match self.apply_batch(&mut batch, gather) {
-            Ok(Applied { outcomes, skipped, transitions }) => {
+            Ok(Applied { outcomes, skipped, transitions, journaled }) => {
                 let total: usize = batch.iter().map(|p| p.changes.len()).sum();
                 let applied: usize =
                     batch.iter().zip(&outcomes).filter(|(_, o)| o.is_ok()).map(|(p, _)| p.changes.len()).sum();
@@ -427,13 +498,25 @@ impl Writer {
                 self.shared.largest_batch.fetch_max(total as u64, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(false, Ordering::Relaxed);
                 self.shared.counts.apply(&transitions);
-                let answers: Vec<_> = batch.into_iter().map(|p| p.reply).zip(outcomes).collect();
-                self.after_commit(Ok(()), move |synced: Result<(), StoreError>| {
-                    for (reply, outcome) in answers {
-                        // A refused caller's error stands; the others are durable only if the sync was.
-                        answer(reply, outcome.and_then(|admissions| synced.clone().map(|()| admissions)));
+                // Urgent callers of a journaled transaction are durable once the
+                // journal is synced; everybody else once the WAL is.
+                let (through_journal, through_wal): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .zip(outcomes)
+                    .partition(|(pending, _)| journaled && pending.urgency == Urgency::Now);
+                for (durability, group) in [(Durability::Journal, through_journal), (Durability::Wal, through_wal)] {
+                    if group.is_empty() {
+                        continue;
                     }
-                });
+                    let answers: Vec<_> =
+                        group.into_iter().map(|(pending, outcome)| (pending.reply, outcome)).collect();
+                    self.after_commit_through(durability, Ok(()), move |synced: Result<(), StoreError>| {
+                        for (reply, outcome) in answers {
+                            // A refused caller's error stands; the others are durable only if the sync was.
+                            answer(reply, outcome.and_then(|admissions| synced.clone().map(|()| admissions)));
+                        }
+                    });
+                }
             }
             Err(e) => {
                 self.rollback();
@@ -455,10 +538,21 @@ impl Writer {
         result: Result<T, StoreError>,
         answer: impl FnOnce(Result<T, StoreError>) + Send + 'static,
     ) {
+        self.after_commit_through(Durability::Wal, result, answer);
+    }
+
+    /// [`Writer::after_commit`], made durable by a sync of the file `durability` names.
+    fn after_commit_through<T: Send + 'static>(
+        &self,
+        durability: Durability,
+        result: Result<T, StoreError>,
+        answer: impl FnOnce(Result<T, StoreError>) + Send + 'static,
+    ) {
         match (result, &self.syncer) {
-            (Ok(value), Some(syncer)) => {
-                syncer.after_commit(Box::new(move |synced: Result<(), StoreError>| answer(synced.map(|()| value))))
-            }
+            (Ok(value), Some(syncer)) => syncer.after_commit(
+                durability,
+                Box::new(move |synced: Result<(), StoreError>| answer(synced.map(|()| value))),
+            ),
             (result, _) => answer(result),
         }
     }
@@ -503,6 +597,7 @@ impl Writer {
             while let Some(pending) = batch.get(next) {
                 next += 1;
                 total += pending.changes.len();
+                applying.journal.recording = pending.urgency == Urgency::Now;
                 for change in &pending.changes {
                     let failure = match self.apply(change, &mut applying) {
                         Ok(true) => continue,
@@ -536,8 +631,10 @@ impl Writer {
                 None => break,
             }
         }
+        let journal_seq = self.journal_seq_for(&applying.journal)?;
         self.exec("COMMIT", "commit")?;
-        Ok(Some(Applied { outcomes: admissions, skipped, transitions: applying.transitions }))
+        let journaled = journal_seq.is_some_and(|seq| self.journal_append(seq, &applying.journal));
+        Ok(Some(Applied { outcomes: admissions, skipped, transitions: applying.transitions, journaled }))
     }
 
     /// Applies the batch in one transaction with each caller's changes in
@@ -577,7 +674,46 @@ impl Writer {
             outcomes.push(outcome.map(|()| admissions));
         }
         self.exec("COMMIT", "commit")?;
-        Ok(Applied { outcomes, skipped: skipped_total, transitions: applying.transitions })
+        // A redo is rare (a caller's bug); its callers wait for a WAL sync.
+        Ok(Applied { outcomes, skipped: skipped_total, transitions: applying.transitions, journaled: false })
+    }
+
+    /// The start-journal number this transaction records, if it is to be
+    /// answered through the journal: some urgent caller inserted rows, no
+    /// urgent caller did anything else, and the journal has room. Stores the
+    /// number in `journal_state` inside the transaction.
+    fn journal_seq_for(&mut self, rows: &JournalRows) -> Result<Option<u64>, StoreError> {
+        let Some(journal) = self.journal.as_mut() else { return Ok(None) };
+        if rows.count == 0 || rows.blocked {
+            return Ok(None);
+        }
+        if !journal.ready(self.shared.journal_covered.load(Ordering::Acquire)) || !journal.fits(rows.payload_len()) {
+            return Ok(None);
+        }
+        let seq = journal.next_seq();
+        let stored =
+            i64::try_from(seq).map_err(|_| StoreError::Internal("the start journal's number overflowed".into()))?;
+        self.conn
+            .prepare_cached("UPDATE journal_state SET seq = ?1 WHERE id = 1")
+            .and_then(|mut statement| statement.execute([stored]))
+            .map_err(StoreError::sqlite("record the start journal's number"))?;
+        Ok(Some(seq))
+    }
+
+    /// Writes the committed transaction numbered `seq` to the start journal;
+    /// false if it could not be (its callers then wait for a WAL sync).
+    fn journal_append(&mut self, seq: u64, rows: &JournalRows) -> bool {
+        // SQLite holds the transaction numbered `seq` now: a WAL sync from here on covers it.
+        self.shared.journal_committed.store(seq, Ordering::Release);
+        let Some(journal) = self.journal.as_mut() else { return false };
+        debug_assert_eq!(journal.next_seq(), seq, "one journal record per numbered transaction");
+        match journal.append(&rows.payload()) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "cannot write the start journal; starts wait for a WAL sync until it starts over");
+                false
+            }
+        }
     }
 
     fn exec(&self, sql: &'static str, context: &'static str) -> Result<(), StoreError> {
@@ -601,14 +737,17 @@ impl Writer {
     /// expects: a no-op, logged. A guarded insert is never a no-op: its
     /// admission, whatever it is, goes to `applying`.
     fn apply(&self, change: &Change, applying: &mut Applying) -> Result<bool, Failure> {
+        if !matches!(change, Change::Insert(_) | Change::InsertUnlessHeld(_)) {
+            applying.journal.other();
+        }
         let changed = match change {
             Change::Insert(job) => {
-                self.insert(job)?;
+                self.insert(job, &mut applying.journal)?;
                 applying.entered(job);
                 true
             }
             Change::InsertUnlessHeld(guarded) => {
-                let admission = self.insert_unless_held(guarded)?;
+                let admission = self.insert_unless_held(guarded, &mut applying.journal)?;
                 match &admission {
                     Admission::Existing(existing) => {
                         applying.stood_for.insert(guarded.job.id.clone(), existing.id.clone());
@@ -820,7 +959,7 @@ impl Writer {
         )
     }
 
-    fn insert(&self, job: &JobRecord) -> Result<(), Failure> {
+    fn insert(&self, job: &JobRecord, journal: &mut JournalRows) -> Result<(), Failure> {
         let change = || Change::Insert(job.clone());
         let params_json = params_to_sql(&job.params).map_err(|e| {
             Failure::Rejected(StoreError::Rejected { context: describe(&change()), reason: e.to_string(), code: None })
@@ -828,49 +967,12 @@ impl Writer {
         if let Some(progress) = &job.progress {
             check_percent(&change(), progress.percent)?;
         }
-        let (origin_kind, origin_gate, origin_key, origin_reason) = origin_to_sql(&job.origin);
-        let mut statement = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO jobs (id, job_name, params, status, attempts, run_id, parent_id,
-                     origin_kind, origin_gate, origin_key, origin_reason, priority, worker, lease, exit_code, signal,
-                     created_at, queued_at, started_at, finished_at, cancelled_at, not_before, output_tail,
-                     progress_percent, progress_message, error, unique_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
-                     ?21, ?22, ?23, ?24, ?25, ?26, ?27)",
-            )
-            .map_err(|e| classify(&change(), e))?;
+        let values = job_values(job, &params_json);
+        let mut statement = self.conn.prepare_cached(INSERT_JOB).map_err(|e| classify(&change(), e))?;
         statement
-            .execute(params![
-                job.id,
-                job.job_name,
-                params_json,
-                job.status.as_str(),
-                job.attempts,
-                job.run_id,
-                job.parent_id,
-                origin_kind,
-                origin_gate,
-                origin_key,
-                origin_reason,
-                job.priority,
-                job.worker,
-                job.lease.map(lease_to_sql),
-                job.exit_code,
-                job.signal,
-                time_to_sql(job.created_at),
-                opt_time_to_sql(job.queued_at),
-                opt_time_to_sql(job.started_at),
-                opt_time_to_sql(job.finished_at),
-                opt_time_to_sql(job.cancelled_at),
-                opt_time_to_sql(job.not_before),
-                job.output_tail,
-                job.progress.as_ref().map(|p| p.percent),
-                job.progress.as_ref().and_then(|p| p.message.as_deref()),
-                job.error,
-                job.unique_key,
-            ])
+            .execute(rusqlite::params_from_iter(values.iter().map(|v| ToSqlOutput::Borrowed(*v))))
             .map_err(|e| classify(&change(), e))?;
+        journal.job(&values);
         Ok(())
     }
 
@@ -885,7 +987,7 @@ impl Writer {
     /// 3. Otherwise the job is inserted.
     ///
     /// The idempotency key then names the job that stands for this start.
-    fn insert_unless_held(&self, guarded: &GuardedInsert) -> Result<Admission, Failure> {
+    fn insert_unless_held(&self, guarded: &GuardedInsert, journal: &mut JournalRows) -> Result<Admission, Failure> {
         let job = &guarded.job;
         let change = || Change::InsertUnlessHeld(Box::new(guarded.clone()));
         let rejected = |reason: String| {
@@ -935,7 +1037,7 @@ impl Writer {
         let admission = match holder {
             Some(holder) => Admission::Existing(Box::new(holder)),
             None => {
-                self.insert(job)?;
+                self.insert(job, journal)?;
                 Admission::Inserted
             }
         };
@@ -944,12 +1046,23 @@ impl Writer {
                 Admission::Existing(existing) => &existing.id,
                 _ => &job.id,
             };
-            self.execute(
-                &change(),
-                "INSERT OR REPLACE INTO idempotency_keys (key, job_id, job_name, params, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![claim.key, stands, job.job_name, params_json, time_to_sql(job.created_at)],
-            )?;
+            let values = [
+                ValueRef::Text(claim.key.as_bytes()),
+                ValueRef::Text(stands.as_bytes()),
+                ValueRef::Text(job.job_name.as_bytes()),
+                ValueRef::Text(params_json.as_bytes()),
+                ValueRef::Integer(time_to_sql(job.created_at)),
+            ];
+            self.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO idempotency_keys (key, job_id, job_name, params, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .and_then(|mut statement| {
+                    statement.execute(rusqlite::params_from_iter(values.iter().map(|v| ToSqlOutput::Borrowed(*v))))
+                })
+                .map_err(|e| classify(&change(), e))?;
+            journal.idempotency_key(&values);
         }
         Ok(admission)
     }
@@ -1219,4 +1332,50 @@ fn describe(change: &Change) -> String {
             format!("{kind} of job {id:?}")
         }
     }
+}
+
+/// The writer's insert of a job row; the start journal replays its rows with
+/// the same columns (`journal::JOB_COLUMNS_INSERTED`).
+pub(super) const INSERT_JOB: &str = "INSERT INTO jobs (id, job_name, params, status, attempts, run_id, parent_id,
+     origin_kind, origin_gate, origin_key, origin_reason, priority, worker, lease, exit_code, signal,
+     created_at, queued_at, started_at, finished_at, cancelled_at, not_before, output_tail,
+     progress_percent, progress_message, error, unique_key)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
+     ?21, ?22, ?23, ?24, ?25, ?26, ?27)";
+
+/// A job's row as the values of [`INSERT_JOB`], in its column order.
+fn job_values<'a>(job: &'a JobRecord, params_json: &'a str) -> [ValueRef<'a>; JOB_VALUES] {
+    let text = |s: &'a str| ValueRef::Text(s.as_bytes());
+    let opt_text = |s: Option<&'a str>| s.map_or(ValueRef::Null, text);
+    let opt_int = |i: Option<i64>| i.map_or(ValueRef::Null, ValueRef::Integer);
+    let (origin_kind, origin_gate, origin_key, origin_reason) = origin_to_sql(&job.origin);
+    [
+        text(&job.id),
+        text(&job.job_name),
+        text(params_json),
+        text(job.status.as_str()),
+        ValueRef::Integer(i64::from(job.attempts)),
+        text(&job.run_id),
+        opt_text(job.parent_id.as_deref()),
+        text(origin_kind),
+        opt_text(origin_gate),
+        opt_text(origin_key),
+        opt_text(origin_reason),
+        ValueRef::Integer(i64::from(job.priority)),
+        opt_text(job.worker.as_deref()),
+        opt_int(job.lease.map(lease_to_sql)),
+        opt_int(job.exit_code.map(i64::from)),
+        opt_int(job.signal.map(i64::from)),
+        ValueRef::Integer(time_to_sql(job.created_at)),
+        opt_int(opt_time_to_sql(job.queued_at)),
+        opt_int(opt_time_to_sql(job.started_at)),
+        opt_int(opt_time_to_sql(job.finished_at)),
+        opt_int(opt_time_to_sql(job.cancelled_at)),
+        opt_int(opt_time_to_sql(job.not_before)),
+        text(&job.output_tail),
+        job.progress.as_ref().map_or(ValueRef::Null, |p| ValueRef::Real(p.percent)),
+        opt_text(job.progress.as_ref().and_then(|p| p.message.as_deref())),
+        opt_text(job.error.as_deref()),
+        opt_text(job.unique_key.as_deref()),
+    ]
 }
