@@ -492,7 +492,7 @@ async fn a_returned_commit_is_visible_to_a_fresh_connection_while_the_store_is_o
     let (journal_mode, version): (String, i64) = raw
         .query_row("SELECT * FROM pragma_journal_mode, pragma_user_version", [], |row| Ok((row.get(0)?, row.get(1)?)))
         .unwrap();
-    assert_eq!((journal_mode.as_str(), version), ("wal", 7));
+    assert_eq!((journal_mode.as_str(), version), ("wal", 8));
     drop(store);
 }
 
@@ -779,7 +779,7 @@ async fn a_database_from_a_newer_jobz_is_refused() {
     raw.pragma_update(None, "user_version", 99).unwrap();
     drop(raw);
     let err = SqliteStore::open(dir.path(), StoreOptions::default()).err().expect("refused");
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 7, .. }), "{err:?}");
+    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: 8, .. }), "{err:?}");
 }
 
 // ---- Queries ----
@@ -1688,4 +1688,46 @@ async fn a_journal_that_is_not_one_is_refused_and_left_alone() {
     assert!(matches!(err, StoreError::JournalUnreadable { .. }), "{err:?}");
     assert!(err.to_string().contains("starts.journal"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"not a journal at all, just some text");
+}
+
+/// Regression: CHECK constraints written as `x IN (...)` made SQLite fill a
+/// temporary table with the list on every insert (three per job) and every
+/// status update; schema 8 states them as comparisons. A database migrated
+/// from schema 7 gets the same rules, and they still refuse a bad value.
+#[tokio::test]
+async fn job_inserts_and_updates_build_no_temporary_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let raw = rusqlite::Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
+    let opcodes = |sql: &str, values: usize| -> Vec<String> {
+        let mut statement = raw.prepare(&format!("EXPLAIN {sql}")).unwrap();
+        let nulls = vec![rusqlite::types::Value::Null; values];
+        let rows =
+            statement.query_map(rusqlite::params_from_iter(nulls.iter()), |row| row.get::<_, String>(1)).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    let columns: Vec<String> = (1..=27).map(|i| format!("?{i}")).collect();
+    let insert = format!(
+        "INSERT INTO jobs (id, job_name, params, status, attempts, run_id, parent_id, origin_kind, origin_gate,
+         origin_key, origin_reason, priority, worker, lease, exit_code, signal, created_at, queued_at, started_at,
+         finished_at, cancelled_at, not_before, output_tail, progress_percent, progress_message, error, unique_key)
+         VALUES ({})",
+        columns.join(", ")
+    );
+    for (sql, values) in [
+        (insert.as_str(), 27),
+        ("UPDATE jobs SET status = ?2, finished_at = ?3 WHERE id = ?1 AND status = 'running'", 3),
+        ("INSERT INTO attempts (job_id, lease, attempt, worker, started_at) VALUES (?1, ?2, ?3, ?4, ?5)", 5),
+        ("UPDATE attempts SET status = ?3, finished_at = ?4 WHERE job_id = ?1 AND lease = ?2", 4),
+    ] {
+        let ops = opcodes(sql, values);
+        assert!(!ops.iter().any(|op| op == "OpenEphemeral"), "{sql}: {ops:?}");
+    }
+    // The rules hold as before.
+    let refused = raw.execute(
+        "INSERT INTO jobs (id, job_name, params, status, attempts, run_id, origin_kind, priority, created_at, output_tail)
+         VALUES ('x', 'n', '{}', 'bogus', 0, 'x', 'start', 0, 0, '')",
+        [],
+    );
+    assert!(refused.unwrap_err().to_string().contains("CHECK constraint failed"));
 }

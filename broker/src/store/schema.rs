@@ -15,9 +15,10 @@ use super::{StoreError, StoreOptions, JOURNAL_SIZE_LIMIT_BYTES, STATEMENT_CACHE_
 
 /// Migration `i` takes the schema from version `i` to version `i + 1`. Append
 /// only: a released migration never changes.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // Version 1.
-    "
+    Migration::Sql(
+        "
     CREATE TABLE jobs (
         -- Insertion order: the first-in, first-out tie-break of the queue.
         seq              INTEGER PRIMARY KEY,
@@ -89,9 +90,11 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (job_id, lease)
     ) STRICT, WITHOUT ROWID;
     ",
+    ),
     // Version 2: gates. Events of upstream jobs, numbered for semaphores to
     // read in order; and one fire per (gate, key, reason), whoever asks.
-    "
+    Migration::Sql(
+        "
     CREATE TABLE gate_events (
         seq      INTEGER PRIMARY KEY,
         kind     TEXT NOT NULL CHECK (kind IN ('succeeded', 'failed_for_good')),
@@ -114,12 +117,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (gate, key, reason)
     ) STRICT, WITHOUT ROWID;
     ",
+    ),
     // Version 3: the listing indexes end at `created_at`. Their `id` tie-break
     // put a 36-byte key in every entry, written on every insert; the few jobs
     // sharing a `created_at` are now put in `id` order after the index walk
     // (SQLite sorts only the right part of the ORDER BY, and stops at the
     // LIMIT), so listings keep their order.
-    "
+    Migration::Sql(
+        "
     DROP INDEX jobs_newest;
     DROP INDEX jobs_by_name;
     DROP INDEX jobs_by_run;
@@ -129,12 +134,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX jobs_by_run ON jobs (run_id, created_at);
     CREATE INDEX jobs_by_status ON jobs (status, created_at);
     ",
+    ),
     // Version 4: unique jobs and idempotency keys. A job's filled `unique` key,
     // with a partial index (only jobs that have a key pay for it) that finds the
     // holders of one key of one job name, newest first. And each
     // `Idempotency-Key` with the start it was first given with and the job
     // that stands for it.
-    "
+    Migration::Sql(
+        "
     ALTER TABLE jobs ADD COLUMN unique_key TEXT;
     CREATE INDEX jobs_unique ON jobs (job_name, unique_key, created_at) WHERE unique_key IS NOT NULL;
 
@@ -148,10 +155,12 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
     ",
+    ),
     // Version 5: schedules. Each schedule the broker ran with, by its identity (job,
     // cron, time zone, params), with when it was first seen; and one fire per
     // (schedule, instant): a second one is refused, so an instant never starts two jobs.
-    "
+    Migration::Sql(
+        "
     CREATE TABLE schedules (
         id         TEXT PRIMARY KEY,
         first_seen INTEGER NOT NULL
@@ -170,24 +179,40 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX schedule_fires_at ON schedule_fires (at);
     ",
+    ),
     // Version 6: two indexes fewer on the jobs table, which every insert and
     // every status change wrote (and every commit's WAL carried). Counts by name
     // and status are kept in memory by the writer (`store/counts.rs`); recovery
     // finds the unfinished jobs through jobs_by_status and sorts them itself.
-    "
+    Migration::Sql(
+        "
     DROP INDEX jobs_queue;
     DROP INDEX jobs_counts;
     ",
+    ),
     // Version 7: the number of the last start-journal record whose transaction
     // this database holds (`store/journal.rs`): records above it are put back at open.
-    "
+    Migration::Sql(
+        "
     CREATE TABLE journal_state (
         id  INTEGER PRIMARY KEY CHECK (id = 1),
         seq INTEGER NOT NULL CHECK (seq >= 0)
     ) STRICT;
     INSERT INTO journal_state (id, seq) VALUES (1, 0);
     ",
+    ),
+    // Version 8: CHECK constraints without IN lists. SQLite checks `x IN (...)`
+    // by filling a temporary table with the list on every insert or update that
+    // checks it (three per job insert); `x = a OR x = b ...` is compared in
+    // place. The same rules, so the tables' text is rewritten in place.
+    Migration::Code(checks_without_in_lists),
 ];
+
+/// One step of the schema: SQL, or code for what SQL alone cannot say.
+enum Migration {
+    Sql(&'static str),
+    Code(fn(&rusqlite::Transaction<'_>) -> Result<(), StoreError>),
+}
 
 /// The schema version this build writes and understands.
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -278,9 +303,116 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             }
             return Ok(());
         };
-        tx.execute_batch(migration).map_err(StoreError::sqlite("migrate the schema"))?;
+        match migration {
+            Migration::Sql(sql) => tx.execute_batch(sql).map_err(StoreError::sqlite("migrate the schema"))?,
+            Migration::Code(migrate) => migrate(&tx)?,
+        }
         tx.pragma_update(None, "user_version", version + 1).map_err(StoreError::sqlite("bump user_version"))?;
         tx.commit().map_err(StoreError::sqlite("commit a migration"))?;
         tracing::info!(path = %path.display(), version = version + 1, "store schema migrated");
+    }
+}
+
+/// Migration 8: every table's CHECK constraints of the form `col IN (literals)`
+/// become `(col = literal OR ...)`, by SQLite's documented procedure for
+/// schema changes that leave the stored rows as they are (the text in
+/// `sqlite_schema` is replaced and the schema version bumped, in one
+/// transaction). Each rewritten table is read back before the commit, so SQL
+/// that does not parse rolls the whole migration back.
+fn checks_without_in_lists(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    let version: i64 = tx
+        .query_row("PRAGMA schema_version", [], |row| row.get(0))
+        .map_err(StoreError::sqlite("read the schema version"))?;
+    let tables: Vec<(String, String)> = tx
+        .prepare("SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND sql LIKE '%CHECK%'")
+        .and_then(|mut statement| {
+            statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?.collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(StoreError::sqlite("read the tables' schema"))?;
+    let rewritten: Vec<(String, String)> =
+        tables.into_iter().filter_map(|(name, sql)| or_chains(&sql).map(|new| (name, new))).collect();
+    if rewritten.is_empty() {
+        return Ok(());
+    }
+    tx.execute_batch("PRAGMA writable_schema = ON").map_err(StoreError::sqlite("allow a schema rewrite"))?;
+    for (name, sql) in &rewritten {
+        tx.execute("UPDATE sqlite_schema SET sql = ?1 WHERE type = 'table' AND name = ?2", [sql, name])
+            .map_err(StoreError::sqlite("rewrite a table's CHECK constraints"))?;
+    }
+    tx.pragma_update(None, "schema_version", version + 1).map_err(StoreError::sqlite("bump the schema version"))?;
+    tx.execute_batch("PRAGMA writable_schema = OFF").map_err(StoreError::sqlite("end the schema rewrite"))?;
+    for (name, _) in &rewritten {
+        tx.prepare(&format!("SELECT * FROM \"{name}\" LIMIT 0"))
+            .map_err(StoreError::sqlite("read a rewritten table back"))?;
+    }
+    Ok(())
+}
+
+/// `sql` with each `name IN (literal, ...)` as `(name = literal OR ...)`,
+/// where the literals are quoted strings without quotes inside or integers;
+/// `None` if there is none. Anything else is left as it is.
+fn or_chains(sql: &str) -> Option<String> {
+    let mut out = String::with_capacity(sql.len() + 64);
+    let mut rest = sql;
+    let mut changed = false;
+    while let Some(at) = rest.find(" IN (") {
+        let (before, after) = rest.split_at(at);
+        let name_start = before.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |i| i + 1);
+        let name = &before[name_start..];
+        let list_start = " IN (".len();
+        let replaced = after[list_start..].find(')').and_then(|close| {
+            let items: Vec<&str> = after[list_start..list_start + close].split(',').map(str::trim).collect();
+            let literal = |item: &&str| {
+                (item.len() >= 2
+                    && item.starts_with('\'')
+                    && item.ends_with('\'')
+                    && !item[1..item.len() - 1].contains('\''))
+                    || (!item.is_empty() && item.bytes().all(|b| b.is_ascii_digit()))
+            };
+            (!name.is_empty() && items.iter().all(literal)).then(|| {
+                let chain: Vec<String> = items.iter().map(|item| format!("{name} = {item}")).collect();
+                (format!("({})", chain.join(" OR ")), list_start + close + 1)
+            })
+        });
+        match replaced {
+            Some((chain, consumed)) => {
+                out.push_str(&before[..name_start]);
+                out.push_str(&chain);
+                rest = &after[consumed..];
+                changed = true;
+            }
+            None => {
+                out.push_str(before);
+                out.push_str(" IN (");
+                rest = &after[list_start..];
+            }
+        }
+    }
+    out.push_str(rest);
+    changed.then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::or_chains;
+
+    #[test]
+    fn in_lists_of_literals_become_or_chains() {
+        assert_eq!(
+            or_chains("status TEXT CHECK (status IN ('a', 'b_c', 'd')), x CHECK (stale IN (0, 1))").as_deref(),
+            Some("status TEXT CHECK ((status = 'a' OR status = 'b_c' OR status = 'd')), x CHECK ((stale = 0 OR stale = 1))")
+        );
+        assert_eq!(
+            or_chains("CHECK ((status IN ('queued', 'running')) = (finished_at IS NULL))").as_deref(),
+            Some("CHECK (((status = 'queued' OR status = 'running')) = (finished_at IS NULL))")
+        );
+    }
+
+    #[test]
+    fn anything_else_is_left_alone() {
+        assert_eq!(or_chains("CHECK (a >= 0)"), None);
+        assert_eq!(or_chains("CHECK (a IN (SELECT b FROM t))"), None);
+        assert_eq!(or_chains("CHECK (a IN ('it''s'))"), None);
+        assert_eq!(or_chains("CHECK (a IN (x, 'y'))"), None);
     }
 }

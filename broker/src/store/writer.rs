@@ -1028,7 +1028,7 @@ impl Writer {
                 let sql = format!(
                     "SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_unique
                      WHERE job_name = ?1 AND unique_key = ?2
-                       AND (status IN ('queued', 'running') OR (status = 'succeeded' AND finished_at >= ?3))
+                       AND (status = 'queued' OR status = 'running' OR (status = 'succeeded' AND finished_at >= ?3))
                      ORDER BY created_at DESC LIMIT 1"
                 );
                 self.read_job(&sql, params![job.job_name, key, time_to_sql(guarded.succeeded_since)], &change)?
