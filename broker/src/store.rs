@@ -356,6 +356,9 @@ pub enum StoreError {
     /// The start journal cannot be read, so starts it may hold cannot be put back.
     #[error("the start journal {}: {reason}", path.display())]
     JournalUnreadable { path: PathBuf, reason: String },
+    /// Another store (another broker, or this one still closing) has the data directory open.
+    #[error("the data directory {} is in use by another jobz broker; stop it first", path.display())]
+    InUse { path: PathBuf },
     /// A read task died (a bug); the store itself is unaffected.
     #[error("a store read failed unexpectedly: {0}")]
     Internal(String),

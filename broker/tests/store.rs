@@ -1731,3 +1731,23 @@ async fn job_inserts_and_updates_build_no_temporary_tables() {
     );
     assert!(refused.unwrap_err().to_string().contains("CHECK constraint failed"));
 }
+
+/// Two stores on one data directory would write over each other's journal
+/// (and both dispatch its jobs): the second waits for the lock, up to its
+/// busy timeout, and is refused; once the first is closed, it opens.
+#[tokio::test]
+async fn a_data_directory_in_use_is_refused_until_it_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path());
+    let impatient = StoreOptions { busy_timeout: Duration::from_millis(200), ..StoreOptions::default() };
+    let started = Instant::now();
+    let err = SqliteStore::open(dir.path(), impatient.clone()).err().expect("refused while in use");
+    assert!(matches!(err, StoreError::InUse { .. }), "{err:?}");
+    assert!(err.to_string().contains("in use by another jobz broker"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    first.commit(vec![Change::Insert(queued("still", "import", at(0)))]).await.unwrap();
+    first.close().await;
+    drop(first);
+    let second = SqliteStore::open(dir.path(), StoreOptions::default()).expect("free once closed");
+    assert_eq!(job(&second, "still").await.id, "still");
+}

@@ -254,7 +254,17 @@ impl Journal {
     /// Opens `dir`'s journal (creating and preallocating it if needed), puts
     /// back into `conn` the rows of every record SQLite lost, makes them
     /// durable, and returns the journal ready to write at its front.
-    pub(super) fn open(conn: &mut Connection, dir: &Path, capacity: u64) -> Result<Journal, StoreError> {
+    ///
+    /// The file is locked (`flock`) for as long as the store has it open: a
+    /// second store on the same directory, in this process or another, waits
+    /// up to `wait_for_lock` for it (a broker restarting while the last one
+    /// exits) and is then refused, rather than both writing over each other.
+    pub(super) fn open(
+        conn: &mut Connection,
+        dir: &Path,
+        capacity: u64,
+        wait_for_lock: std::time::Duration,
+    ) -> Result<Journal, StoreError> {
         let capacity = capacity.max(JOURNAL_BYTES_MIN);
         let path = dir.join(JOURNAL_FILE_NAME);
         let io = |context: &'static str| {
@@ -263,6 +273,7 @@ impl Journal {
         };
         let file =
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io("open"))?;
+        lock(&file, dir, wait_for_lock)?;
         let len = file.metadata().map_err(io("read the size of"))?.len();
         // Read whole: a file written with a larger capacity may hold records past this one's.
         let mut contents = vec![0u8; len as usize];
@@ -388,6 +399,30 @@ impl Journal {
         }
     }
 }
+
+/// Takes the exclusive lock on `dir`'s journal, waiting up to `wait` for another holder to let go.
+fn lock(file: &File, dir: &Path, wait: std::time::Duration) -> Result<(), StoreError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(LOCK_RETRY)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InUse { path: dir.to_owned() }),
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(StoreError::Io {
+                    context: "lock the start journal in",
+                    path: dir.to_owned(),
+                    error: Arc::new(error),
+                })
+            }
+        }
+    }
+}
+
+/// How often a store waiting for the journal's lock tries again.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The number of the last journaled transaction SQLite holds.
 fn stored_seq(conn: &Connection) -> Result<u64, StoreError> {

@@ -107,7 +107,7 @@ impl SqliteStore {
         let mut writer = open_writer(&path, &options)?;
         // Before anything reads the jobs: the starts a crash took from SQLite
         // come back from the journal first. It is read even when turned off.
-        let journal = Journal::open(&mut writer, dir, options.start_journal_bytes)?;
+        let journal = Journal::open(&mut writer, dir, options.start_journal_bytes, options.busy_timeout)?;
         let journal = options.start_journal.then_some(journal);
         // The migration above created the database and WAL files if they were
         // new; their directory entries are made durable before any commit is
