@@ -1543,20 +1543,10 @@ impl Client {
     }
 
     async fn connect_with(addr: SocketAddr, access: Access) -> BenchResult<Client> {
-        let sender = tokio::time::timeout(REQUEST_DEADLINE, async {
-            let stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let sender = match &access.tls {
-                None => spawn_connection(TokioIo::new(stream)).await?,
-                Some(tls) => {
-                    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-                    spawn_connection(TokioIo::new(tls.connect(name, stream).await?)).await?
-                }
-            };
-            BenchResult::Ok(sender)
-        })
-        .await
-        .map_err(|_| format!("connecting to {addr} took over {REQUEST_DEADLINE:?}"))??;
+        let stream = open_stream(addr, &access).await?;
+        let sender = tokio::time::timeout(REQUEST_DEADLINE, spawn_connection(TokioIo::new(stream)))
+            .await
+            .map_err(|_| format!("the handshake with {addr} took over {REQUEST_DEADLINE:?}"))??;
         Ok(Client { access, sender })
     }
 
@@ -1616,6 +1606,24 @@ where
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
+/// A connection to `addr` as `access` says: TCP without Nagle, and TLS over it if asked.
+async fn open_stream(addr: SocketAddr, access: &Access) -> BenchResult<Box<dyn Stream>> {
+    tokio::time::timeout(REQUEST_DEADLINE, async {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let stream: Box<dyn Stream> = match &access.tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                Box::new(tls.connect(name, stream).await?)
+            }
+        };
+        BenchResult::Ok(stream)
+    })
+    .await
+    .map_err(|_| format!("connecting to {addr} took over {REQUEST_DEADLINE:?}"))?
+}
+
 /// One keep-alive connection sending the same GET again and again.
 struct Load {
     stream: Box<dyn Stream>,
@@ -1630,20 +1638,7 @@ impl Load {
             request.push_str(&format!("Authorization: {authorization}\r\n"));
         }
         request.push_str("\r\n");
-        let stream = tokio::time::timeout(REQUEST_DEADLINE, async {
-            let stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let stream: Box<dyn Stream> = match &access.tls {
-                None => Box::new(stream),
-                Some(tls) => {
-                    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-                    Box::new(tls.connect(name, stream).await?)
-                }
-            };
-            BenchResult::Ok(stream)
-        })
-        .await
-        .map_err(|_| format!("connecting to {addr} took over {REQUEST_DEADLINE:?}"))??;
+        let stream = open_stream(addr, access).await?;
         Ok(Load { stream, request: request.into_bytes().into(), buffer: Vec::with_capacity(4096) })
     }
 

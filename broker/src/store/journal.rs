@@ -47,7 +47,7 @@ use std::sync::Arc;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 
-use super::writer::INSERT_JOB;
+use super::writer::{INSERT_IDEMPOTENCY_KEY, INSERT_JOB};
 use super::StoreError;
 
 /// The journal's file in the data directory.
@@ -443,12 +443,8 @@ fn replay(conn: &mut Connection, rows: &[Row], last: u64) -> Result<(), StoreErr
         // The writer's own insert, keeping a row that is there.
         let insert_job = INSERT_JOB.replacen("INSERT INTO", "INSERT OR IGNORE INTO", 1);
         let mut jobs = tx.prepare(&insert_job).map_err(StoreError::sqlite("prepare the journal's job insert"))?;
-        let mut keys = tx
-            .prepare(
-                "INSERT OR REPLACE INTO idempotency_keys (key, job_id, job_name, params, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(StoreError::sqlite("prepare the journal's key insert"))?;
+        let mut keys =
+            tx.prepare(INSERT_IDEMPOTENCY_KEY).map_err(StoreError::sqlite("prepare the journal's key insert"))?;
         for row in rows {
             match row {
                 Row::Job(values) => jobs.execute(params_from_iter(values.iter())),

@@ -142,7 +142,7 @@ impl SyncLoop {
     }
 
     /// Releases `batch`'s answers with the outcome of the sync that covered them.
-    fn answer(&mut self, batch: Vec<(Durability, Answers)>, synced: Result<(), StoreError>) {
+    fn answer(&self, batch: Vec<(Durability, Answers)>, synced: Result<(), StoreError>) {
         self.shared.last_sync_failed.store(synced.is_err(), Ordering::Relaxed);
         if let Err(e) = &synced {
             error!(error = %e, commits = batch.len(), "syncing the store failed; those commits are not acknowledged");

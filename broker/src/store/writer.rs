@@ -49,7 +49,7 @@ use super::codec::{
     params_to_sql, time_to_sql, JOB_COLUMNS,
 };
 use super::counts::{Counts, Transition};
-use super::journal::{self, Journal, RowTable, JOB_VALUES};
+use super::journal::{self, Journal, RowTable, JOB_VALUES, KEY_VALUES};
 use super::syncer::{Durability, Syncer};
 use super::{StoreError, StoreStats, PRUNE_BATCH_MAX};
 use jobz_core::Status;
@@ -203,14 +203,14 @@ struct JournalRows {
 }
 
 impl JournalRows {
-    fn job(&mut self, values: &[rusqlite::types::ValueRef<'_>]) {
+    fn job(&mut self, values: &[ValueRef<'_>]) {
         if self.recording {
             journal::encode_row(&mut self.rows, RowTable::Jobs, values);
             self.count += 1;
         }
     }
 
-    fn idempotency_key(&mut self, values: &[rusqlite::types::ValueRef<'_>]) {
+    fn idempotency_key(&mut self, values: &[ValueRef<'_>]) {
         if self.recording {
             journal::encode_row(&mut self.rows, RowTable::IdempotencyKeys, values);
             self.count += 1;
@@ -969,9 +969,7 @@ impl Writer {
         }
         let values = job_values(job, &params_json);
         let mut statement = self.conn.prepare_cached(INSERT_JOB).map_err(|e| classify(&change(), e))?;
-        statement
-            .execute(rusqlite::params_from_iter(values.iter().map(|v| ToSqlOutput::Borrowed(*v))))
-            .map_err(|e| classify(&change(), e))?;
+        statement.execute(bound(&values)).map_err(|e| classify(&change(), e))?;
         journal.job(&values);
         Ok(())
     }
@@ -1046,7 +1044,7 @@ impl Writer {
                 Admission::Existing(existing) => &existing.id,
                 _ => &job.id,
             };
-            let values = [
+            let values: [ValueRef<'_>; KEY_VALUES] = [
                 ValueRef::Text(claim.key.as_bytes()),
                 ValueRef::Text(stands.as_bytes()),
                 ValueRef::Text(job.job_name.as_bytes()),
@@ -1054,13 +1052,8 @@ impl Writer {
                 ValueRef::Integer(time_to_sql(job.created_at)),
             ];
             self.conn
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO idempotency_keys (key, job_id, job_name, params, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .and_then(|mut statement| {
-                    statement.execute(rusqlite::params_from_iter(values.iter().map(|v| ToSqlOutput::Borrowed(*v))))
-                })
+                .prepare_cached(INSERT_IDEMPOTENCY_KEY)
+                .and_then(|mut statement| statement.execute(bound(&values)))
                 .map_err(|e| classify(&change(), e))?;
             journal.idempotency_key(&values);
         }
@@ -1335,13 +1328,24 @@ fn describe(change: &Change) -> String {
 }
 
 /// The writer's insert of a job row; the start journal replays its rows with
-/// the same columns (`journal::JOB_COLUMNS_INSERTED`).
+/// the same statement, keeping a row that is there.
 pub(super) const INSERT_JOB: &str = "INSERT INTO jobs (id, job_name, params, status, attempts, run_id, parent_id,
      origin_kind, origin_gate, origin_key, origin_reason, priority, worker, lease, exit_code, signal,
      created_at, queued_at, started_at, finished_at, cancelled_at, not_before, output_tail,
      progress_percent, progress_message, error, unique_key)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
      ?21, ?22, ?23, ?24, ?25, ?26, ?27)";
+
+/// The writer's insert (or replacement) of an idempotency key's row; the
+/// start journal replays its rows with the same statement.
+pub(super) const INSERT_IDEMPOTENCY_KEY: &str =
+    "INSERT OR REPLACE INTO idempotency_keys (key, job_id, job_name, params, created_at)
+     VALUES (?1, ?2, ?3, ?4, ?5)";
+
+/// `values` as a statement's parameters, bound without copying.
+fn bound<'a>(values: &'a [ValueRef<'a>]) -> impl rusqlite::Params + 'a {
+    rusqlite::params_from_iter(values.iter().map(|v| ToSqlOutput::Borrowed(*v)))
+}
 
 /// A job's row as the values of [`INSERT_JOB`], in its column order.
 fn job_values<'a>(job: &'a JobRecord, params_json: &'a str) -> [ValueRef<'a>; JOB_VALUES] {
