@@ -19,6 +19,7 @@
 
 mod group;
 mod output;
+mod spawn;
 mod step;
 
 use std::fmt;

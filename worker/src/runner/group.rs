@@ -10,9 +10,9 @@ use std::io;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use tokio::process::Child;
 use tokio::time::Instant;
 
+use super::spawn::Process;
 use crate::limits;
 
 /// The process group of one step, named by its leader's pid.
@@ -99,7 +99,7 @@ impl ProcessGroup {
 /// reaped. A zombie left in the group (an orphan whose new parent has not
 /// reaped it yet) keeps the group non-empty until the grace is over; that
 /// costs time, never correctness, because SIGKILL to a zombie is harmless.
-pub(crate) async fn stop(group: ProcessGroup, mut leader: Option<&mut Child>, grace: Duration) -> Option<ExitStatus> {
+pub(crate) async fn stop(group: ProcessGroup, mut leader: Option<&mut Process>, grace: Duration) -> Option<ExitStatus> {
     let deadline = deadline_after(grace);
     let mut status = None;
     if group.signal_logged(libc::SIGTERM) == Presence::Gone && leader.is_none() {

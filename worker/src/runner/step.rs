@@ -5,21 +5,21 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
-use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::group::{self, KillOnDrop, ProcessGroup};
 use super::output::Sink;
+use super::spawn::{self, Launch, Process};
 use super::{JobSpec, Step};
 use crate::limits;
 
@@ -78,7 +78,7 @@ pub(crate) async fn run(
             return StepEnd::NoStatus;
         }
     }
-    let (stdout, stderr, reader) = match output_pipe() {
+    let (output, reader) = match output_pipe() {
         Ok(pipe) => pipe,
         Err(error) => {
             tracing::error!(%step, %error, "cannot create output pipe");
@@ -86,31 +86,27 @@ pub(crate) async fn run(
             return StepEnd::NoStatus;
         }
     };
-
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .envs(spec.env.iter().map(|(name, value)| (name, value)))
-        .stdin(dev_null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .process_group(0);
-    if let Some(cwd) = &spec.cwd {
-        command.current_dir(cwd);
-    }
-    let spawned = command.spawn();
-    // The command holds our copies of the pipe's write end; dropping it
-    // closes them, so the read end sees EOF once the step's processes are gone.
-    drop(command);
+    let Some(stdin) = dev_null() else {
+        tracing::error!(%step, "cannot open /dev/null");
+        sink.line(&format!("jobz: cannot start the {step} step: cannot open /dev/null")).await;
+        return StepEnd::NoStatus;
+    };
+    let spawned = spawn::spawn(&Launch {
+        program,
+        args,
+        env: &spec.env,
+        cwd: spec.cwd.as_deref(),
+        stdin,
+        output: output.as_fd(),
+    });
+    // The child has its own copy of the pipe's write end; closing ours lets the
+    // read end see EOF once the step's processes are gone.
+    drop(output);
     let mut child = match spawned {
         Ok(child) => child,
-        Err(error) => {
-            tracing::warn!(%step, program, %error, "cannot start step");
-            sink.line(&format!("jobz: cannot start {program:?}: {error}")).await;
-            return StepEnd::NoStatus;
-        }
+        Err(error) => return cannot_start(step, program, &error, sink).await,
     };
-    let Some(group) = child.id().and_then(ProcessGroup::of_leader) else {
+    let Some(group) = ProcessGroup::of_leader(child.id()) else {
         // A freshly spawned, unwaited child always has a pid > 1; this is a
         // bug, reported instead of signalling a wrong group.
         tracing::error!(%step, pid = ?child.id(), "spawned step has no usable process group id");
@@ -131,14 +127,24 @@ pub(crate) async fn run(
         copy_output(reader, sink, drain_deadline_receiver),
     );
     guard.disarm();
+    if let Some(error) = child.exec_error() {
+        return cannot_start(step, program, &error, sink).await;
+    }
     tracing::debug!(%step, pgid = group.id(), ?end, "step ended");
     end
+}
+
+/// A step whose program could not be started: said in its output, and no status.
+async fn cannot_start(step: Step, program: &str, error: &io::Error, sink: &mut Sink) -> StepEnd {
+    tracing::warn!(%step, program, %error, "cannot start step");
+    sink.line(&format!("jobz: cannot start {program:?}: {error}")).await;
+    StepEnd::NoStatus
 }
 
 /// Waits for the step's main process, the deadline or the cancel, stops the
 /// process group, and then tells the output copy how long it may still read.
 async fn supervise(
-    child: &mut Child,
+    child: &mut Process,
     group: ProcessGroup,
     limits: StepLimits<'_>,
     drain_deadline: oneshot::Sender<Instant>,
@@ -239,27 +245,20 @@ async fn copy_chunk(reader: &mut pipe::Receiver, buffer: &mut Vec<u8>, sink: &mu
 }
 
 /// One pipe for both stdout and stderr, so the output interleaves as it would
-/// on a terminal. Returns the write end twice (for stdout and stderr) and the
+/// on a terminal. Returns the write end (the child's stdout and stderr) and the
 /// read end. Both ends are close-on-exec, so no other child the worker spawns
 /// meanwhile inherits them and holds the pipe open.
-fn output_pipe() -> io::Result<(OwnedFd, OwnedFd, pipe::Receiver)> {
+fn output_pipe() -> io::Result<(OwnedFd, pipe::Receiver)> {
     let (sender, receiver) = pipe::pipe()?;
     // The child writes with ordinary blocking writes.
-    let stdout = sender.into_blocking_fd()?;
-    let stderr = stdout.try_clone()?;
-    Ok((stdout, stderr, receiver))
+    Ok((sender.into_blocking_fd()?, receiver))
 }
 
-/// Standard input for a step: `/dev/null`, opened once per process and
-/// duplicated for each step (`Stdio::null()` opens it again every time, a path
-/// lookup per spawn). Falls back to `Stdio::null()` if it cannot be opened.
-fn dev_null() -> Stdio {
+/// Standard input for a step: `/dev/null`, opened once per process (opening it
+/// for every step is a path lookup per spawn). The child gets a copy of it.
+fn dev_null() -> Option<BorrowedFd<'static>> {
     static DEV_NULL: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
-    let file = DEV_NULL.get_or_init(|| std::fs::File::open("/dev/null").ok());
-    match file.as_ref().and_then(|f| f.try_clone().ok()) {
-        Some(file) => Stdio::from(file),
-        None => Stdio::null(),
-    }
+    DEV_NULL.get_or_init(|| std::fs::File::open("/dev/null").ok()).as_ref().map(|file| file.as_fd())
 }
 
 /// Checks that `cwd` is a directory we may enter.
