@@ -127,10 +127,10 @@ impl Process {
 }
 
 /// Where `execvp` would look for `program`, in order: the program itself when
-/// it names a path (has a `/`), else each directory of `path` (`PATH`; an
+/// it names a path (has a `/`) or is empty (not found, as with `execvp`), else each directory of `path` (`PATH`; an
 /// empty entry is the working directory; glibc's default when unset).
 fn candidates(program: &str, path: Option<&OsStr>) -> Vec<OsString> {
-    if program.contains('/') {
+    if program.is_empty() || program.contains('/') {
         return vec![OsString::from(program)];
     }
     let path = path.unwrap_or(OsStr::new("/bin:/usr/bin"));
@@ -162,6 +162,7 @@ mod tests {
     fn a_program_with_a_slash_is_used_as_it_is() {
         assert_eq!(candidates("./run.sh", Some(OsStr::new("/bin"))), vec![OsString::from("./run.sh")]);
         assert_eq!(candidates("/bin/true", None), vec![OsString::from("/bin/true")]);
+        assert_eq!(candidates("", Some(OsStr::new("/bin"))), vec![OsString::new()]);
     }
 
     #[test]
@@ -274,9 +275,11 @@ mod tests {
         for way in ways() {
             let ran = run(way, &["jobz-spawn-test-tool", "x"], &[("PATH", &path)], None).await;
             assert_eq!(ran.output, "found x\n", "{way:?}");
-            let missing = run(way, &["jobz-spawn-test-no-such-tool"], &[("PATH", &path)], None).await;
-            let error = missing.error.expect("a missing program is an error");
-            assert_eq!(error.kind(), io::ErrorKind::NotFound, "{way:?}: {error}");
+            for name in ["jobz-spawn-test-no-such-tool", ""] {
+                let missing = run(way, &[name], &[("PATH", &path)], None).await;
+                let error = missing.error.expect("a missing program is an error");
+                assert_eq!(error.kind(), io::ErrorKind::NotFound, "{way:?} {name:?}: {error}");
+            }
             let refused = run(way, &[unreadable.to_str().expect("utf-8")], &[], None).await;
             let error = refused.error.expect("a file that is not executable is an error");
             assert_eq!(error.raw_os_error(), Some(libc::EACCES), "{way:?}: {error}");
