@@ -14,6 +14,11 @@ pub const OUTPUT_TAIL_BYTES: usize = 64 * 1024;
 /// at most one chunk for the log file, the tail and the output channel.
 pub const OUTPUT_CHUNK_BYTES: usize = 16 * 1024;
 
+/// How long a step runs before its output pipe is watched. A step that ends
+/// sooner has its output read once, after it ended; one that writes more than
+/// the pipe holds (64 KiB on Linux) meanwhile waits at most this long.
+pub const OUTPUT_WATCH_AFTER: Duration = Duration::from_millis(5);
+
 /// Capacity, in chunks, of the channel a caller gives the runner to stream a
 /// job's output live. Bounded, so a slow reader slows the job down (its pipe
 /// fills) rather than grow memory.

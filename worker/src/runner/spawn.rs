@@ -206,7 +206,8 @@ mod tests {
         let null = std::fs::File::open("/dev/null").expect("/dev/null");
         let args: Vec<String> = argv[1..].iter().map(|a| a.to_string()).collect();
         let env: Vec<(String, String)> = env.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
-        let launch = Launch { program: argv[0], args: &args, env: &env, cwd, stdin: null.as_fd(), output: output.as_fd() };
+        let launch =
+            Launch { program: argv[0], args: &args, env: &env, cwd, stdin: null.as_fd(), output: output.as_fd() };
         let spawned = match way {
             #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
             Way::Native => match clone::spawn(&launch) {
@@ -222,9 +223,17 @@ mod tests {
         };
         let mut text = Vec::new();
         let deadline = std::time::Duration::from_secs(10);
-        tokio::time::timeout(deadline, receiver.read_to_end(&mut text)).await.expect("output within 10 s").expect("read");
+        tokio::time::timeout(deadline, receiver.read_to_end(&mut text))
+            .await
+            .expect("output within 10 s")
+            .expect("read");
         let status = tokio::time::timeout(deadline, process.wait()).await.expect("exit within 10 s").expect("wait");
-        Ran { status: Some(status), output: String::from_utf8_lossy(&text).into_owned(), error: process.exec_error(), pid: process.id() }
+        Ran {
+            status: Some(status),
+            output: String::from_utf8_lossy(&text).into_owned(),
+            error: process.exec_error(),
+            pid: process.id(),
+        }
     }
 
     #[tokio::test]
@@ -299,7 +308,9 @@ mod tests {
     #[tokio::test]
     async fn the_process_leads_a_group_of_its_own_with_stdin_from_dev_null() {
         for way in ways() {
-            let ran = run(way, &["/bin/sh", "-c", "cut -d' ' -f5 /proc/$$/stat; cat; readlink /proc/$$/fd/0"], &[], None).await;
+            let ran =
+                run(way, &["/bin/sh", "-c", "cut -d' ' -f5 /proc/$$/stat; cat; readlink /proc/$$/fd/0"], &[], None)
+                    .await;
             assert_eq!(ran.output, format!("{}\n/dev/null\n", ran.pid), "{way:?}");
         }
     }

@@ -192,11 +192,52 @@ async fn supervise(
 
 /// Copies the pipe to the sink until EOF, or until the drain deadline passes
 /// (a process that left the process group can hold the pipe open forever).
-async fn copy_output(mut reader: pipe::Receiver, sink: &mut Sink, drain_deadline: oneshot::Receiver<Instant>) {
+///
+/// The pipe is not watched at first: a step that ends within
+/// [`limits::OUTPUT_WATCH_AFTER`] (most do) has its output read once, after its
+/// exit, with plain reads. Watching it from the start cost two registrations
+/// with the reactor and a second wake-up per step, at the end-of-file that
+/// comes just before the exit. Meanwhile the output waits in the pipe's
+/// buffer; a step that fills it waits at most that long for the first read.
+async fn copy_output(reader: OwnedFd, sink: &mut Sink, drain_deadline: oneshot::Receiver<Instant>) {
     // Filled without zeroing first (`read_buf` reads into the spare capacity).
     let mut buffer = Vec::with_capacity(limits::OUTPUT_CHUNK_BYTES);
+    let mut drain_deadline = drain_deadline;
+    let ended = tokio::select! {
+        biased;
+        deadline = &mut drain_deadline => Some(deadline),
+        () = tokio::time::sleep(limits::OUTPUT_WATCH_AFTER) => None,
+    };
+    let deadline = match ended {
+        Some(deadline) => {
+            match drain_ended_step(&reader, &mut buffer, sink).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::error!(%error, "cannot read step output");
+                    sink.line(&format!("jobz: cannot read output: {error}")).await;
+                    return;
+                }
+            }
+            // Something still holds the pipe open: watched from here on, until the deadline.
+            Some(deadline)
+        }
+        None => None,
+    };
+    let mut reader = match pipe::Receiver::from_owned_fd_unchecked(reader) {
+        Ok(reader) => reader,
+        Err(error) => {
+            tracing::error!(%error, "cannot watch step output");
+            sink.line(&format!("jobz: cannot read output: {error}")).await;
+            return;
+        }
+    };
     let drain_over = async {
-        match drain_deadline.await {
+        let deadline = match deadline {
+            Some(deadline) => deadline,
+            None => drain_deadline.await,
+        };
+        match deadline {
             Ok(deadline) => tokio::time::sleep_until(deadline).await,
             // The supervisor is gone without a deadline: only EOF ends the copy.
             Err(_) => std::future::pending().await,
@@ -234,6 +275,35 @@ async fn copy_output(mut reader: pipe::Receiver, sink: &mut Sink, drain_deadline
     }
 }
 
+/// Reads what an ended step left in the pipe, without waiting: true at EOF,
+/// false when the pipe is empty but still open (a process outside the group,
+/// or a sibling step's child between its clone and its exec, holds it).
+async fn drain_ended_step(reader: &OwnedFd, buffer: &mut Vec<u8>, sink: &mut Sink) -> io::Result<bool> {
+    loop {
+        buffer.clear();
+        let spare = buffer.spare_capacity_mut();
+        // SAFETY: `read` writes at most `spare.len()` bytes into the spare
+        // capacity, which is valid for writes; `reader` is an open descriptor we own.
+        let read = unsafe { libc::read(reader.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+        match read {
+            0 => return Ok(true),
+            n if n > 0 => {
+                // SAFETY: `read` initialized the first `n` bytes of the spare capacity.
+                unsafe { buffer.set_len(n as usize) };
+                sink.write(buffer).await;
+            }
+            _ => {
+                let error = io::Error::last_os_error();
+                match error.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(false),
+                    io::ErrorKind::Interrupted => {}
+                    _ => return Err(error),
+                }
+            }
+        }
+    }
+}
+
 /// Reads one chunk and writes it to the sink; false at EOF.
 async fn copy_chunk(reader: &mut pipe::Receiver, buffer: &mut Vec<u8>, sink: &mut Sink) -> io::Result<bool> {
     buffer.clear();
@@ -246,9 +316,9 @@ async fn copy_chunk(reader: &mut pipe::Receiver, buffer: &mut Vec<u8>, sink: &mu
 
 /// One pipe for both stdout and stderr, so the output interleaves as it would
 /// on a terminal. Returns the write end (the child's stdout and stderr) and the
-/// read end. Both ends are close-on-exec, so no other child the worker spawns
+/// read end, not yet watched by the reactor. Both ends are close-on-exec, so no other child the worker spawns
 /// meanwhile inherits them and holds the pipe open.
-fn output_pipe() -> io::Result<(OwnedFd, pipe::Receiver)> {
+fn output_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [-1 as libc::c_int; 2];
     // SAFETY: pipe2 writes two descriptors into `fds`, which has room for them.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -264,7 +334,7 @@ fn output_pipe() -> io::Result<(OwnedFd, pipe::Receiver)> {
     if unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((write, pipe::Receiver::from_owned_fd_unchecked(read)?))
+    Ok((write, read))
 }
 
 /// Standard input for a step: `/dev/null`, opened once per process (opening it
@@ -287,4 +357,65 @@ fn check_cwd(cwd: &Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    async fn sink() -> Sink {
+        Sink::open(None, None, 1024).await.expect("a sink without a log file opens")
+    }
+
+    #[tokio::test]
+    async fn an_ended_step_output_is_read_to_the_end_without_the_reactor() {
+        let (write, read) = output_pipe().expect("pipe");
+        let mut writer = std::fs::File::from(write);
+        writer.write_all(b"first\nsecond\n").expect("write");
+        drop(writer);
+        let mut sink = sink().await;
+        let mut buffer = Vec::with_capacity(limits::OUTPUT_CHUNK_BYTES);
+        assert!(drain_ended_step(&read, &mut buffer, &mut sink).await.expect("read"));
+        assert_eq!(sink.tail_text(), "first\nsecond\n");
+    }
+
+    #[tokio::test]
+    async fn a_pipe_still_held_open_is_read_as_far_as_it_goes_and_reported_open() {
+        let (write, read) = output_pipe().expect("pipe");
+        let mut writer = std::fs::File::from(write);
+        writer.write_all(b"so far\n").expect("write");
+        let mut sink = sink().await;
+        let mut buffer = Vec::with_capacity(limits::OUTPUT_CHUNK_BYTES);
+        assert!(!drain_ended_step(&read, &mut buffer, &mut sink).await.expect("read"));
+        assert_eq!(sink.tail_text(), "so far\n");
+        // What comes later is read by the watched copy, which ends at EOF.
+        writer.write_all(b"later\n").expect("write");
+        drop(writer);
+        let (deadline, deadline_receiver) = oneshot::channel();
+        deadline.send(Instant::now() + Duration::from_secs(5)).expect("send");
+        tokio::time::timeout(Duration::from_secs(5), copy_output(read, &mut sink, deadline_receiver))
+            .await
+            .expect("the copy ends at EOF");
+        assert_eq!(sink.tail_text(), "so far\nlater\n");
+    }
+
+    #[tokio::test]
+    async fn output_of_a_step_that_runs_on_is_streamed_before_it_ends() {
+        let (write, read) = output_pipe().expect("pipe");
+        let mut writer = std::fs::File::from(write);
+        let (_deadline, deadline_receiver) = oneshot::channel::<Instant>();
+        let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
+        let mut sink = Sink::open(None, Some(sender), 1024).await.expect("sink");
+        let copy = tokio::spawn(async move { copy_output(read, &mut sink, deadline_receiver).await });
+        writer.write_all(b"while running\n").expect("write");
+        let chunk = tokio::time::timeout(Duration::from_secs(5), receiver.recv())
+            .await
+            .expect("streamed while the step runs")
+            .expect("a chunk");
+        assert_eq!(chunk, b"while running\n");
+        drop(writer);
+        tokio::time::timeout(Duration::from_secs(5), copy).await.expect("ends at EOF").expect("copy task");
+    }
 }

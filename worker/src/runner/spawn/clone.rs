@@ -119,7 +119,8 @@ impl Shared {
             owned.push(CString::new(format!("{name}={value}")).map_err(nul)?);
         }
         let base = base_env();
-        let inherited = base.iter().filter(|(name, _)| !ours.iter().any(|(ours, _)| ours.as_bytes() == name.as_slice()));
+        let inherited =
+            base.iter().filter(|(name, _)| !ours.iter().any(|(ours, _)| ours.as_bytes() == name.as_slice()));
         let path = ours
             .iter()
             .find(|(name, _)| name == "PATH")
@@ -202,7 +203,15 @@ pub(crate) fn spawn(launch: &Launch<'_>) -> Result<Child, SpawnError> {
     // blocked. The kernel writes the pidfd to `pidfd` and zeroes
     // `shared.in_use` when the child execs or exits; both stay valid.
     let pid = unsafe {
-        libc::clone(child_main, stack.top(), flags, arg, &mut pidfd as *mut c_int, std::ptr::null_mut::<c_void>(), shared.in_use.as_ptr())
+        libc::clone(
+            child_main,
+            stack.top(),
+            flags,
+            arg,
+            &mut pidfd as *mut c_int,
+            std::ptr::null_mut::<c_void>(),
+            shared.in_use.as_ptr(),
+        )
     };
     let clone_error = io::Error::last_os_error();
     // SAFETY: puts back the mask read above.
@@ -494,8 +503,12 @@ unsafe fn prepare_and_exec(shared: &Shared) -> c_int {
     // permission refusal, stop at any other error.
     let mut refused = false;
     for &candidate in &shared.candidate_ptrs {
-        let result =
-            sys::call3(libc::SYS_execve, candidate as usize, shared.argv.as_ptr() as usize, shared.envp.as_ptr() as usize);
+        let result = sys::call3(
+            libc::SYS_execve,
+            candidate as usize,
+            shared.argv.as_ptr() as usize,
+            shared.envp.as_ptr() as usize,
+        );
         match -result as c_int {
             libc::EACCES => refused = true,
             libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
