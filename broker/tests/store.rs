@@ -1751,3 +1751,118 @@ async fn a_data_directory_in_use_is_refused_until_it_is_free() {
     let second = SqliteStore::open(dir.path(), StoreOptions::default()).expect("free once closed");
     assert_eq!(job(&second, "still").await.id, "still");
 }
+
+/// Applies `changes` to a fresh store holding `jobs` queued: one change per
+/// commit, or all of them in one commit. Returns the jobs, their attempts,
+/// the counts (in memory and in the file) and the no-ops, to compare.
+async fn apply_both_ways(
+    jobs: &[&str],
+    changes: &[Change],
+) -> [(Vec<(JobRecord, Vec<AttemptRecord>)>, Vec<(String, Status, u64)>, Vec<(String, Status, u64)>, u64); 2] {
+    let mut outcomes = Vec::new();
+    for together in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let inserts = jobs.iter().map(|id| Change::Insert(queued(id, "import", at(0)))).collect();
+        store.commit(inserts).await.unwrap();
+        let skipped_before = store.stats().skipped;
+        if together {
+            store.commit(changes.to_vec()).await.unwrap();
+        } else {
+            for change in changes {
+                store.commit(vec![change.clone()]).await.unwrap();
+            }
+        }
+        let mut rows = Vec::new();
+        for id in jobs {
+            rows.push((job(&store, id).await, store.attempts(id).await.unwrap()));
+        }
+        let counts = store.counts().await.unwrap();
+        let skipped = store.stats().skipped - skipped_before;
+        store.close().await;
+        outcomes.push((rows, counts, counted_in_the_file(dir.path()), skipped));
+    }
+    let together = outcomes.pop().unwrap();
+    let apart = outcomes.pop().unwrap();
+    [apart, together]
+}
+
+fn dispatch(id: &str, lease: u64, t: i64) -> Change {
+    Change::Dispatch { id: id.into(), job_name: "import".into(), attempt: 1, worker: "w".into(), lease, at: at(t) }
+}
+
+fn finish(id: &str, lease: u64, status: Status, t: i64) -> Change {
+    Change::Finish {
+        id: id.into(),
+        job_name: "import".into(),
+        lease,
+        status,
+        exit_code: Some(if status == Status::Succeeded { 0 } else { 2 }),
+        signal: None,
+        at: at(t),
+        output_tail: format!("{id} said so\n"),
+        error: None,
+    }
+}
+
+#[tokio::test]
+async fn a_dispatch_and_its_finish_in_one_transaction_leave_what_they_leave_one_after_the_other() {
+    let changes = [
+        dispatch("ok", 7, 1),
+        finish("ok", 7, Status::Succeeded, 2),
+        dispatch("bad", 8, 1),
+        finish("bad", 8, Status::Failed, 3),
+    ];
+    let [apart, together] = apply_both_ways(&["ok", "bad"], &changes).await;
+    assert_eq!(together, apart);
+    let (rows, counts, in_file, skipped) = together;
+    assert_eq!(skipped, 0);
+    let (ok, ok_attempts) = &rows[0];
+    assert_eq!(
+        (ok.status, ok.lease, ok.started_at, ok.finished_at),
+        (Status::Succeeded, Some(7), Some(at(1)), Some(at(2)))
+    );
+    assert_eq!(ok.output_tail, "ok said so\n");
+    assert_eq!(ok_attempts.len(), 1);
+    assert_eq!(
+        (ok_attempts[0].status, ok_attempts[0].finished_at, ok_attempts[0].exit_code),
+        (Some(Status::Succeeded), Some(at(2)), Some(0))
+    );
+    assert_eq!(counts, vec![("import".to_owned(), Status::Failed, 1), ("import".to_owned(), Status::Succeeded, 1)]);
+    assert_eq!(in_file, counts);
+}
+
+#[tokio::test]
+async fn a_dispatch_held_in_a_transaction_meets_other_changes_of_its_job_as_if_applied_at_once() {
+    let changes = [
+        // A finish under another lease: the dispatch stands, the finish is a no-op.
+        dispatch("other-lease", 1, 1),
+        finish("other-lease", 2, Status::Succeeded, 2),
+        // A cancel after the dispatch closes the running attempt.
+        dispatch("cancelled", 3, 1),
+        Change::Cancel { id: "cancelled".into(), at: at(2) },
+        // A job cancelled before its dispatch: the dispatch and the finish are both no-ops.
+        Change::Cancel { id: "gone".into(), at: at(1) },
+        dispatch("gone", 4, 2),
+        finish("gone", 4, Status::Succeeded, 3),
+        // A requeue after the dispatch puts it back.
+        dispatch("requeued", 5, 1),
+        Change::Requeue { id: "requeued".into(), job_name: "import".into(), at: at(2), not_before: None },
+        // A dispatch nothing else names, in the transaction until its end.
+        dispatch("running", 6, 1),
+        // Progress needs the job running: the dispatch comes first.
+        dispatch("progressing", 7, 1),
+        Change::Progress { id: "progressing".into(), progress: Progress { percent: 50.0, message: None } },
+        finish("progressing", 7, Status::Succeeded, 3),
+    ];
+    let jobs = ["other-lease", "cancelled", "gone", "requeued", "running", "progressing"];
+    let [apart, together] = apply_both_ways(&jobs, &changes).await;
+    assert_eq!(together, apart);
+    let (rows, _, _, skipped) = together;
+    let status: Vec<Status> = rows.iter().map(|(job, _)| job.status).collect();
+    assert_eq!(
+        status,
+        vec![Status::Running, Status::Cancelled, Status::Cancelled, Status::Queued, Status::Running, Status::Succeeded]
+    );
+    assert_eq!(skipped, 3, "the finish under another lease, and the dispatch and finish of the cancelled job");
+}

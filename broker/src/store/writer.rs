@@ -249,6 +249,9 @@ struct Applying {
     transitions: Vec<Transition>,
     /// Its urgent callers' inserts, for the start journal.
     journal: JournalRows,
+    /// Dispatches not applied yet, by job id: where each is in the batch
+    /// (request, change). See [`Writer::apply_plainly`].
+    deferred: HashMap<String, (usize, usize)>,
 }
 
 impl Applying {
@@ -598,11 +601,10 @@ impl Writer {
                 next += 1;
                 total += pending.changes.len();
                 applying.journal.recording = pending.urgency == Urgency::Now;
-                for change in &pending.changes {
-                    let failure = match self.apply(change, &mut applying) {
-                        Ok(true) => continue,
-                        Ok(false) => {
-                            skipped += 1;
+                for (index, change) in pending.changes.iter().enumerate() {
+                    let failure = match self.apply_plainly(change, (next - 1, index), batch, &mut applying) {
+                        Ok(no_ops) => {
+                            skipped += no_ops;
                             continue;
                         }
                         Err(failure) => failure,
@@ -630,6 +632,14 @@ impl Writer {
                 Some(pending) => batch.push(pending),
                 None => break,
             }
+        }
+        match self.apply_deferred(batch, &mut applying) {
+            Ok(no_ops) => skipped += no_ops,
+            Err(Failure::Rejected(e)) => {
+                debug!(error = %e, "store refused a change; the batch is redone caller by caller");
+                return Ok(None);
+            }
+            Err(Failure::Storage(e)) => return Err(e),
         }
         let journal_seq = self.journal_seq_for(&applying.journal)?;
         self.exec("COMMIT", "commit")?;
@@ -731,6 +741,129 @@ impl Writer {
         if let Err(e) = self.conn.execute_batch("ROLLBACK") {
             error!(error = %e, "store rollback failed");
         }
+    }
+
+    /// Applies one change of the plain path (see [`Writer::apply_batch_plainly`]);
+    /// returns how many changes turned out to be no-ops.
+    ///
+    /// A `Dispatch` is held back until the end of the transaction, or until
+    /// another change names its job. When that change is the `Finish` of the
+    /// same lease (a short job, ended before its dispatch was committed), the
+    /// two are written as one: the job row goes from queued to its end in one
+    /// update and its attempt row is inserted whole, two statements instead of
+    /// four and one move in the status index instead of two. The rows and the
+    /// counts come out as the two changes applied in turn would leave them.
+    fn apply_plainly(
+        &self,
+        change: &Change,
+        at: (usize, usize),
+        batch: &[Pending],
+        applying: &mut Applying,
+    ) -> Result<u64, Failure> {
+        let mut no_ops = 0;
+        if let Change::Dispatch { id, .. } = change {
+            if let Some(earlier) = applying.deferred.remove(id) {
+                no_ops += self.apply_held_dispatch(&batch[earlier.0].changes[earlier.1], applying)?;
+            }
+            // What `apply` would say of this change to the start journal, said while its caller is the one applied.
+            applying.journal.other();
+            applying.deferred.insert(id.clone(), at);
+            return Ok(no_ops);
+        }
+        let (_, id) = kind_and_id(change);
+        if let Some(held) = applying.deferred.remove(id) {
+            let dispatch = &batch[held.0].changes[held.1];
+            match (dispatch, change) {
+                (Change::Dispatch { lease, .. }, Change::Finish { lease: finished, .. }) if lease == finished => {
+                    applying.journal.other();
+                    let ran = self.apply_dispatch_and_finish(dispatch, change, applying)?;
+                    return Ok(if ran { 0 } else { 2 });
+                }
+                _ => no_ops += self.apply_held_dispatch(dispatch, applying)?,
+            }
+        }
+        Ok(no_ops + u64::from(!self.apply(change, applying)?))
+    }
+
+    /// Applies the dispatches still held back, in the order they came.
+    fn apply_deferred(&self, batch: &[Pending], applying: &mut Applying) -> Result<u64, Failure> {
+        let mut held: Vec<(usize, usize)> = applying.deferred.drain().map(|(_, at)| at).collect();
+        held.sort_unstable();
+        let mut no_ops = 0;
+        for (request, index) in held {
+            no_ops += self.apply_held_dispatch(&batch[request].changes[index], applying)?;
+        }
+        Ok(no_ops)
+    }
+
+    /// Applies a dispatch that was held back; 1 if it was a no-op.
+    fn apply_held_dispatch(&self, dispatch: &Change, applying: &mut Applying) -> Result<u64, Failure> {
+        // Its caller was told to the start journal when it was held back; `apply`
+        // would tell it again, for whichever caller is being applied now.
+        let recording = std::mem::replace(&mut applying.journal.recording, false);
+        let applied = self.apply(dispatch, applying);
+        applying.journal.recording = recording;
+        Ok(u64::from(!applied?))
+    }
+
+    /// A `Dispatch` and the `Finish` of the same lease, as one update of the
+    /// job and one insert of its attempt; true if the job was queued (else
+    /// neither change would have matched it).
+    fn apply_dispatch_and_finish(
+        &self,
+        dispatch: &Change,
+        finish: &Change,
+        applying: &mut Applying,
+    ) -> Result<bool, Failure> {
+        let (
+            Change::Dispatch { id, job_name, attempt, worker, lease, at: started },
+            Change::Finish { status, exit_code, signal, at: finished, output_tail, error, .. },
+        ) = (dispatch, finish)
+        else {
+            return Err(Failure::Storage(StoreError::Internal(
+                "a held dispatch met a change that is not its finish".into(),
+            )));
+        };
+        let updated = self.execute(
+            finish,
+            "UPDATE jobs SET status = ?6, attempts = ?2, worker = ?3, lease = ?4, started_at = ?5,
+                 not_before = NULL, progress_percent = NULL, progress_message = NULL,
+                 finished_at = ?7, exit_code = ?8, signal = ?9, output_tail = ?10, error = ?11
+             WHERE id = ?1 AND status = 'queued'",
+            params![
+                id,
+                attempt,
+                worker,
+                lease_to_sql(*lease),
+                time_to_sql(*started),
+                status.as_str(),
+                time_to_sql(*finished),
+                exit_code,
+                signal,
+                output_tail,
+                error
+            ],
+        )?;
+        if !applying.moved_if(updated, job_name, Some(Status::Queued), Some(*status)) {
+            self.log_skip(dispatch);
+            return Ok(false);
+        }
+        self.execute(
+            finish,
+            "INSERT INTO attempts (job_id, lease, attempt, worker, started_at, status, finished_at, exit_code)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                id,
+                lease_to_sql(*lease),
+                attempt,
+                worker,
+                time_to_sql(*started),
+                status.as_str(),
+                time_to_sql(*finished),
+                exit_code
+            ],
+        )?;
+        Ok(true)
     }
 
     /// Applies one change. `Ok(false)` when it matched no row in the state it
