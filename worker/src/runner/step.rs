@@ -199,41 +199,29 @@ async fn supervise(
 /// with the reactor and a second wake-up per step, at the end-of-file that
 /// comes just before the exit. Meanwhile the output waits in the pipe's
 /// buffer; a step that fills it waits at most that long for the first read.
-async fn copy_output(reader: OwnedFd, sink: &mut Sink, drain_deadline: oneshot::Receiver<Instant>) {
+async fn copy_output(reader: OwnedFd, sink: &mut Sink, mut drain_deadline: oneshot::Receiver<Instant>) {
     // Filled without zeroing first (`read_buf` reads into the spare capacity).
     let mut buffer = Vec::with_capacity(limits::OUTPUT_CHUNK_BYTES);
-    let mut drain_deadline = drain_deadline;
+    // `Some` once the step has ended: the deadline its supervisor sent (or its absence).
     let ended = tokio::select! {
         biased;
         deadline = &mut drain_deadline => Some(deadline),
         () = tokio::time::sleep(limits::OUTPUT_WATCH_AFTER) => None,
     };
-    let deadline = match ended {
-        Some(deadline) => {
-            match drain_ended_step(&reader, &mut buffer, sink).await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::error!(%error, "cannot read step output");
-                    sink.line(&format!("jobz: cannot read output: {error}")).await;
-                    return;
-                }
-            }
+    if ended.is_some() {
+        match drain_ended_step(&reader, &mut buffer, sink).await {
+            Ok(true) => return,
             // Something still holds the pipe open: watched from here on, until the deadline.
-            Some(deadline)
+            Ok(false) => {}
+            Err(error) => return cannot_read(&error, sink).await,
         }
-        None => None,
-    };
+    }
     let mut reader = match pipe::Receiver::from_owned_fd_unchecked(reader) {
         Ok(reader) => reader,
-        Err(error) => {
-            tracing::error!(%error, "cannot watch step output");
-            sink.line(&format!("jobz: cannot read output: {error}")).await;
-            return;
-        }
+        Err(error) => return cannot_read(&error, sink).await,
     };
     let drain_over = async {
-        let deadline = match deadline {
+        let deadline = match ended {
             Some(deadline) => deadline,
             None => drain_deadline.await,
         };
@@ -260,8 +248,7 @@ async fn copy_output(reader: OwnedFd, sink: &mut Sink, drain_deadline: oneshot::
             Ok(true) => {}
             Ok(false) => break,
             Err(error) => {
-                tracing::error!(%error, "cannot read step output");
-                sink.line(&format!("jobz: cannot read output: {error}")).await;
+                cannot_read(&error, sink).await;
                 break;
             }
         }
@@ -273,6 +260,12 @@ async fn copy_output(reader: OwnedFd, sink: &mut Sink, drain_deadline: oneshot::
         );
         sink.line("jobz: stopped reading output: a process that left the job's process group holds it open").await;
     }
+}
+
+/// The step's output could not be read (or watched): said in its output.
+async fn cannot_read(error: &io::Error, sink: &mut Sink) {
+    tracing::error!(%error, "cannot read step output");
+    sink.line(&format!("jobz: cannot read output: {error}")).await;
 }
 
 /// Reads what an ended step left in the pipe, without waiting: true at EOF,
