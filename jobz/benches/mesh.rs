@@ -556,6 +556,10 @@ struct E2eRun {
     cpu: CpuSnapshot,
     /// How long the starts themselves took (all 202s in).
     accepted_in: Duration,
+    /// Jobs that had succeeded when the last 202 came in: what ran beside the starts.
+    done_during_starts: usize,
+    /// From the last 202 to the last `finished_at`: the queue drained with no starts beside it.
+    drained_in: Duration,
     /// The in-process store's commits, WAL syncs, start-journal syncs and changes in all, from its counters.
     store_commits: u64,
     store_syncs: u64,
@@ -616,6 +620,7 @@ async fn run_batch(addr: SocketAddr, jobs: usize) -> BenchResult<E2eRun> {
     let accepted_in = clock.elapsed();
     let mut client = Client::connect(addr).await?;
     let deadline = Instant::now() + RUN_DEADLINE;
+    let mut done_during_starts = None;
     loop {
         let metrics = client.text("/metrics").await?;
         let succeeded = metric(&metrics, r#"jobz_jobs{job_name="noop",status="succeeded"}"#).unwrap_or(0.0) as usize;
@@ -626,6 +631,8 @@ async fn run_batch(addr: SocketAddr, jobs: usize) -> BenchResult<E2eRun> {
         if failed > 0.0 {
             return Err(format!("{failed} noop job(s) did not succeed").into());
         }
+        // The first read follows the last 202 at once.
+        done_during_starts.get_or_insert(succeeded);
         if succeeded >= jobs {
             break;
         }
@@ -652,6 +659,8 @@ async fn run_batch(addr: SocketAddr, jobs: usize) -> BenchResult<E2eRun> {
         rate: jobs as f64 / elapsed.as_secs_f64(),
         cpu,
         accepted_in,
+        done_during_starts: done_during_starts.unwrap_or(0),
+        drained_in: elapsed.saturating_sub(accepted_in),
         store_commits: 0,
         store_syncs: 0,
         store_journal_syncs: 0,
@@ -824,6 +833,19 @@ fn print_e2e(f: &E2eFigures) {
     println!(
         "    (the {E2E_JOBS} starts of the median run were all answered 202 in {}; the jobs queue meanwhile)",
         fmt_duration(f.mesh.accepted_in)
+    );
+    // The run in two phases: while the starts come in, and the queue drained after them.
+    let during = f.mesh.done_during_starts as f64;
+    let beside = during / f.mesh.accepted_in.as_secs_f64().max(1e-9);
+    let drained = (jobs - during) / f.mesh.drained_in.as_secs_f64().max(1e-9);
+    println!(
+        "    phases of the median run: beside the starts {:.0} starts/s and {:.0} jobs/s ({:.2} of the ceiling); \
+         after them {:.0} jobs/s ({:.2})",
+        jobs / f.mesh.accepted_in.as_secs_f64().max(1e-9),
+        beside,
+        beside / f.ceiling,
+        drained,
+        drained / f.ceiling
     );
 }
 
