@@ -20,6 +20,11 @@
 //!    alone (no broker, no network), to tell the runner's cost from the mesh's,
 //!    and tokio's process support alone with the runner's way of spawning (the
 //!    "tokio floor"), to tell the runner's own code from what it is built on.
+//!    And the "lean probe" (`probe/lean.rs`): the same starts against a model
+//!    of the leanest design with the same durability for starts (journal and
+//!    fsync, a queue in memory, slot threads, a finish log), as a yardstick
+//!    for what the machine allows. The run is also split in two phases: while
+//!    the starts come in, and the queue drained after them.
 //! 3. **Latency from the 202 to the process start** at a light load: one
 //!    `/bin/date +%s%N` at a time; the process prints its own start time, the
 //!    client notes when the 202 arrived, both on CLOCK_REALTIME. `date`'s own
@@ -84,6 +89,9 @@ use worker::runner::{self, JobSpec};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+#[path = "probe/lean.rs"]
+mod lean;
 
 /// The bench's job file: one job that does nothing, one that prints its start
 /// time, and (5) a slow one limited to two running across the mesh.
@@ -575,11 +583,14 @@ struct E2eFigures {
     runner_cpu: CpuSnapshot,
     tokio_floor: f64,
     tokio_cpu: CpuSnapshot,
+    lean: f64,
+    lean_cpu: CpuSnapshot,
 }
 
 fn e2e_rates(bench: &Bench) -> BenchResult<E2eFigures> {
     // Interleaved, so that a burst of load from elsewhere on the machine does not hit one side only.
-    let (mut meshes, mut ceilings, mut runners, mut floors) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut meshes, mut ceilings, mut runners, mut floors, mut leans) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
         let mesh = InProcess::start(bench, WORKERS)?;
         let run = bench.client.block_on(run_batch(mesh.http, E2E_JOBS));
@@ -595,13 +606,15 @@ fn e2e_rates(bench: &Bench) -> BenchResult<E2eFigures> {
         ceilings.push(spawn_ceiling(E2E_JOBS, WORKERS)?);
         runners.push(runner_ceiling(E2E_JOBS, WORKERS)?);
         floors.push(tokio_floor(E2E_JOBS, WORKERS)?);
+        leans.push(lean_rate(bench, E2E_JOBS, WORKERS)?);
     }
     meshes.sort_by(|a, b| a.rate.total_cmp(&b.rate));
     let mesh = meshes.swap_remove(meshes.len() / 2);
     let (ceiling, ceiling_cpu) = median_by_rate(ceilings);
     let (runner_only, runner_cpu) = median_by_rate(runners);
     let (tokio_floor, tokio_cpu) = median_by_rate(floors);
-    Ok(E2eFigures { mesh, ceiling, ceiling_cpu, runner_only, runner_cpu, tokio_floor, tokio_cpu })
+    let (lean, lean_cpu) = median_by_rate(leans);
+    Ok(E2eFigures { mesh, ceiling, ceiling_cpu, runner_only, runner_cpu, tokio_floor, tokio_cpu, lean, lean_cpu })
 }
 
 fn median_by_rate(mut runs: Vec<(f64, CpuSnapshot)>) -> (f64, CpuSnapshot) {
@@ -705,6 +718,23 @@ fn spawn_ceiling(jobs: usize, threads: usize) -> BenchResult<(f64, CpuSnapshot)>
         BenchResult::Ok((elapsed, spent))
     })?;
     Ok(((jobs / threads * threads) as f64 / elapsed.as_secs_f64(), spent))
+}
+
+/// The lean probe (`probe/lean.rs`): the same 5,000 starts from the same
+/// clients against a model of the leanest durable design, timed from the first
+/// start to the last finish. A yardstick for the mesh, not jobz.
+fn lean_rate(bench: &Bench, jobs: usize, slots: usize) -> BenchResult<(f64, CpuSnapshot)> {
+    let dir = tempfile::tempdir_in(&bench.base)?;
+    let probe = lean::Probe::start(dir.path(), jobs, slots)?;
+    let from = CpuSnapshot::take();
+    let first_start = SystemTime::now();
+    let started = bench.client.block_on(start_many(probe.addr, "/job_start?job_name=noop", jobs));
+    let last = started.and_then(|()| probe.wait_done(RUN_DEADLINE));
+    let spent = from.until(&CpuSnapshot::take());
+    probe.stop(STOP_DEADLINE)?;
+    let elapsed =
+        last?.duration_since(first_start).map_err(|_| "the probe's last job finished before its first start")?;
+    Ok((jobs as f64 / elapsed.as_secs_f64(), spent))
 }
 
 /// The worker's runner alone, no broker, no network: `tasks` concurrent loops
@@ -813,6 +843,12 @@ fn print_e2e(f: &E2eFigures) {
     );
     println!(
         "    {:<52} {:>10.0} {:>9.2}",
+        "lean probe: journal, queue, 2 slot threads (not jobz)",
+        f.lean,
+        f.lean / f.ceiling
+    );
+    println!(
+        "    {:<52} {:>10.0} {:>9.2}",
         "jobz mesh in-process: broker + 2 workers (jobz up)",
         f.mesh.rate,
         f.mesh.rate / f.ceiling
@@ -822,6 +858,7 @@ fn print_e2e(f: &E2eFigures) {
     println!("      ceiling: {}; {}", f.ceiling_cpu.machine(), f.ceiling_cpu.per_job(jobs));
     println!("      tokio:   {}; {}", f.tokio_cpu.machine(), f.tokio_cpu.per_job(jobs));
     println!("      runner:  {}; {}", f.runner_cpu.machine(), f.runner_cpu.per_job(jobs));
+    println!("      lean:    {}; {}", f.lean_cpu.machine(), f.lean_cpu.per_job(jobs));
     println!("      mesh:    {}; {}", f.mesh.cpu.machine(), f.mesh.cpu.per_job(jobs));
     println!(
         "      mesh store: {:.2} commits, {:.2} WAL syncs and {:.2} journal syncs per job, {:.1} changes per commit",
