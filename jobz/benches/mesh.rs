@@ -23,8 +23,10 @@
 //!    And the "lean probe" (`probe/lean.rs`): the same starts against a model
 //!    of the leanest design with the same durability for starts (journal and
 //!    fsync, a queue in memory, slot threads, a finish log), as a yardstick
-//!    for what the machine allows. The run is also split in two phases: while
-//!    the starts come in, and the queue drained after them.
+//!    for what the machine allows; then the same with jobz's own store for the
+//!    jobs' rows, and with a round trip per job on top, to show what each
+//!    costs. The run is also split in two phases: while the starts come in,
+//!    and the queue drained after them.
 //! 3. **Latency from the 202 to the process start** at a light load: one
 //!    `/bin/date +%s%N` at a time; the process prints its own start time, the
 //!    client notes when the 202 arrived, both on CLOCK_REALTIME. `date`'s own
@@ -583,14 +585,14 @@ struct E2eFigures {
     runner_cpu: CpuSnapshot,
     tokio_floor: f64,
     tokio_cpu: CpuSnapshot,
-    lean: f64,
-    lean_cpu: CpuSnapshot,
+    /// The lean probe with logs, with jobz's store, and with jobz's store and a round trip per job.
+    lean: [(f64, CpuSnapshot); 3],
 }
 
 fn e2e_rates(bench: &Bench) -> BenchResult<E2eFigures> {
     // Interleaved, so that a burst of load from elsewhere on the machine does not hit one side only.
-    let (mut meshes, mut ceilings, mut runners, mut floors, mut leans) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut meshes, mut ceilings, mut runners, mut floors) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut leans: [Vec<(f64, CpuSnapshot)>; 3] = Default::default();
     for _ in 0..RUNS {
         let mesh = InProcess::start(bench, WORKERS)?;
         let run = bench.client.block_on(run_batch(mesh.http, E2E_JOBS));
@@ -606,15 +608,17 @@ fn e2e_rates(bench: &Bench) -> BenchResult<E2eFigures> {
         ceilings.push(spawn_ceiling(E2E_JOBS, WORKERS)?);
         runners.push(runner_ceiling(E2E_JOBS, WORKERS)?);
         floors.push(tokio_floor(E2E_JOBS, WORKERS)?);
-        leans.push(lean_rate(bench, E2E_JOBS, WORKERS)?);
+        for (variant, runs) in LEAN_VARIANTS.iter().zip(leans.iter_mut()) {
+            runs.push(lean_rate(bench, *variant, E2E_JOBS, WORKERS)?);
+        }
     }
     meshes.sort_by(|a, b| a.rate.total_cmp(&b.rate));
     let mesh = meshes.swap_remove(meshes.len() / 2);
     let (ceiling, ceiling_cpu) = median_by_rate(ceilings);
     let (runner_only, runner_cpu) = median_by_rate(runners);
     let (tokio_floor, tokio_cpu) = median_by_rate(floors);
-    let (lean, lean_cpu) = median_by_rate(leans);
-    Ok(E2eFigures { mesh, ceiling, ceiling_cpu, runner_only, runner_cpu, tokio_floor, tokio_cpu, lean, lean_cpu })
+    let lean = leans.map(median_by_rate);
+    Ok(E2eFigures { mesh, ceiling, ceiling_cpu, runner_only, runner_cpu, tokio_floor, tokio_cpu, lean })
 }
 
 fn median_by_rate(mut runs: Vec<(f64, CpuSnapshot)>) -> (f64, CpuSnapshot) {
@@ -720,12 +724,29 @@ fn spawn_ceiling(jobs: usize, threads: usize) -> BenchResult<(f64, CpuSnapshot)>
     Ok(((jobs / threads * threads) as f64 / elapsed.as_secs_f64(), spent))
 }
 
+/// The lean probe's variants: (jobz's store, a round trip per job) and what the line says.
+const LEAN_VARIANTS: [(bool, bool, &str); 3] = [
+    (false, false, "lean probe: logs, queue, slot threads (not jobz)"),
+    (true, false, "  the same with jobz's store for jobs' rows"),
+    (true, true, "  and a round trip per job, as credit 1 asks"),
+];
+
 /// The lean probe (`probe/lean.rs`): the same 5,000 starts from the same
 /// clients against a model of the leanest durable design, timed from the first
 /// start to the last finish. A yardstick for the mesh, not jobz.
-fn lean_rate(bench: &Bench, jobs: usize, slots: usize) -> BenchResult<(f64, CpuSnapshot)> {
+fn lean_rate(
+    bench: &Bench,
+    (with_store, round_trip, _): (bool, bool, &str),
+    jobs: usize,
+    slots: usize,
+) -> BenchResult<(f64, CpuSnapshot)> {
     let dir = tempfile::tempdir_in(&bench.base)?;
-    let probe = lean::Probe::start(dir.path(), jobs, slots)?;
+    let durable = if with_store {
+        lean::Durable::Store(SqliteStore::open(dir.path(), StoreOptions::default())?)
+    } else {
+        lean::Durable::Logs
+    };
+    let probe = lean::Probe::start(dir.path(), durable, round_trip, jobs, slots)?;
     let from = CpuSnapshot::take();
     let first_start = SystemTime::now();
     let started = bench.client.block_on(start_many(probe.addr, "/job_start?job_name=noop", jobs));
@@ -841,12 +862,9 @@ fn print_e2e(f: &E2eFigures) {
         f.runner_only,
         f.runner_only / f.ceiling
     );
-    println!(
-        "    {:<52} {:>10.0} {:>9.2}",
-        "lean probe: journal, queue, 2 slot threads (not jobz)",
-        f.lean,
-        f.lean / f.ceiling
-    );
+    for ((_, _, what), (rate, _)) in LEAN_VARIANTS.iter().zip(&f.lean) {
+        println!("    {what:<52} {rate:>10.0} {:>9.2}", rate / f.ceiling);
+    }
     println!(
         "    {:<52} {:>10.0} {:>9.2}",
         "jobz mesh in-process: broker + 2 workers (jobz up)",
@@ -858,7 +876,9 @@ fn print_e2e(f: &E2eFigures) {
     println!("      ceiling: {}; {}", f.ceiling_cpu.machine(), f.ceiling_cpu.per_job(jobs));
     println!("      tokio:   {}; {}", f.tokio_cpu.machine(), f.tokio_cpu.per_job(jobs));
     println!("      runner:  {}; {}", f.runner_cpu.machine(), f.runner_cpu.per_job(jobs));
-    println!("      lean:    {}; {}", f.lean_cpu.machine(), f.lean_cpu.per_job(jobs));
+    for (label, (_, cpu)) in ["lean:    ", "  store: ", "  trip:  "].iter().zip(&f.lean) {
+        println!("      {label}{}; {}", cpu.machine(), cpu.per_job(jobs));
+    }
     println!("      mesh:    {}; {}", f.mesh.cpu.machine(), f.mesh.cpu.per_job(jobs));
     println!(
         "      mesh store: {:.2} commits, {:.2} WAL syncs and {:.2} journal syncs per job, {:.1} changes per commit",
