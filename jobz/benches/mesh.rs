@@ -25,7 +25,8 @@
 //!    fsync, a queue in memory, slot threads, a finish log), as a yardstick
 //!    for what the machine allows; then the same with jobz's own store for the
 //!    jobs' rows, and with a round trip per job on top, to show what each
-//!    costs. The run is also split in two phases: while the starts come in,
+//!    costs; and with the logs kept for durability and each job's row written
+//!    once, in bulk, into a database with jobz's schema. The run is also split in two phases: while the starts come in,
 //!    and the queue drained after them.
 //! 3. **Latency from the 202 to the process start** at a light load: one
 //!    `/bin/date +%s%N` at a time; the process prints its own start time, the
@@ -585,14 +586,14 @@ struct E2eFigures {
     runner_cpu: CpuSnapshot,
     tokio_floor: f64,
     tokio_cpu: CpuSnapshot,
-    /// The lean probe with logs, with jobz's store, and with jobz's store and a round trip per job.
-    lean: [(f64, CpuSnapshot); 3],
+    /// The lean probe's variants, as [`LEAN_VARIANTS`] lists them.
+    lean: [(f64, CpuSnapshot); 4],
 }
 
 fn e2e_rates(bench: &Bench) -> BenchResult<E2eFigures> {
     // Interleaved, so that a burst of load from elsewhere on the machine does not hit one side only.
     let (mut meshes, mut ceilings, mut runners, mut floors) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut leans: [Vec<(f64, CpuSnapshot)>; 3] = Default::default();
+    let mut leans: [Vec<(f64, CpuSnapshot)>; 4] = Default::default();
     for _ in 0..RUNS {
         let mesh = InProcess::start(bench, WORKERS)?;
         let run = bench.client.block_on(run_batch(mesh.http, E2E_JOBS));
@@ -724,11 +725,23 @@ fn spawn_ceiling(jobs: usize, threads: usize) -> BenchResult<(f64, CpuSnapshot)>
     Ok(((jobs / threads * threads) as f64 / elapsed.as_secs_f64(), spent))
 }
 
-/// The lean probe's variants: (jobz's store, a round trip per job) and what the line says.
-const LEAN_VARIANTS: [(bool, bool, &str); 3] = [
-    (false, false, "lean probe: logs, queue, slot threads (not jobz)"),
-    (true, false, "  the same with jobz's store for jobs' rows"),
-    (true, true, "  and a round trip per job, as credit 1 asks"),
+/// How the lean probe keeps the jobs' state.
+#[derive(Clone, Copy)]
+enum LeanState {
+    /// Logs only.
+    Logs,
+    /// jobz's store: each row inserted at the start, updated at the finish.
+    Store,
+    /// Logs, and each row written once, in bulk, into a database with jobz's schema.
+    Bulk,
+}
+
+/// The lean probe's variants: where the jobs' state goes, a round trip per job, and what the line says.
+const LEAN_VARIANTS: [(LeanState, bool, &str); 4] = [
+    (LeanState::Logs, false, "lean probe: logs, queue, slot threads (not jobz)"),
+    (LeanState::Store, false, "  the same with jobz's store for jobs' rows"),
+    (LeanState::Store, true, "  and a round trip per job, as credit 1 asks"),
+    (LeanState::Bulk, false, "  logs, and each row written once, in bulk"),
 ];
 
 /// The lean probe (`probe/lean.rs`): the same 5,000 starts from the same
@@ -736,15 +749,21 @@ const LEAN_VARIANTS: [(bool, bool, &str); 3] = [
 /// start to the last finish. A yardstick for the mesh, not jobz.
 fn lean_rate(
     bench: &Bench,
-    (with_store, round_trip, _): (bool, bool, &str),
+    (state, round_trip, _): (LeanState, bool, &str),
     jobs: usize,
     slots: usize,
 ) -> BenchResult<(f64, CpuSnapshot)> {
     let dir = tempfile::tempdir_in(&bench.base)?;
-    let durable = if with_store {
-        lean::Durable::Store(SqliteStore::open(dir.path(), StoreOptions::default())?)
-    } else {
-        lean::Durable::Logs
+    let durable = match state {
+        LeanState::Logs => lean::Durable::Logs,
+        LeanState::Store => lean::Durable::Store(SqliteStore::open(dir.path(), StoreOptions::default())?),
+        LeanState::Bulk => {
+            // jobz's schema, made by the store itself, then left to the probe's own connection.
+            let store = SqliteStore::open(dir.path(), StoreOptions::default())?;
+            bench.client.block_on(broker::store::Store::close(&store));
+            drop(store);
+            lean::Durable::LogsAndBulk(dir.path().join("jobz.sqlite3"))
+        }
     };
     let probe = lean::Probe::start(dir.path(), durable, round_trip, jobs, slots)?;
     let from = CpuSnapshot::take();
@@ -876,7 +895,7 @@ fn print_e2e(f: &E2eFigures) {
     println!("      ceiling: {}; {}", f.ceiling_cpu.machine(), f.ceiling_cpu.per_job(jobs));
     println!("      tokio:   {}; {}", f.tokio_cpu.machine(), f.tokio_cpu.per_job(jobs));
     println!("      runner:  {}; {}", f.runner_cpu.machine(), f.runner_cpu.per_job(jobs));
-    for (label, (_, cpu)) in ["lean:    ", "  store: ", "  trip:  "].iter().zip(&f.lean) {
+    for (label, (_, cpu)) in ["lean:    ", "  store: ", "  trip:  ", "  bulk:  "].iter().zip(&f.lean) {
         println!("      {label}{}; {}", cpu.machine(), cpu.per_job(jobs));
     }
     println!("      mesh:    {}; {}", f.mesh.cpu.machine(), f.mesh.cpu.per_job(jobs));

@@ -18,6 +18,11 @@
 //!   they are appended to a finish log, synced at most every [`FINISH_GROUP`].
 //!   With [`Durable::Store`] each is the loop's `Dispatch` and `Finish`,
 //!   committed with `commit_grouped`.
+//! - With [`Durable::LogsAndBulk`], the logs make starts and finishes durable
+//!   as with [`Durable::Logs`], and a thread of its own writes each finished
+//!   job's row (and its attempt) into a database with jobz's schema once, in
+//!   transactions of up to [`BULK_EVERY`], without a sync of its own: a
+//!   job's row is written once instead of inserted and then updated.
 //!
 //! The probe has no statuses to read (but what the store keeps), and no leases,
 //! worker protocol, retries or follow-ups. It shows what the machine allows a
@@ -52,12 +57,17 @@ type ProbeResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 /// How long a logged finish may wait for company before its sync, like the loop's grouped commits.
 const FINISH_GROUP: Duration = Duration::from_millis(5);
 
+/// How long the bulk writer gathers finished jobs before it writes their rows.
+const BULK_EVERY: Duration = Duration::from_millis(20);
+
 /// Where starts and finishes are made durable.
 pub enum Durable {
     /// A start journal and a finish log, appended and synced.
     Logs,
     /// jobz's store: a row per job, inserted at the start and updated at the finish, with its attempt.
     Store(SqliteStore),
+    /// The logs, and each finished job's row written once, in bulk, into the database at this path (jobz's schema).
+    LogsAndBulk(std::path::PathBuf),
 }
 
 /// A finished job: its id, whether it succeeded, when it started and ended.
@@ -137,7 +147,7 @@ impl Probe {
         let queue = Arc::new(Queue::default());
         let store = match &durable {
             Durable::Store(store) => Some(store.clone()),
-            Durable::Logs => None,
+            Durable::Logs | Durable::LogsAndBulk(_) => None,
         };
         let mut threads = Vec::new();
         let (done_tx, done) = mpsc::channel();
@@ -145,12 +155,26 @@ impl Probe {
         // Finishes, from the slots.
         let (finish_tx, finish_rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
         match &durable {
-            Durable::Logs => {
+            Durable::Logs | Durable::LogsAndBulk(_) => {
                 let finishes = File::options().create(true).append(true).open(dir.join("finishes"))?;
+                // With bulk rows, the run ends when the rows are in: the bulk writer says so.
+                let (bulk, done_tx) = match &durable {
+                    Durable::LogsAndBulk(database) => {
+                        let (bulk_tx, bulk_rx) = mpsc::channel::<Finished>();
+                        let connection = rusqlite::Connection::open(database)?;
+                        threads.push(
+                            std::thread::Builder::new()
+                                .name("probe-bulk".into())
+                                .spawn(move || write_rows(connection, bulk_rx, jobs, done_tx))?,
+                        );
+                        (Some(bulk_tx), None)
+                    }
+                    _ => (None, Some(done_tx)),
+                };
                 threads.push(
                     std::thread::Builder::new()
                         .name("probe-finish".into())
-                        .spawn(move || log_finishes(finishes, finish_rx, jobs, done_tx))?,
+                        .spawn(move || log_finishes(finishes, finish_rx, jobs, done_tx, bulk))?,
                 );
             }
             Durable::Store(store) => {
@@ -177,7 +201,7 @@ impl Probe {
 
         // Starts.
         let starts = match durable {
-            Durable::Logs => {
+            Durable::Logs | Durable::LogsAndBulk(_) => {
                 let (start_tx, start_rx) = mpsc::channel::<Start>();
                 let journal = File::options().create(true).append(true).open(dir.join("starts"))?;
                 let journal_queue = queue.clone();
@@ -308,30 +332,76 @@ fn log_starts(mut journal: File, starts: mpsc::Receiver<Start>, queue: &Queue) -
     Ok(())
 }
 
-/// The finish log: appends what came, synced at most every [`FINISH_GROUP`].
+/// The finish log: appends what came, synced at most every [`FINISH_GROUP`];
+/// then says the run is done, or hands the finished jobs to the bulk writer.
 fn log_finishes(
     mut log: File,
     mut finishes: tokio::sync::mpsc::UnboundedReceiver<Finished>,
     jobs: usize,
-    done: mpsc::Sender<Result<SystemTime, String>>,
+    done: Option<mpsc::Sender<Result<SystemTime, String>>>,
+    bulk: Option<mpsc::Sender<Finished>>,
 ) -> ProbeResult<()> {
-    let (mut count, mut last_sync, mut record) = (0usize, Instant::now(), Vec::new());
+    let (mut count, mut last_sync, mut record, mut synced) = (0usize, Instant::now(), Vec::new(), Vec::new());
     while let Some(first) = finishes.blocking_recv() {
         std::thread::sleep((last_sync + FINISH_GROUP).saturating_duration_since(Instant::now()));
         record.clear();
         let mut next = Some(first);
         while let Some(finished) = next.take().or_else(|| finishes.try_recv().ok()) {
             if !finished.succeeded {
-                let _ = done.send(Err("/bin/true did not succeed".into()));
-                return Ok(());
+                return Err("/bin/true did not succeed".into());
             }
             writeln!(record, "{} succeeded {} {}", finished.id, finished.started, finished.ended)?;
+            synced.push(finished);
             count += 1;
         }
         log.write_all(&record)?;
         log.sync_data()?;
         last_sync = Instant::now();
-        if count == jobs {
+        for finished in synced.drain(..) {
+            if let Some(bulk) = &bulk {
+                let _ = bulk.send(finished);
+            }
+        }
+        if let (Some(done), true) = (&done, count == jobs) {
+            let _ = done.send(Ok(SystemTime::now()));
+        }
+    }
+    Ok(())
+}
+
+/// The bulk writer: every [`BULK_EVERY`], one transaction that writes the rows
+/// of the jobs finished meanwhile, each once with its end (and its attempt).
+fn write_rows(
+    mut connection: rusqlite::Connection,
+    finished: mpsc::Receiver<Finished>,
+    jobs: usize,
+    done: mpsc::Sender<Result<SystemTime, String>>,
+) -> ProbeResult<()> {
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    let micros = |at: &chrono::DateTime<Utc>| at.timestamp_micros();
+    let mut written = 0;
+    while let Ok(first) = finished.recv() {
+        std::thread::sleep(BULK_EVERY);
+        let batch: Vec<Finished> = std::iter::once(first).chain(finished.try_iter()).collect();
+        let transaction = connection.transaction()?;
+        {
+            let mut job = transaction.prepare_cached(
+                "INSERT INTO jobs (id, job_name, params, status, attempts, run_id, origin_kind, priority, worker,
+                     lease, exit_code, created_at, queued_at, started_at, finished_at, output_tail)
+                 VALUES (?1, 'noop', '{}', 'succeeded', 1, ?1, 'start', 0, 'probe', ?2, 0, ?3, ?3, ?3, ?4, '')",
+            )?;
+            let mut attempt = transaction.prepare_cached(
+                "INSERT INTO attempts (job_id, lease, attempt, worker, started_at, finished_at, status, exit_code)
+                 VALUES (?1, ?2, 1, 'probe', ?3, ?4, 'succeeded', 0)",
+            )?;
+            for (lease, f) in (written as i64..).zip(&batch) {
+                job.execute(rusqlite::params![f.id, lease, micros(&f.started), micros(&f.ended)])?;
+                attempt.execute(rusqlite::params![f.id, lease, micros(&f.started), micros(&f.ended)])?;
+            }
+        }
+        transaction.commit()?;
+        written += batch.len();
+        if written == jobs {
             let _ = done.send(Ok(SystemTime::now()));
         }
     }
