@@ -348,6 +348,10 @@ fn log_finishes(
         let mut next = Some(first);
         while let Some(finished) = next.take().or_else(|| finishes.try_recv().ok()) {
             if !finished.succeeded {
+                if let Some(done) = &done {
+                    let _ = done.send(Err("/bin/true did not succeed".into()));
+                }
+                // Without `done`, the bulk writer tells the wait, once this thread's sender is gone.
                 return Err("/bin/true did not succeed".into());
             }
             writeln!(record, "{} succeeded {} {}", finished.id, finished.started, finished.ended)?;
@@ -404,6 +408,9 @@ fn write_rows(
         if written == jobs {
             let _ = done.send(Ok(SystemTime::now()));
         }
+    }
+    if written < jobs {
+        let _ = done.send(Err(format!("the finish log stopped after {written} of {jobs} rows")));
     }
     Ok(())
 }
