@@ -276,8 +276,16 @@ mod tests {
     async fn a_bare_name_is_found_in_the_path_the_step_sets() {
         let dir = tempfile::tempdir().expect("temp dir");
         let script = dir.path().join("jobz-spawn-test-tool");
-        std::fs::write(&script, "#!/bin/sh\necho found \"$@\"\n").expect("write");
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        // Written by a child process: a descriptor open for writing it in this
+        // process (tests run on many threads) can be copied into a child that
+        // another test is starting, and until that child's `execve` closes it,
+        // running the script fails with ETXTBSY.
+        let written = std::process::Command::new("/bin/sh")
+            .args(["-c", "printf '#!/bin/sh\\necho found \"$@\"\\n' > \"$1\" && chmod 755 \"$1\"", "sh"])
+            .arg(&script)
+            .status()
+            .expect("run sh");
+        assert!(written.success(), "writing the script failed: {written}");
         let unreadable = dir.path().join("not-executable");
         std::fs::write(&unreadable, "#!/bin/sh\n").expect("write");
         let path = format!("/nonexistent-dir:{}:/bin:/usr/bin", dir.path().display());
