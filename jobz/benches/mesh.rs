@@ -26,8 +26,8 @@
 //!    for what the machine allows; then the same with jobz's own store for the
 //!    jobs' rows, and with a round trip per job on top, to show what each
 //!    costs; and with the logs kept for durability and each job's row written
-//!    once, in bulk, into a database with jobz's schema. The run is also split in two phases: while the starts come in,
-//!    and the queue drained after them.
+//!    once, in bulk, into a database with jobz's schema. The run is also split
+//!    in two phases: while the starts come in, and the queue drained after them.
 //! 3. **Latency from the 202 to the process start** at a light load: one
 //!    `/bin/date +%s%N` at a time; the process prints its own start time, the
 //!    client notes when the 202 arrived, both on CLOCK_REALTIME. `date`'s own
@@ -610,7 +610,7 @@ fn e2e_rates(bench: &Bench) -> BenchResult<E2eFigures> {
         runners.push(runner_ceiling(E2E_JOBS, WORKERS)?);
         floors.push(tokio_floor(E2E_JOBS, WORKERS)?);
         for (variant, runs) in LEAN_VARIANTS.iter().zip(leans.iter_mut()) {
-            runs.push(lean_rate(bench, *variant, E2E_JOBS, WORKERS)?);
+            runs.push(lean_rate(bench, variant, E2E_JOBS, WORKERS)?);
         }
     }
     meshes.sort_by(|a, b| a.rate.total_cmp(&b.rate));
@@ -736,25 +736,51 @@ enum LeanState {
     Bulk,
 }
 
-/// The lean probe's variants: where the jobs' state goes, a round trip per job, and what the line says.
-const LEAN_VARIANTS: [(LeanState, bool, &str); 4] = [
-    (LeanState::Logs, false, "lean probe: logs, queue, slot threads (not jobz)"),
-    (LeanState::Store, false, "  the same with jobz's store for jobs' rows"),
-    (LeanState::Store, true, "  and a round trip per job, as credit 1 asks"),
-    (LeanState::Bulk, false, "  logs, and each row written once, in bulk"),
+/// One variant of the lean probe, and how the bench names it.
+struct LeanVariant {
+    state: LeanState,
+    /// Each slot asks the runtime thread for its next job.
+    round_trip: bool,
+    /// Its line among the rates.
+    line: &'static str,
+    /// Its label among the CPU figures.
+    label: &'static str,
+}
+
+/// The lean probe's variants, in the order they are run and printed.
+const LEAN_VARIANTS: [LeanVariant; 4] = [
+    LeanVariant {
+        state: LeanState::Logs,
+        round_trip: false,
+        line: "lean probe: logs, queue, slot threads (not jobz)",
+        label: "lean:    ",
+    },
+    LeanVariant {
+        state: LeanState::Store,
+        round_trip: false,
+        line: "  the same with jobz's store for jobs' rows",
+        label: "  store: ",
+    },
+    LeanVariant {
+        state: LeanState::Store,
+        round_trip: true,
+        line: "  and a round trip per job, as credit 1 asks",
+        label: "  trip:  ",
+    },
+    LeanVariant {
+        state: LeanState::Bulk,
+        round_trip: false,
+        line: "  logs, and each row written once, in bulk",
+        label: "  bulk:  ",
+    },
 ];
 
 /// The lean probe (`probe/lean.rs`): the same 5,000 starts from the same
 /// clients against a model of the leanest durable design, timed from the first
 /// start to the last finish. A yardstick for the mesh, not jobz.
-fn lean_rate(
-    bench: &Bench,
-    (state, round_trip, _): (LeanState, bool, &str),
-    jobs: usize,
-    slots: usize,
-) -> BenchResult<(f64, CpuSnapshot)> {
+fn lean_rate(bench: &Bench, variant: &LeanVariant, jobs: usize, slots: usize) -> BenchResult<(f64, CpuSnapshot)> {
     let dir = tempfile::tempdir_in(&bench.base)?;
-    let durable = match state {
+    let durable = match variant.state {
         LeanState::Logs => lean::Durable::Logs,
         LeanState::Store => lean::Durable::Store(SqliteStore::open(dir.path(), StoreOptions::default())?),
         LeanState::Bulk => {
@@ -765,7 +791,7 @@ fn lean_rate(
             lean::Durable::LogsAndBulk(dir.path().join("jobz.sqlite3"))
         }
     };
-    let probe = lean::Probe::start(dir.path(), durable, round_trip, jobs, slots)?;
+    let probe = lean::Probe::start(dir.path(), durable, variant.round_trip, jobs, slots)?;
     let from = CpuSnapshot::take();
     let first_start = SystemTime::now();
     let started = bench.client.block_on(start_many(probe.addr, "/job_start?job_name=noop", jobs));
@@ -881,8 +907,8 @@ fn print_e2e(f: &E2eFigures) {
         f.runner_only,
         f.runner_only / f.ceiling
     );
-    for ((_, _, what), (rate, _)) in LEAN_VARIANTS.iter().zip(&f.lean) {
-        println!("    {what:<52} {rate:>10.0} {:>9.2}", rate / f.ceiling);
+    for (variant, (rate, _)) in LEAN_VARIANTS.iter().zip(&f.lean) {
+        println!("    {:<52} {rate:>10.0} {:>9.2}", variant.line, rate / f.ceiling);
     }
     println!(
         "    {:<52} {:>10.0} {:>9.2}",
@@ -895,8 +921,8 @@ fn print_e2e(f: &E2eFigures) {
     println!("      ceiling: {}; {}", f.ceiling_cpu.machine(), f.ceiling_cpu.per_job(jobs));
     println!("      tokio:   {}; {}", f.tokio_cpu.machine(), f.tokio_cpu.per_job(jobs));
     println!("      runner:  {}; {}", f.runner_cpu.machine(), f.runner_cpu.per_job(jobs));
-    for (label, (_, cpu)) in ["lean:    ", "  store: ", "  trip:  ", "  bulk:  "].iter().zip(&f.lean) {
-        println!("      {label}{}; {}", cpu.machine(), cpu.per_job(jobs));
+    for (variant, (_, cpu)) in LEAN_VARIANTS.iter().zip(&f.lean) {
+        println!("      {}{}; {}", variant.label, cpu.machine(), cpu.per_job(jobs));
     }
     println!("      mesh:    {}; {}", f.mesh.cpu.machine(), f.mesh.cpu.per_job(jobs));
     println!(

@@ -355,14 +355,16 @@ fn log_finishes(
                 return Err("/bin/true did not succeed".into());
             }
             writeln!(record, "{} succeeded {} {}", finished.id, finished.started, finished.ended)?;
-            synced.push(finished);
+            if bulk.is_some() {
+                synced.push(finished);
+            }
             count += 1;
         }
         log.write_all(&record)?;
         log.sync_data()?;
         last_sync = Instant::now();
-        for finished in synced.drain(..) {
-            if let Some(bulk) = &bulk {
+        if let Some(bulk) = &bulk {
+            for finished in synced.drain(..) {
                 let _ = bulk.send(finished);
             }
         }
