@@ -473,11 +473,14 @@ pub async fn workers_with(client: &HttpClient, json: bool, io: &mut Io<'_>) -> R
     Ok(SUCCESS)
 }
 
-/// `gates`: a table when the answer is `{"KEY": [objects]}`, else pretty JSON.
+/// `gates`: a row per key of each gate (see [`render::gates_table`]); a
+/// table of whatever objects the answer holds under `"KEY"` when they are not
+/// gates as this client knows them; else pretty JSON.
 pub async fn listing_with(client: &HttpClient, key: &str, json: bool, io: &mut Io<'_>) -> Result<u8, Failure> {
     let answer = client.json(Method::GET, &format!("/{key}"), &[], None).await?;
     let table = match answer.value.get(key).and_then(|v| v.as_array()) {
         Some(items) if !json && items.is_empty() => Some(String::new()),
+        Some(items) if !json && key == "gates" => render::gates_table(items).or_else(|| render::object_table(items)),
         Some(items) if !json => render::object_table(items),
         _ => None,
     };
@@ -759,6 +762,28 @@ mod tests {
     #[tokio::test]
     async fn gates_and_schedules_are_tables_or_json() {
         let door = front_door().await;
+        door.api.set_gates(serde_json::json!([
+            {"name": "shards", "after": ["shard"], "count": 3, "then": "merge", "timeout": 60,
+             "open": [{"key": "d2", "progress": "1/3 shard", "done": 1, "needed": 3,
+                       "opened_at": "2026-12-07T10:51:16.119Z", "run_id": "r2", "failed": true}],
+             "fired": [{"key": "d1", "job_id": "job-9", "error": null, "at": "2026-12-07T10:51:08.583Z"}],
+             "timed_out": [{"key": "d0", "job_id": null, "error": "no on_timeout job", "at": "2026-12-07T09:00:00Z"}],
+             "failed": []},
+            {"name": "idle", "after": ["a", "b"], "count": 1, "then": "c", "timeout": null,
+             "open": [], "fired": [], "timed_out": [], "failed": []}
+        ]));
+        let ran = run(async |io| listing_with(&door.client, "gates", false, io).await).await;
+        let lines: Vec<&str> = ran.out.lines().collect();
+        assert_eq!(lines[0], "GATE    KEY  STATE                  PROGRESS   SINCE/AT              JOB", "{}", ran.out);
+        assert_eq!(lines[1], "shards  d2   open, upstream failed  1/3 shard  2026-12-07T10:51:16Z  -");
+        assert_eq!(lines[2], "shards  d1   fired                  -          2026-12-07T10:51:08Z  job-9");
+        assert_eq!(
+            lines[3],
+            "shards  d0   timed out              -          2026-12-07T09:00:00Z  not started: no on_timeout job"
+        );
+        assert_eq!(lines[4], "idle    -    waiting for a, b       -          -                     -");
+        assert_eq!(lines.len(), 5, "{}", ran.out);
+        // Objects that are not gates as this client knows them still make a table.
         door.api.set_gates(serde_json::json!([{"gate": "all_done", "key": "2026", "done": 3}]));
         let ran = run(async |io| listing_with(&door.client, "gates", false, io).await).await;
         assert_eq!(ran.out, "GATE      KEY   DONE\nall_done  2026  3\n", "naming columns lead");

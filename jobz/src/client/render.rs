@@ -275,6 +275,63 @@ pub fn schedules_table(items: &[serde_json::Value]) -> String {
     table(&["JOB", "CRON", "TIMEZONE", "PARAMS", "CATCH-UP", "NEXT", "LAST FIRED", "LAST JOB"], &rows)
 }
 
+/// `jobz gates`: a row per key of each gate, open keys first with their
+/// progress, then the fired, timed-out and failed ones with the job each fire
+/// started (or why it could not); a gate with no keys yet has a row of its own.
+/// `None` when an item is not a gate as `GET /gates` shows one.
+pub fn gates_table(items: &[serde_json::Value]) -> Option<String> {
+    let text = |item: &serde_json::Value, key: &str| item.get(key).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
+    let when = |item: &serde_json::Value, key: &str| {
+        let parsed = item.get(key).and_then(|v| v.as_str()).and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+        time(parsed.map(|t| t.with_timezone(&Utc)).as_ref())
+    };
+    let mut rows = Vec::new();
+    for gate in items {
+        let name = gate.get("name")?.as_str()?;
+        let before = rows.len();
+        for open in gate.get("open")?.as_array()? {
+            let failed = open.get("failed").and_then(|f| f.as_bool()).unwrap_or(false);
+            let state = if failed { "open, upstream failed" } else { "open" };
+            rows.push(vec![
+                name.to_owned(),
+                text(open, "key"),
+                state.to_owned(),
+                text(open, "progress"),
+                when(open, "opened_at"),
+                "-".to_owned(),
+            ]);
+        }
+        for (list, state) in [("fired", "fired"), ("timed_out", "timed out"), ("failed", "failed")] {
+            for fire in gate.get(list)?.as_array()? {
+                let started = match fire.get("error").and_then(|e| e.as_str()) {
+                    Some(error) => format!("not started: {error}"),
+                    None => text(fire, "job_id"),
+                };
+                rows.push(vec![
+                    name.to_owned(),
+                    text(fire, "key"),
+                    state.to_owned(),
+                    "-".to_owned(),
+                    when(fire, "at"),
+                    started,
+                ]);
+            }
+        }
+        if rows.len() == before {
+            let after: Vec<&str> = gate.get("after")?.as_array()?.iter().filter_map(|a| a.as_str()).collect();
+            rows.push(vec![
+                name.to_owned(),
+                "-".to_owned(),
+                format!("waiting for {}", after.join(", ")),
+                "-".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+            ]);
+        }
+    }
+    Some(table(&["GATE", "KEY", "STATE", "PROGRESS", "SINCE/AT", "JOB"], &rows))
+}
+
 /// Keys that name a row; they lead a table, in this order.
 const NAMING_COLUMNS: [&str; 6] = ["id", "name", "gate", "job", "job_name", "key"];
 
