@@ -245,13 +245,19 @@ pub fn pretty_json(raw: &[u8]) -> String {
     out
 }
 
+/// `item[key]` when it is a string, else `-`.
+fn text(item: &serde_json::Value, key: &str) -> String {
+    item.get(key).and_then(|v| v.as_str()).unwrap_or("-").to_owned()
+}
+
+/// `item[key]` as an RFC 3339 time to the second, or `-`.
+fn when(item: &serde_json::Value, key: &str) -> String {
+    let parsed = item.get(key).and_then(|v| v.as_str()).and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+    time(parsed.map(|t| t.with_timezone(&Utc)).as_ref())
+}
+
 /// `jobz schedules`: one row per schedule from `GET /schedules`, times to the second.
 pub fn schedules_table(items: &[serde_json::Value]) -> String {
-    let text = |item: &serde_json::Value, key: &str| item.get(key).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
-    let when = |item: &serde_json::Value, key: &str| {
-        let parsed = item.get(key).and_then(|v| v.as_str()).and_then(|t| DateTime::parse_from_rfc3339(t).ok());
-        time(parsed.map(|t| t.with_timezone(&Utc)).as_ref())
-    };
     let rows: Vec<Vec<String>> = items
         .iter()
         .map(|item| {
@@ -280,11 +286,6 @@ pub fn schedules_table(items: &[serde_json::Value]) -> String {
 /// started (or why it could not); a gate with no keys yet has a row of its own.
 /// `None` when an item is not a gate as `GET /gates` shows one.
 pub fn gates_table(items: &[serde_json::Value]) -> Option<String> {
-    let text = |item: &serde_json::Value, key: &str| item.get(key).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
-    let when = |item: &serde_json::Value, key: &str| {
-        let parsed = item.get(key).and_then(|v| v.as_str()).and_then(|t| DateTime::parse_from_rfc3339(t).ok());
-        time(parsed.map(|t| t.with_timezone(&Utc)).as_ref())
-    };
     let mut rows = Vec::new();
     for gate in items {
         let name = gate.get("name")?.as_str()?;
