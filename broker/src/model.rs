@@ -312,3 +312,12 @@ pub struct JobFilter {
     pub run_id: Option<String>,
     pub limit: usize,
 }
+
+impl JobFilter {
+    /// Whether `job` is one this filter lists (its `limit` aside).
+    pub fn matches(&self, job: &JobRecord) -> bool {
+        self.status.is_none_or(|s| job.status == s)
+            && self.job_name.as_ref().is_none_or(|n| &job.job_name == n)
+            && self.run_id.as_ref().is_none_or(|r| &job.run_id == r)
+    }
+}

@@ -199,6 +199,13 @@ pub async fn start_with(
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
     let params = parse_params(params)?;
+    if wait && parent.is_some() && std::env::var_os(worker::eager::EAGER_ENV).is_some() {
+        return Err(Failure::Usage(
+            "in eager mode (`jobz run`) a job started from a job runs after the calling job ends, so --wait \
+             inside it would wait for ever; start it without --wait"
+                .to_owned(),
+        ));
+    }
     let body = serde_json::json!({ "job_name": name, "params": params });
     let headers: Vec<_> = parent.into_iter().map(|id| (PARENT_ID, id)).collect();
     let answer = client.json(Method::POST, "/job_start", &headers, Some(body.to_string().into_bytes())).await?;

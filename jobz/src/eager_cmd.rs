@@ -5,12 +5,15 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 use worker::eager::{self, EagerConfig, EagerError, EagerEvent, EagerJob, EagerReport};
 
 use crate::cli::{load_config, ConfigArg, EXIT_ERROR, EXIT_FAILURE};
+use crate::eager_door::EagerApi;
 
 pub fn run(config: &ConfigArg, name: &str, raw_params: &[String]) -> anyhow::Result<ExitCode> {
     let given = match parse_params(raw_params) {
@@ -27,9 +30,18 @@ pub fn run(config: &ConfigArg, name: &str, raw_params: &[String]) -> anyhow::Res
     let log_dir = std::env::temp_dir().join(format!("jobz-run-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating the log directory {}", log_dir.display()))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
-    let eager_config = EagerConfig { log_dir: log_dir.clone(), kill_grace: worker::limits::DEFAULT_KILL_GRACE };
+    // The run's own front door, for `jobz start` and `jobz progress` in its jobs' steps.
+    let (door, inbox) = EagerApi::new(Arc::new(file.clone()), log_dir.clone());
+    let stop_door = CancellationToken::new();
+    let url = runtime.block_on(door.serve(stop_door.clone())).context("opening the eager run's front door")?;
+    let eager_config =
+        EagerConfig { log_dir: log_dir.clone(), kill_grace: worker::limits::DEFAULT_KILL_GRACE, url: Some(url) };
     let mut printer = Printer::default();
-    let result = runtime.block_on(eager::run(&file, name, &given, &eager_config, |event| printer.event(event)));
+    let result = runtime.block_on(eager::run_with_inbox(&file, name, &given, &eager_config, Some(inbox), |event| {
+        door.observe(&event);
+        printer.event(event);
+    }));
+    stop_door.cancel();
     let report = match result {
         Ok(report) => report,
         Err(e @ (EagerError::UnknownJob(_) | EagerError::Params { .. })) => {
@@ -79,7 +91,7 @@ impl Printer {
 
     fn write_event(&mut self, out: &mut impl Write, event: EagerEvent<'_>) -> std::io::Result<()> {
         match event {
-            EagerEvent::AttemptStarted { job } => {
+            EagerEvent::AttemptStarted { job, .. } => {
                 self.line_start(out)?;
                 writeln!(out, "── {} {} (attempt {})", job.job_name, job.id, job.attempt)?;
                 self.at_line_start = true;
@@ -95,6 +107,11 @@ impl Printer {
                 if let Some(delay) = retry_in {
                     writeln!(out, "── {} {:?}; retrying in {}", job.job_name, outcome.status, seconds(delay))?;
                 }
+            }
+            EagerEvent::Progress { job, percent, message } => {
+                self.line_start(out)?;
+                let message = message.map(|m| format!(" {m}")).unwrap_or_default();
+                writeln!(out, "── {} {}%{message}", job.job_name, percent.round())?;
             }
             EagerEvent::Problem { message } => {
                 self.line_start(out)?;

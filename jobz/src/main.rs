@@ -8,6 +8,7 @@ mod certs_cmd;
 mod cli;
 mod client;
 mod eager_cmd;
+mod eager_door;
 mod keygen_cmd;
 mod limits;
 mod mesh_cmd;
@@ -25,7 +26,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    init_logging();
+    // `jobz run` prints its own account of the run; only warnings and errors are logged beside it.
+    init_logging(if matches!(args.command, cli::Command::Run { .. }) { "warn" } else { "info" });
     match cli::run(args) {
         Ok(code) => code,
         Err(err) => {
@@ -42,9 +44,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr at `JOBZ_LOG`'s levels, or at `default`.
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("JOBZ_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only on a terminal: a log file or journald gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()

@@ -141,3 +141,88 @@ jobs:
     let out = jobz(dir.path(), &["check", "--config", "missing.yaml"]);
     assert_eq!(out.status.code(), Some(2), "a missing file is an error: {}", text(&out.stderr));
 }
+
+/// `jobz` with `args` in `dir`, killed if it has not ended within `deadline`.
+fn jobz_within(dir: &Path, args: &[&str], deadline: std::time::Duration) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_jobz"))
+        .args(args)
+        .current_dir(dir)
+        .env("TMPDIR", dir)
+        .env_remove("JOBZ_CONFIG")
+        .env_remove("JOBZ_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = child.unwrap_or_else(|e| panic!("cannot run jobz: {e}"));
+    let until = std::time::Instant::now() + deadline;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < until => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+                panic!("jobz {args:?} did not end within {deadline:?}:\n{}\n{}", text(&out.stdout), text(&out.stderr));
+            }
+            Err(e) => panic!("waiting for jobz: {e}"),
+        }
+    }
+    child.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_step_starts_jobs_and_reports_progress_through_the_runs_own_front_door() {
+    let dir = tempdir();
+    let bin = env!("CARGO_BIN_EXE_jobz");
+    // Each line echoes how the call ended, so the test sees refusals too.
+    let yaml = format!(
+        r#"
+jobs:
+  fan:
+    shell: true
+    command: >-
+      echo "url=$JOBZ_URL";
+      {bin} progress 40 copying; echo "progress=$?";
+      {bin} start leaf d=a; {bin} start leaf d=b;
+      {bin} start leaf d=BAD; echo "bad=$?";
+      {bin} start leaf d=c --wait; echo "wait=$?";
+      {bin} cancel "$JOBZ_JOB_ID"; echo "cancel=$?"
+    on_success: [ done ]
+  leaf:
+    shell: true
+    command: 'echo "leaf {{d}} run=$JOBZ_RUN_ID"'
+    params:
+      d: {{ pattern: '^[a-z]$' }}
+  done:
+    command: "echo all done"
+"#
+    );
+    std::fs::write(dir.path().join("fan.yaml"), yaml).unwrap_or_else(|e| panic!("{e}"));
+    let out = jobz_within(dir.path(), &["run", "fan", "--config", "fan.yaml"], std::time::Duration::from_secs(60));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "exit {:?}\n{stdout}\n{}", out.status, text(&out.stderr));
+    let fan_id = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("── fan ").and_then(|rest| rest.split_whitespace().next()))
+        .unwrap_or_else(|| panic!("no fan line:\n{stdout}"));
+    // A front door of the run's own, on loopback; not a broker's default address.
+    let url = stdout.lines().find_map(|l| l.strip_prefix("url=")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(url.starts_with("http://127.0.0.1:") && !url.ends_with(":6769"), "{url}");
+    assert!(stdout.contains("── fan 40% copying") && stdout.contains("progress=0"), "{stdout}");
+    // A bad param is refused at the start, naming it, and nothing runs for it.
+    // (A step's stderr is part of its output, which `jobz run` prints.)
+    assert!(stdout.contains("bad=2") && stdout.contains("param \"d\""), "{stdout}");
+    assert!(!stdout.contains("leaf BAD"), "{stdout}");
+    // --wait inside the run would wait for its own caller: refused before anything starts.
+    assert!(stdout.contains("wait=2") && !stdout.contains("leaf c"), "{stdout}");
+    assert!(stdout.contains("in eager mode (`jobz run`) a job started from a job runs after"), "{stdout}");
+    // Nothing to cancel without a broker: a 409, exit 1.
+    assert!(stdout.contains("cancel=1"), "{stdout}");
+    // The started jobs joined fan's run and ran after it, before its follow-up.
+    let a = stdout.find(&format!("leaf a run={fan_id}")).unwrap_or_else(|| panic!("leaf a in fan's run:\n{stdout}"));
+    let b = stdout.find(&format!("leaf b run={fan_id}")).unwrap_or_else(|| panic!("leaf b in fan's run:\n{stdout}"));
+    let fan_end = stdout.find("cancel=").unwrap_or_default();
+    let done = stdout.find("all done").unwrap_or_else(|| panic!("done ran:\n{stdout}"));
+    assert!(fan_end < a && a < b && b < done, "order:\n{stdout}");
+    assert!(stdout.contains("├─ leaf  succeeded") && stdout.contains("└─ done  succeeded"), "{stdout}");
+}

@@ -5,6 +5,12 @@
 //! retries and follow-ups, the same [`jobz_core::gates::GateBook`] counts gate
 //! keys, and the same [`crate::runner`] runs each attempt. Jobs run one at a
 //! time, first in, first out, so output never interleaves.
+//!
+//! The jobs it runs may start jobs and report progress (`jobz start` and
+//! `jobz progress` in a step): with [`EagerConfig::url`] set they are given it
+//! as `JOBZ_URL`, and what arrives there comes in as [`EagerInput`] through
+//! [`run_with_inbox`]. A job started from a job joins the caller's run and
+//! runs after it, before the caller's follow-ups.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -17,6 +23,7 @@ use jobz_core::command;
 use jobz_core::gates::{GateBook, GateEffect, UpstreamEvent};
 use jobz_core::pipeline::{self, AttemptEnd, Decision, JobFacts, NewJob, Origin};
 use jobz_core::Status;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::limits;
@@ -31,6 +38,18 @@ pub struct EagerConfig {
     /// Each attempt's full output is written to `<log_dir>/<job id>.log`.
     pub log_dir: PathBuf,
     pub kill_grace: Duration,
+    /// Given to each job as `JOBZ_URL`: where `jobz start` and `jobz progress`
+    /// in its steps reach this run. `None` leaves `JOBZ_URL` unset.
+    pub url: Option<String>,
+}
+
+/// What the jobs of a run send it while they run (see [`run_with_inbox`]).
+#[derive(Debug)]
+pub enum EagerInput {
+    /// A job started from a job, already checked, with the id its starter was given.
+    Start { id: String, job: NewJob },
+    /// A running job's progress.
+    Progress { job_id: String, percent: f64, message: Option<String> },
 }
 
 /// Why an eager run could not start.
@@ -66,6 +85,14 @@ pub struct EagerJob {
 pub enum EagerEvent<'a> {
     AttemptStarted {
         job: &'a JobFacts,
+        /// The job that started this one: its follow-up's, gate's or `jobz start`'s caller.
+        parent_id: Option<&'a str>,
+    },
+    /// The running job reported its progress.
+    Progress {
+        job: &'a JobFacts,
+        percent: f64,
+        message: Option<&'a str>,
     },
     Output {
         job: &'a JobFacts,
@@ -104,21 +131,32 @@ pub async fn run(
     name: &str,
     given: &BTreeMap<String, String>,
     config: &EagerConfig,
+    report: impl FnMut(EagerEvent<'_>),
+) -> Result<EagerReport, EagerError> {
+    run_with_inbox(file, name, given, config, None, report).await
+}
+
+/// [`run`], also taking the starts and progress its jobs send from `inbox`.
+/// A start that comes while a job runs is queued after that job, before its
+/// follow-ups; one that comes between jobs, at the end of the queue.
+pub async fn run_with_inbox(
+    file: &JobFile,
+    name: &str,
+    given: &BTreeMap<String, String>,
+    config: &EagerConfig,
+    mut inbox: Option<mpsc::UnboundedReceiver<EagerInput>>,
     mut report: impl FnMut(EagerEvent<'_>),
 ) -> Result<EagerReport, EagerError> {
     let def = file.jobs.get(name).ok_or_else(|| EagerError::UnknownJob(name.to_string()))?;
     let params = params::validate(def, given).map_err(|errors| EagerError::Params { job: name.to_string(), errors })?;
-    let mut queue = VecDeque::from([NewJob {
-        job_name: name.to_string(),
-        params,
-        run_id: None,
-        parent_id: None,
-        origin: Origin::Start,
-    }]);
+    let mut queue = VecDeque::from([(
+        None,
+        NewJob { job_name: name.to_string(), params, run_id: None, parent_id: None, origin: Origin::Start },
+    )]);
     let mut jobs = Vec::new();
     let mut gates = GateBook::new();
     let mut truncated = false;
-    while let Some(new) = queue.pop_front() {
+    while let Some((id, new)) = queue.pop_front() {
         if jobs.len() >= EAGER_JOBS_MAX {
             truncated = true;
             report(EagerEvent::Problem {
@@ -126,8 +164,15 @@ pub async fn run(
             });
             break;
         }
-        let (ended, follow_ups) = run_job(file, new, config, &mut report).await?;
-        queue.extend(follow_ups);
+        let (ended, started, follow_ups) = run_job(file, id, new, config, &mut inbox, &mut report).await?;
+        queue.extend(started);
+        // Starts sent just before the job's processes ended may still be on their way in.
+        while let Some(input) = inbox.as_mut().and_then(|rx| rx.try_recv().ok()) {
+            if let EagerInput::Start { id, job } = input {
+                queue.push_back((Some(id), job));
+            }
+        }
+        queue.extend(follow_ups.into_iter().map(|job| (None, job)));
         let facts = JobFacts {
             id: ended.id.clone(),
             job_name: ended.job_name.clone(),
@@ -143,7 +188,7 @@ pub async fn run(
         if let Some(event) = event {
             for effect in gates.observe(file, &event, Utc::now()) {
                 match effect {
-                    GateEffect::Start(job) => queue.push_back(job),
+                    GateEffect::Start(job) => queue.push_back((None, job)),
                     GateEffect::KeyError { message, .. } => report(EagerEvent::Problem { message }),
                 }
             }
@@ -153,14 +198,20 @@ pub async fn run(
     Ok(EagerReport { jobs, gates, truncated })
 }
 
-/// Runs every attempt of one job; returns how it ended for good and the follow-ups to start.
+/// Jobs started from a job, with the ids their starters were given.
+type Started = Vec<(Option<String>, NewJob)>;
+
+/// Runs every attempt of one job (with id `id`, or a fresh one); returns how
+/// it ended for good, the jobs it started, and the follow-ups to start.
 async fn run_job(
     file: &JobFile,
+    id: Option<String>,
     new: NewJob,
     config: &EagerConfig,
+    inbox: &mut Option<mpsc::UnboundedReceiver<EagerInput>>,
     report: &mut impl FnMut(EagerEvent<'_>),
-) -> Result<(EagerJob, Vec<NewJob>), EagerError> {
-    let id = jobz_core::ids::new_id();
+) -> Result<(EagerJob, Started, Vec<NewJob>), EagerError> {
+    let id = id.unwrap_or_else(jobz_core::ids::new_id);
     let run_id = new.run_id.clone().unwrap_or_else(|| id.clone());
     let mut facts = JobFacts { id, job_name: new.job_name.clone(), params: new.params.clone(), run_id, attempt: 1 };
     let started = Instant::now();
@@ -179,12 +230,13 @@ async fn run_job(
     };
     let Some(def) = file.jobs.get(&ended.job_name) else {
         ended.error = Some(format!("no job named {:?} in the job file", ended.job_name));
-        return Ok((ended, Vec::new()));
+        return Ok((ended, Vec::new(), Vec::new()));
     };
     let mut follow_ups = Vec::new();
+    let mut started_jobs = Vec::new();
     loop {
         ended.attempts = facts.attempt;
-        let prepared = match command::prepare(def, &facts, None) {
+        let prepared = match command::prepare(def, &facts, config.url.as_deref()) {
             Ok(p) => p,
             Err(e) => {
                 ended.error = Some(e.to_string());
@@ -196,13 +248,13 @@ async fn run_job(
             before: prepared.before,
             command: prepared.command,
             after: prepared.after,
-            env: prepared.env,
+            env: eager_env(prepared.env, config),
             cwd: def.cwd.clone(),
             timeout: def.timeout,
             kill_grace: config.kill_grace,
             log_path: Some(config.log_dir.join(format!("{}.log", facts.id))),
         };
-        report(EagerEvent::AttemptStarted { job: &facts });
+        report(EagerEvent::AttemptStarted { job: &facts, parent_id: ended.parent_id.as_deref() });
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(limits::OUTPUT_CHANNEL_CAPACITY);
         let running = runner::run(&spec, CancellationToken::new(), Some(tx));
         tokio::pin!(running);
@@ -210,6 +262,16 @@ async fn run_job(
             tokio::select! {
                 outcome = &mut running => break outcome?,
                 Some(chunk) = rx.recv() => report(EagerEvent::Output { job: &facts, chunk: &chunk }),
+                input = next_input(inbox) => match input {
+                    Some(EagerInput::Start { id, job }) => started_jobs.push((Some(id), job)),
+                    Some(EagerInput::Progress { job_id, percent, message }) if job_id == facts.id => {
+                        report(EagerEvent::Progress { job: &facts, percent, message: message.as_deref() });
+                    }
+                    // Progress of a job that is not running: the front door refuses that; nothing to show.
+                    Some(EagerInput::Progress { .. }) => {}
+                    // Nobody can send any more.
+                    None => *inbox = None,
+                },
             }
         };
         while let Ok(chunk) = rx.try_recv() {
@@ -241,5 +303,26 @@ async fn run_job(
         }
     }
     ended.elapsed = started.elapsed();
-    Ok((ended, follow_ups))
+    Ok((ended, started_jobs, follow_ups))
+}
+
+/// Set for the processes of an eager run's jobs, so that `jobz start --wait`
+/// in a step can say at once that it would wait for ever: the job it starts
+/// runs after the step's own job has ended.
+pub const EAGER_ENV: &str = "JOBZ_EAGER";
+
+/// A job's environment in an eager run: [`EAGER_ENV`] added when the run has a front door.
+fn eager_env(mut env: Vec<(String, String)>, config: &EagerConfig) -> Vec<(String, String)> {
+    if config.url.is_some() {
+        env.push((EAGER_ENV.to_owned(), "1".to_owned()));
+    }
+    env
+}
+
+/// The next input from `inbox`; never, without one.
+async fn next_input(inbox: &mut Option<mpsc::UnboundedReceiver<EagerInput>>) -> Option<EagerInput> {
+    match inbox {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }

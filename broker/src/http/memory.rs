@@ -326,16 +326,7 @@ impl Api for MemoryApi {
         self.pause().await;
         self.refused()?;
         let state = self.state();
-        Ok(state
-            .jobs
-            .values()
-            .rev()
-            .filter(|job| filter.status.is_none_or(|s| job.status == s))
-            .filter(|job| filter.job_name.as_ref().is_none_or(|n| &job.job_name == n))
-            .filter(|job| filter.run_id.as_ref().is_none_or(|r| &job.run_id == r))
-            .take(filter.limit)
-            .cloned()
-            .collect())
+        Ok(state.jobs.values().rev().filter(|job| filter.matches(job)).take(filter.limit).cloned().collect())
     }
 
     async fn wait(&self, id: &str, limit: Duration) -> Result<Waited, ApiError> {
