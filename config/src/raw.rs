@@ -373,12 +373,18 @@ pub(crate) struct RawProblem {
 pub(crate) fn read<T: DeserializeOwned>(value: &Value, base: &[String], problems: &mut Vec<RawProblem>) -> Option<T> {
     let mut value = value.clone();
     let mut removed: Vec<NodePath> = Vec::new();
+    let mut blanked: Vec<NodePath> = Vec::new();
     for _ in 0..REPAIRS_MAX {
         let error = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
             Ok(read) => return Some(read),
             Err(error) => error,
         };
         let inside: NodePath = error.path().iter().map(segment_text).collect();
+        if blanked.contains(&inside) {
+            // A field that must have a value, blanked after its problem was
+            // reported: the blank is no second problem, and nothing repairs it.
+            return None;
+        }
         let message = error.inner().to_string();
         let mut path = base.to_vec();
         path.extend(inside.iter().cloned());
@@ -397,6 +403,8 @@ pub(crate) fn read<T: DeserializeOwned>(value: &Value, base: &[String], problems
         }
         if unknown {
             removed.push(inside);
+        } else {
+            blanked.push(inside);
         }
     }
     None
@@ -511,6 +519,15 @@ mod tests {
         assert_eq!(param.default, Some(Scalar("10".into())));
         let one_of: Vec<String> = param.one_of.unwrap().into_iter().map(|s| s.0).collect();
         assert_eq!(one_of, ["10", "2.5", "true", "x"]);
+    }
+
+    #[test]
+    fn a_required_field_of_the_wrong_type_is_one_problem() {
+        let mut problems = Vec::new();
+        let job: Option<RawJob> = read(&yaml("command: true\n"), &path("jobs.b"), &mut problems);
+        assert!(job.is_none());
+        let messages: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(messages, ["jobs.b.command: invalid type: boolean `true`, expected a string"]);
     }
 
     #[test]
