@@ -228,7 +228,7 @@ async fn bad_start_requests_are_400_naming_the_field_and_store_nothing() {
         ("/job_start?who=a", None, "job_name"),
         ("/job_start?job_name=", None, "job_name"),
         ("/job_start?job_name=hello&wait=soon", None, "wait"),
-        ("/job_start?job_name=hello&wait=2h", None, "wait"),
+        ("/job_start?job_name=hello&wait=25h", None, "wait"),
         ("/job_start?job_name=hello&priority=high", None, "priority"),
         ("/job_start?job_name=hello", Some(json!({"params": {"who": ["a"]}})), "who"),
         ("/job_start?job_name=hello&who=a", Some(json!({"params": {"who": "b"}})), "who"),

@@ -44,7 +44,9 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The longest `wait=` a start may ask for; more is a 400, not silently shortened.
-pub const WAIT_MAX: Duration = Duration::from_secs(3600);
+/// A day: a cron line's `curl -fsS '…&wait=3h'` follows a long nightly job to
+/// its end, and a held answer costs the broker one idle task.
+pub const WAIT_MAX: Duration = Duration::from_secs(24 * 3600);
 
 /// In-flight requests get this long to finish after shutdown begins; then their
 /// connections are dropped.
