@@ -33,9 +33,15 @@ pub fn run(config: &ConfigArg, name: &str, raw_params: &[String]) -> anyhow::Res
     // The run's own front door, for `jobz start` and `jobz progress` in its jobs' steps.
     let (door, inbox) = EagerApi::new(Arc::new(file.clone()), log_dir.clone());
     let stop_door = CancellationToken::new();
-    let url = runtime.block_on(door.serve(stop_door.clone())).context("opening the eager run's front door")?;
-    let eager_config =
-        EagerConfig { log_dir: log_dir.clone(), kill_grace: worker::limits::DEFAULT_KILL_GRACE, url: Some(url) };
+    // Without it the run still runs; only its steps' `jobz start` and `jobz progress` have nowhere to go.
+    let url = match runtime.block_on(door.serve(stop_door.clone())) {
+        Ok(url) => Some(url),
+        Err(e) => {
+            eprintln!("jobz run: cannot open a loopback port for the jobs' `jobz start` and `jobz progress` ({e}); running without");
+            None
+        }
+    };
+    let eager_config = EagerConfig { log_dir: log_dir.clone(), kill_grace: worker::limits::DEFAULT_KILL_GRACE, url };
     let mut printer = Printer::default();
     let result = runtime.block_on(eager::run_with_inbox(&file, name, &given, &eager_config, Some(inbox), |event| {
         door.observe(&event);
