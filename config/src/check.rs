@@ -57,7 +57,9 @@ pub(crate) fn build(origin: &str, mut value: Value, positions: &Positions) -> Re
     let jobs = checker.entries(file.jobs.as_ref(), "jobs");
     let gates = checker.entries(file.gates.as_ref(), "gates");
     let tokens = checker.entries(file.tokens.as_ref(), "tokens");
-    if jobs.is_empty() {
+    // A `jobs:` that is not a mapping was reported as such when the file was read.
+    let jobs_mistyped = value.get("jobs").is_some_and(|v| !v.is_mapping() && !v.is_null());
+    if jobs.is_empty() && !jobs_mistyped {
         checker.at_key(&path(&[], &["jobs"]), "the file defines no jobs: add at least one under `jobs:`");
     }
 

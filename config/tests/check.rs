@@ -452,6 +452,9 @@ fn schedule_params_are_checked_like_a_start_request() {
 fn an_empty_file_has_no_jobs() {
     assert_one("", "1:1", "the file is empty");
     assert_one("jobs: {}\n", "1:1", "the file defines no jobs");
+    assert_one("jobs:\n", "1:1", "the file defines no jobs");
+    // A list where the jobs' mapping belongs is one problem, not also "no jobs".
+    assert_one("jobs: []\n", "1:7", "expected a YAML mapping");
 }
 
 #[test]
