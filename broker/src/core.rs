@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
-use crate::handle::{ApiError, BrokerHandle, ServedJob, StartRequest, Started, Waited, WorkerView};
+use crate::handle::{ApiError, BrokerHandle, CheckedStart, ServedJob, StartRequest, Started, Waited, WorkerView};
 use crate::limits;
 use crate::metrics::Metrics;
 use crate::model::{
@@ -1979,19 +1979,7 @@ fn store_error(e: StoreError) -> ApiError {
 pub(crate) async fn start_job(b: &BrokerHandle, request: StartRequest) -> Result<Started, ApiError> {
     let shared = &b.inner;
     let file = &shared.config.file;
-    let def = file
-        .jobs
-        .get(&request.job_name)
-        .ok_or_else(|| ApiError::NotFound(format!("no job named {:?}", request.job_name)))?;
-    let params = config::params::validate(def, &request.params).map_err(ApiError::BadParams)?;
-    let priority = request.priority.unwrap_or(def.priority);
-    if !(limits::PRIORITY_MIN..=limits::PRIORITY_MAX).contains(&priority) {
-        return Err(ApiError::BadRequest(format!(
-            "priority {priority} is out of range {}..={}",
-            limits::PRIORITY_MIN,
-            limits::PRIORITY_MAX
-        )));
-    }
+    let CheckedStart { params, priority } = request.check(file)?;
     let (run_id, parent_id) = match &request.parent_id {
         Some(parent) => {
             let record = shared

@@ -23,6 +23,37 @@ pub struct StartRequest {
     pub parent_id: Option<String>,
 }
 
+/// What the broker takes from a start once it is checked.
+#[derive(Debug, Clone)]
+pub struct CheckedStart {
+    /// The params as the job declares them, defaults filled in.
+    pub params: BTreeMap<String, String>,
+    /// The start's `priority=`, else the job's own.
+    pub priority: i32,
+}
+
+impl StartRequest {
+    /// Checks the start against `file` as the broker does before it stores
+    /// anything: the job exists (404), its params pass (400 naming each), and
+    /// its priority is in range (400).
+    pub fn check(&self, file: &config::JobFile) -> Result<CheckedStart, ApiError> {
+        let def = file
+            .jobs
+            .get(&self.job_name)
+            .ok_or_else(|| ApiError::NotFound(format!("no job named {:?}", self.job_name)))?;
+        let params = config::params::validate(def, &self.params).map_err(ApiError::BadParams)?;
+        let priority = self.priority.unwrap_or(def.priority);
+        if !(crate::limits::PRIORITY_MIN..=crate::limits::PRIORITY_MAX).contains(&priority) {
+            return Err(ApiError::BadRequest(format!(
+                "priority {priority} is out of range {}..={}",
+                crate::limits::PRIORITY_MIN,
+                crate::limits::PRIORITY_MAX
+            )));
+        }
+        Ok(CheckedStart { params, priority })
+    }
+}
+
 /// The answer to a start.
 #[derive(Debug, Clone)]
 pub struct Started {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use broker::handle::{ApiError, StartRequest, Started, Waited, WorkerView};
+use broker::handle::{ApiError, CheckedStart, StartRequest, Started, Waited, WorkerView};
 use broker::http::{Api, HttpOptions};
 use broker::model::{AttemptRecord, JobFilter, JobRecord, Progress};
 use chrono::Utc;
@@ -130,12 +130,7 @@ impl EagerApi {
 
 impl Api for EagerApi {
     async fn start(&self, request: StartRequest) -> Result<Started, ApiError> {
-        let file = &self.inner.file;
-        let def = file
-            .jobs
-            .get(&request.job_name)
-            .ok_or_else(|| ApiError::NotFound(format!("no job named {:?}", request.job_name)))?;
-        let params = config::params::validate(def, &request.params).map_err(ApiError::BadParams)?;
+        let CheckedStart { params, priority } = request.check(&self.inner.file)?;
         let mut jobs = self.jobs();
         let run_id = match &request.parent_id {
             None => None,
@@ -152,7 +147,7 @@ impl Api for EagerApi {
             parent_id: request.parent_id.clone(),
             origin: Origin::Start,
         };
-        let job = JobRecord::queued(id.clone(), &new, request.priority.unwrap_or(def.priority), Utc::now());
+        let job = JobRecord::queued(id.clone(), &new, priority, Utc::now());
         self.inner
             .inbox
             .send(EagerInput::Start { id: id.clone(), job: new })
@@ -289,6 +284,8 @@ mod tests {
             matches!(api.start(start("leaf", "BAD", None)).await, Err(ApiError::BadParams(e)) if e[0].param == "d")
         );
         assert!(matches!(api.start(start("leaf", "a", Some("stranger"))).await, Err(ApiError::BadRequest(_))));
+        let too_high = StartRequest { priority: Some(5000), ..start("leaf", "a", None) };
+        assert!(matches!(api.start(too_high).await, Err(ApiError::BadRequest(e)) if e.contains("priority")));
         assert!(matches!(api.progress("stranger", 5.0, None).await, Err(ApiError::NotFound(_))));
         assert!(matches!(api.cancel("caller").await, Err(ApiError::Conflict(_))));
         assert!(inbox.try_recv().is_err(), "nothing reached the run");
