@@ -27,7 +27,6 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use worker::eager::{EagerEvent, EagerInput};
-use worker::runner::Ended;
 
 /// The jobs of one eager run as the front door shows them; clones share them.
 #[derive(Clone)]
@@ -99,12 +98,7 @@ impl EagerApi {
                         record.status = Status::Queued;
                         record.queued_at = Some(now);
                     } else {
-                        record.status = match outcome.status {
-                            Ended::Succeeded => Status::Succeeded,
-                            Ended::Failed => Status::Failed,
-                            Ended::TimedOut => Status::TimedOut,
-                            Ended::Cancelled => Status::Cancelled,
-                        };
+                        record.status = Status::from(outcome.status);
                         record.finished_at = Some(now);
                     }
                 }

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::limits;
-use crate::runner::{self, Ended, JobSpec, Outcome};
+use crate::runner::{self, JobSpec, Outcome};
 
 /// Jobs one eager run may start in all; a chain that goes beyond is cut short,
 /// so a misconfigured pipeline cannot run forever.
@@ -277,12 +277,7 @@ async fn run_job(
         while let Ok(chunk) = rx.try_recv() {
             report(EagerEvent::Output { job: &facts, chunk: &chunk });
         }
-        let status = match outcome.status {
-            Ended::Succeeded => Status::Succeeded,
-            Ended::Failed => Status::Failed,
-            Ended::TimedOut => Status::TimedOut,
-            Ended::Cancelled => Status::Cancelled,
-        };
+        let status = Status::from(outcome.status);
         ended.status = status;
         ended.exit_code = outcome.exit_code;
         let end = AttemptEnd { status, exit_code: outcome.exit_code };

@@ -111,6 +111,18 @@ pub enum Ended {
     Cancelled,
 }
 
+/// The job status an attempt that ended so leaves behind, before any retry.
+impl From<Ended> for jobz_core::Status {
+    fn from(ended: Ended) -> jobz_core::Status {
+        match ended {
+            Ended::Succeeded => jobz_core::Status::Succeeded,
+            Ended::Failed => jobz_core::Status::Failed,
+            Ended::TimedOut => jobz_core::Status::TimedOut,
+            Ended::Cancelled => jobz_core::Status::Cancelled,
+        }
+    }
+}
+
 /// The result of one job attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
