@@ -98,7 +98,7 @@ pub fn workers(front: &ClientOptions, json: bool) -> anyhow::Result<ExitCode> {
 
 /// `jobz gates`.
 pub fn gates(front: &ClientOptions, json: bool) -> anyhow::Result<ExitCode> {
-    execute(front, async |client, io| listing_with(client, "gates", json, io).await)
+    execute(front, async |client, io| gates_with(client, json, io).await)
 }
 
 /// `jobz schedules`.
@@ -481,18 +481,17 @@ pub async fn workers_with(client: &HttpClient, json: bool, io: &mut Io<'_>) -> R
 }
 
 /// `gates`: a row per key of each gate (see [`render::gates_table`]); a
-/// table of whatever objects the answer holds under `"KEY"` when they are not
-/// gates as this client knows them; else pretty JSON.
-pub async fn listing_with(client: &HttpClient, key: &str, json: bool, io: &mut Io<'_>) -> Result<u8, Failure> {
-    let answer = client.json(Method::GET, &format!("/{key}"), &[], None).await?;
-    let table = match answer.value.get(key).and_then(|v| v.as_array()) {
+/// table of whatever objects the answer holds under `"gates"` when they are
+/// not gates as this client knows them; else pretty JSON.
+pub async fn gates_with(client: &HttpClient, json: bool, io: &mut Io<'_>) -> Result<u8, Failure> {
+    let answer = client.json(Method::GET, "/gates", &[], None).await?;
+    let table = match answer.value.get("gates").and_then(|v| v.as_array()) {
         Some(items) if !json && items.is_empty() => Some(String::new()),
-        Some(items) if !json && key == "gates" => render::gates_table(items).or_else(|| render::object_table(items)),
-        Some(items) if !json => render::object_table(items),
+        Some(items) if !json => render::gates_table(items).or_else(|| render::object_table(items)),
         _ => None,
     };
     match table {
-        Some(table) if table.is_empty() => writeln!(io.err, "jobz: no {key}")?,
+        Some(table) if table.is_empty() => writeln!(io.err, "jobz: no gates")?,
         Some(table) => write!(io.out, "{table}")?,
         None => writeln!(io.out, "{}", render::pretty_json(&answer.raw))?,
     }
@@ -779,7 +778,7 @@ mod tests {
             {"name": "idle", "after": ["a", "b"], "count": 1, "then": "c", "timeout": null,
              "open": [], "fired": [], "timed_out": [], "failed": []}
         ]));
-        let ran = run(async |io| listing_with(&door.client, "gates", false, io).await).await;
+        let ran = run(async |io| gates_with(&door.client, false, io).await).await;
         let lines: Vec<&str> = ran.out.lines().collect();
         assert_eq!(lines[0], "GATE    KEY  STATE                  PROGRESS   SINCE/AT              JOB", "{}", ran.out);
         assert_eq!(lines[1], "shards  d2   open, upstream failed  1/3 shard  2026-12-07T10:51:16Z  -");
@@ -792,9 +791,9 @@ mod tests {
         assert_eq!(lines.len(), 5, "{}", ran.out);
         // Objects that are not gates as this client knows them still make a table.
         door.api.set_gates(serde_json::json!([{"gate": "all_done", "key": "2026", "done": 3}]));
-        let ran = run(async |io| listing_with(&door.client, "gates", false, io).await).await;
+        let ran = run(async |io| gates_with(&door.client, false, io).await).await;
         assert_eq!(ran.out, "GATE      KEY   DONE\nall_done  2026  3\n", "naming columns lead");
-        let ran = run(async |io| listing_with(&door.client, "gates", true, io).await).await;
+        let ran = run(async |io| gates_with(&door.client, true, io).await).await;
         assert!(ran.out.starts_with("{\n  \"gates\": [\n"), "{}", ran.out);
         let ran = run(async |io| schedules_with(&door.client, false, io).await).await;
         assert_eq!((ran.out.as_str(), ran.err.as_str()), ("", "jobz: no schedules\n"));
