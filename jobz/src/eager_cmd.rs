@@ -24,14 +24,14 @@ pub fn run(config: &ConfigArg, name: &str, raw_params: &[String]) -> anyhow::Res
         }
     };
     let file = match load_config(config, true)? {
-        Ok(file) => file,
+        Ok(file) => Arc::new(file),
         Err(code) => return Ok(code),
     };
     let log_dir = std::env::temp_dir().join(format!("jobz-run-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating the log directory {}", log_dir.display()))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     // The run's own front door, for `jobz start` and `jobz progress` in its jobs' steps.
-    let (door, inbox) = EagerApi::new(Arc::new(file.clone()), log_dir.clone());
+    let (door, inbox) = EagerApi::new(file.clone(), log_dir.clone());
     let stop_door = CancellationToken::new();
     // Without it the run still runs; only its steps' `jobz start` and `jobz progress` have nowhere to go.
     let url = match runtime.block_on(door.serve(stop_door.clone())) {
