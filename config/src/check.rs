@@ -39,6 +39,13 @@ pub const UNIQUE_BUILTINS: &[&str] = &["job_name", "run_id"];
 const UNIQUE_TTL_DEFAULT: Duration = Duration::from_secs(24 * 3600);
 const PRIORITY_RANGE: std::ops::RangeInclusive<i64> = -1000..=1000;
 
+/// A reserved name that no placeholder site defines (`wait`, `priority`): it
+/// can be neither a param nor a built-in anywhere.
+fn reserved_only(name: &str) -> bool {
+    RESERVED_NAMES.contains(&name)
+        && ![BUILTINS, FOLLOW_UP_BUILTINS, GATE_BUILTINS, UNIQUE_BUILTINS].iter().any(|b| b.contains(&name))
+}
+
 /// Checks the parsed file and builds the model, or returns every problem found.
 pub(crate) fn build(origin: &str, mut value: Value, positions: &Positions) -> Result<JobFile, Vec<Diagnostic>> {
     let mut checker = Checker { positions, problems: positions.duplicates.clone() };
@@ -516,10 +523,12 @@ impl Checker<'_> {
         let mut reported = BTreeSet::new();
         for name in used {
             if !allowed.contains(name) && reported.insert(name) {
-                let hint = closest(name, allowed.iter().copied())
-                    .map(|c| format!(" (did you mean `{{{c}}}`?)"))
-                    .unwrap_or_default();
-                let known: Vec<&str> = allowed.iter().copied().collect();
+                // A declared param with a reserved name is reported where it is
+                // declared; it is no name to suggest.
+                let usable = || allowed.iter().copied().filter(|known| !reserved_only(known));
+                let hint =
+                    closest(name, usable()).map(|c| format!(" (did you mean `{{{c}}}`?)")).unwrap_or_default();
+                let known: Vec<&str> = usable().collect();
                 self.at_value(
                     at,
                     format!(

@@ -249,6 +249,23 @@ fn reserved_param_name() {
 }
 
 #[test]
+fn a_reserved_param_is_not_offered_as_a_placeholder() {
+    let text = r#"jobs:
+  a:
+    command: echo {x}
+    params:
+      wait: { default: "1" }
+"#;
+    let found = problems(text);
+    assert_eq!(found.len(), 2, "{found:#?}");
+    let (at, message) = &found[0];
+    assert_eq!(at, "3:14", "{message}");
+    assert!(message.contains("it may use: attempt, job_id, job_name, run_id"), "{message}");
+    assert!(!message.contains("wait"), "a reserved name is no placeholder to use: {message}");
+    assert!(found[1].1.contains("`wait` is reserved"), "{found:#?}");
+}
+
+#[test]
 fn bad_param_and_job_names() {
     let text = r#"jobs:
   "my job":
