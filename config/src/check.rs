@@ -526,8 +526,7 @@ impl Checker<'_> {
                 // A declared param with a reserved name is reported where it is
                 // declared; it is no name to suggest.
                 let usable = || allowed.iter().copied().filter(|known| !reserved_only(known));
-                let hint =
-                    closest(name, usable()).map(|c| format!(" (did you mean `{{{c}}}`?)")).unwrap_or_default();
+                let hint = closest(name, usable()).map(|c| format!(" (did you mean `{{{c}}}`?)")).unwrap_or_default();
                 let known: Vec<&str> = usable().collect();
                 self.at_value(
                     at,
