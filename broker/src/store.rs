@@ -8,7 +8,9 @@
 //! group-commits (many callers' changes in one transaction) while a second
 //! thread syncs the WAL for the commits made meanwhile (one fsync for many),
 //! answering none before its sync; and read through a small pool of read-only
-//! connections that run beside the writer.
+//! connections that run beside the writer. Plain starts are answered once
+//! the start journal holds them, before their rows are in SQLite; reads find
+//! them in the meantime in `store/unflushed.rs`.
 //!
 //! Each [`Change`] applies only to a job in the state it expects, so the store
 //! is the last line of defence against a stale or doubled change. A change
@@ -53,6 +55,7 @@ mod journal;
 mod schema;
 mod sqlite;
 mod syncer;
+mod unflushed;
 mod writer;
 
 use std::future::Future;
@@ -99,6 +102,12 @@ pub const BATCH_CHANGES_MAX: usize = 1024;
 /// a worker gets its next job before its result is committed; only the
 /// result's acknowledgement and the start of follow-ups come this much later.
 pub const GROUP_COMMIT_DELAY: Duration = Duration::from_millis(5);
+
+/// How long starts answered through the start journal alone may wait for
+/// their rows to go into SQLite when no other transaction takes them along
+/// first (see `store/unflushed.rs`). Reads see them meanwhile; this bounds
+/// how much the journal holds that SQLite does not.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(10);
 
 /// Committed transactions waiting for the syncer; beyond it the writer waits
 /// for the disk instead of running further ahead of it.
@@ -275,6 +284,12 @@ pub struct StoreOptions {
     pub start_journal: bool,
     /// The start journal's preallocated size ([`START_JOURNAL_BYTES`]).
     pub start_journal_bytes: u64,
+    /// Answer urgent batches of plain starts once the start journal is
+    /// synced, with no SQLite transaction on the way, and put their rows into
+    /// SQLite afterwards (`store/unflushed.rs`). Off, such a batch is inserted
+    /// and committed first, as every other transaction is, and a storage
+    /// failure refuses it. Needs `start_journal`.
+    pub defer_starts: bool,
 }
 
 impl Default for StoreOptions {
@@ -288,6 +303,7 @@ impl Default for StoreOptions {
             max_page_count: None,
             start_journal: true,
             start_journal_bytes: START_JOURNAL_BYTES,
+            defer_starts: true,
         }
     }
 }

@@ -61,6 +61,13 @@ fn open(dir: &Path) -> SqliteStore {
     SqliteStore::open(dir, StoreOptions::default()).expect("open the store")
 }
 
+/// Options under which every commit, plain starts included, is a SQLite
+/// transaction before it is answered: for tests of transactions themselves
+/// (group commit, refusals, storage failures).
+fn transactional() -> StoreOptions {
+    StoreOptions { defer_starts: false, ..StoreOptions::default() }
+}
+
 async fn job(store: &SqliteStore, id: &str) -> JobRecord {
     store.job(id).await.expect("read").unwrap_or_else(|| panic!("job {id} is missing"))
 }
@@ -481,7 +488,7 @@ async fn committed_jobs_survive_dropping_the_store_and_reopening() {
 #[tokio::test]
 async fn a_returned_commit_is_visible_to_a_fresh_connection_while_the_store_is_open() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+    let store = SqliteStore::open(dir.path(), transactional()).unwrap();
     store.commit(vec![Change::Insert(queued("seen", "import", at(0)))]).await.unwrap();
     let raw = rusqlite::Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
     let (status, params): (String, String) = raw
@@ -494,6 +501,89 @@ async fn a_returned_commit_is_visible_to_a_fresh_connection_while_the_store_is_o
         .unwrap();
     assert_eq!((journal_mode.as_str(), version), ("wal", 8));
     drop(store);
+}
+
+/// The rows SQLite holds for `ids`, read over a connection of its own.
+fn rows_in_sqlite(dir: &Path, ids: &[String]) -> usize {
+    let raw = rusqlite::Connection::open(dir.join(DB_FILE_NAME)).unwrap();
+    ids.iter().filter(|id| raw.query_row("SELECT 1 FROM jobs WHERE id = ?1", [id.as_str()], |_| Ok(())).is_ok()).count()
+}
+
+/// Plain starts are answered once the start journal is synced; their rows
+/// reach SQLite soon after, and every read sees them in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deferred_starts_are_read_at_once_and_reach_sqlite_soon_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let paused = store.pause_writes().await.unwrap();
+    let batches = (0..40).map(|i| vec![Change::Insert(queued(&format!("d{i:02}"), "import", at(i)))]).collect();
+    let handles = queue_commits(&store, batches).await;
+    drop(paused);
+    for result in with_timeout(join_all(handles)).await {
+        result.unwrap();
+    }
+    let ids: Vec<String> = (0..40).map(|i| format!("d{i:02}")).collect();
+    let stats = store.stats();
+    assert!(stats.journal_syncs >= 1, "{stats:?}");
+    // Read at once, whether the rows are in SQLite yet or not.
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(job(&store, id).await, queued(id, "import", at(i as i64)));
+    }
+    let listed = store.jobs(JobFilter { limit: 10, ..JobFilter::default() }).await.unwrap();
+    let newest: Vec<&str> = listed.iter().map(|job| job.id.as_str()).collect();
+    assert_eq!(newest, ["d39", "d38", "d37", "d36", "d35", "d34", "d33", "d32", "d31", "d30"]);
+    let queue: Vec<String> = store.unfinished().await.unwrap().into_iter().map(|job| job.id).collect();
+    assert_eq!(queue, ids, "queue order is start order");
+    // In SQLite within the flush delay (with room for a slow machine).
+    wait_until("the deferred rows are in SQLite", || rows_in_sqlite(dir.path(), &ids) == ids.len()).await;
+    assert_eq!(store.jobs(JobFilter { limit: 1000, ..JobFilter::default() }).await.unwrap().len(), 40);
+    let counts = store.counts().await.unwrap();
+    assert_eq!(counts, vec![("import".to_owned(), Status::Queued, 40)]);
+
+    // A change to a deferred job finds its row: the transaction inserts it first.
+    store.commit(vec![Change::Insert(queued("late", "import", at(50)))]).await.unwrap();
+    store.commit(vec![Change::Cancel { id: "late".into(), at: at(51) }]).await.unwrap();
+    assert_eq!(job(&store, "late").await.status, Status::Cancelled);
+}
+
+/// A start whose row cannot go into SQLite (the disk is full) is not lost: it
+/// stays readable, the store says it is unhealthy and refuses further
+/// starts, and the journal puts the row into SQLite at the next open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deferred_starts_outlive_a_full_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 pages of 4 KiB: the first flush of these rows goes beyond it.
+    let options = StoreOptions { max_page_count: Some(64), ..StoreOptions::default() };
+    let store = SqliteStore::open(dir.path(), options).unwrap();
+    let big = |id: &str, i: i64| {
+        let mut job = queued(id, "import", at(i));
+        job.params.insert("blob".into(), "x".repeat(3000));
+        job
+    };
+    let ids: Vec<String> = (0..120).map(|i| format!("big{i:03}")).collect();
+    store.commit(ids.iter().enumerate().map(|(i, id)| Change::Insert(big(id, i as i64))).collect()).await.unwrap();
+    assert_eq!(job(&store, "big000").await, big("big000", 0), "answered, so readable");
+    let failed = || {
+        let store = store.clone();
+        async move { !store.ping().await }
+    };
+    let deadline = Instant::now() + WAIT_MAX;
+    while !failed().await {
+        assert!(Instant::now() < deadline, "the flush never failed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let refused = store.commit(vec![Change::Insert(queued("refused", "import", at(200)))]).await.unwrap_err();
+    assert_eq!(refused.sqlite_code(), Some(ErrorCode::DiskFull), "{refused}");
+    assert_eq!(store.job("refused").await.unwrap(), None);
+    assert_eq!(job(&store, "big119").await, big("big119", 119), "still readable");
+    assert_eq!(rows_in_sqlite(dir.path(), &ids), 0);
+    store.close().await;
+    drop(store);
+
+    let store = open(dir.path());
+    assert_eq!(rows_in_sqlite(dir.path(), &ids), ids.len(), "put back from the journal");
+    assert_eq!(job(&store, "big119").await, big("big119", 119));
+    assert_eq!(store.unfinished().await.unwrap().len(), 120);
 }
 
 /// The child half of [`a_kill_9_loses_no_acknowledged_job`]: when the
@@ -576,7 +666,7 @@ async fn a_kill_9_loses_no_acknowledged_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_commits_share_one_transaction() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+    let store = SqliteStore::open(dir.path(), transactional()).unwrap();
     let before = store.stats();
     let paused = store.pause_writes().await.unwrap();
     let batches = (0..64).map(|i| vec![Change::Insert(queued(&format!("j{i}"), "import", at(i)))]).collect();
@@ -615,7 +705,7 @@ async fn unpaused_concurrent_commits_batch_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_batch_limit_splits_transactions() {
     let dir = tempfile::tempdir().unwrap();
-    let options = StoreOptions { batch_changes_max: 16, ..StoreOptions::default() };
+    let options = StoreOptions { batch_changes_max: 16, ..transactional() };
     let store = SqliteStore::open(dir.path(), options).unwrap();
     let paused = store.pause_writes().await.unwrap();
     let batches = (0..64).map(|i| vec![Change::Insert(queued(&format!("j{i}"), "import", at(i)))]).collect();
@@ -632,7 +722,7 @@ async fn the_batch_limit_splits_transactions() {
 async fn a_storage_failure_rolls_back_the_whole_batch_and_the_store_recovers() {
     let dir = tempfile::tempdir().unwrap();
     // A database capped at 64 pages of 4 KiB: a write beyond fails like a full disk.
-    let options = StoreOptions { max_page_count: Some(64), ..StoreOptions::default() };
+    let options = StoreOptions { max_page_count: Some(64), ..transactional() };
     let store = SqliteStore::open(dir.path(), options).unwrap();
     store.commit(vec![Change::Insert(queued("before", "import", at(0)))]).await.unwrap();
 
@@ -664,8 +754,20 @@ async fn a_storage_failure_rolls_back_the_whole_batch_and_the_store_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_breaking_the_schema_fails_alone_and_whole() {
+    a_commit_breaking_the_schema_fails_alone_and_whole_with(transactional()).await;
+}
+
+/// With starts answered through the journal, a batch holding a taken id goes
+/// through a transaction, so each caller is answered as above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_breaking_the_schema_fails_alone_and_whole_among_deferred_starts() {
+    a_commit_breaking_the_schema_fails_alone_and_whole_with(StoreOptions::default()).await;
+}
+
+async fn a_commit_breaking_the_schema_fails_alone_and_whole_with(options: StoreOptions) {
+    let transactional = !options.defer_starts;
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+    let store = SqliteStore::open(dir.path(), options).unwrap();
     store.commit(vec![Change::Insert(queued("exists", "import", at(0)))]).await.unwrap();
     let before = store.stats();
 
@@ -701,7 +803,9 @@ async fn a_commit_breaking_the_schema_fails_alone_and_whole() {
     }
     assert_eq!(job(&store, "exists").await.created_at, at(0), "the first insert stands");
     let after = store.stats();
-    assert_eq!(after.commits - before.commits, 1);
+    if transactional {
+        assert_eq!(after.commits - before.commits, 1);
+    }
     assert_eq!(after.rejected - before.rejected, 3);
     assert!(store.ping().await, "a refused commit is not a storage failure");
 }

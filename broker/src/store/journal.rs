@@ -12,9 +12,14 @@
 //! answered. Everything else (results, cancels, retries...) is still answered
 //! after a sync of the WAL.
 //!
+//! Most starts go further (`Writer::defer_batch`, `store/unflushed.rs`): an
+//! urgent batch of plain starts is appended here and answered after the sync
+//! with no SQLite transaction on the way, and the rows go into SQLite with the
+//! writer's next transaction, which stores the record's number.
+//!
 //! **Sequence numbers.** Each record carries the next number of a sequence
-//! that never restarts, and its transaction sets `journal_state.seq` to it in
-//! SQLite. SQLite's durable state is always a prefix of its commits, so after
+//! that never restarts, and the transaction that puts its rows into SQLite
+//! sets `journal_state.seq` to it. SQLite's durable state is always a prefix of its commits, so after
 //! a crash every record numbered above the stored `seq` is a start whose
 //! transaction was lost (or never synced): [`Journal::open`] inserts its rows
 //! again (`INSERT OR IGNORE`, so a row that is there stays as it is) before

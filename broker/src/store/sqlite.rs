@@ -26,6 +26,7 @@ use super::counts::Counts;
 use super::journal::Journal;
 use super::schema::{open_reader, open_writer};
 use super::syncer::Syncer;
+use super::unflushed::{merge_newest_first, merge_queue_order};
 use super::writer::{Request, Shared, Urgency, Writer, WriterParts};
 use super::{
     Store, StoreError, StoreOptions, StoreStats, DB_FILE_NAME, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, SYNC_QUEUE_CAPACITY,
@@ -134,6 +135,7 @@ impl SqliteStore {
             syncer,
             checkpointer,
             journal,
+            defer_starts: options.defer_starts,
         };
         let writer = Writer::spawn(parts, receiver)
             .map_err(io_error("start the store writer thread for", &path))?
@@ -248,6 +250,10 @@ impl Store for SqliteStore {
     }
 
     async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        // Looked up here first: a job leaves the set only once its row is committed.
+        if let Some(job) = self.inner.shared.unflushed.get(id) {
+            return Ok(Some(job));
+        }
         let id = id.to_owned();
         self.read(move |conn| {
             let mut statement = conn
@@ -281,52 +287,63 @@ impl Store for SqliteStore {
     }
 
     async fn jobs(&self, filter: JobFilter) -> Result<Vec<JobRecord>, StoreError> {
-        self.read(move |conn| {
-            let mut conditions = Vec::new();
-            let mut values = Vec::new();
-            if let Some(status) = filter.status {
-                values.push(Value::Text(status.as_str().to_owned()));
-                conditions.push(format!("status = ?{}", values.len()));
-            }
-            if let Some(job_name) = filter.job_name {
-                values.push(Value::Text(job_name));
-                conditions.push(format!("job_name = ?{}", values.len()));
-            }
-            if let Some(run_id) = filter.run_id {
-                values.push(Value::Text(run_id));
-                conditions.push(format!("run_id = ?{}", values.len()));
-            }
-            let limit = match filter.limit {
-                0 => LIST_LIMIT_DEFAULT,
-                limit => limit.min(LIST_LIMIT_MAX),
-            };
-            values.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
-            let filter_sql =
-                if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
-            // Eight shapes at most, so the statement cache holds them all.
-            let sql = format!(
-                "SELECT {JOB_COLUMNS} FROM jobs {filter_sql} ORDER BY created_at DESC, id DESC LIMIT ?{}",
-                values.len()
-            );
-            let mut statement = conn.prepare_cached(&sql).map_err(StoreError::sqlite("prepare the jobs query"))?;
-            collect_jobs(statement.query(params_from_iter(values)))
-        })
-        .await
+        // Read before SQLite: a job flushed in between is then found there.
+        let unflushed = self.inner.shared.unflushed.matching(&filter);
+        let limit = match filter.limit {
+            0 => LIST_LIMIT_DEFAULT,
+            limit => limit.min(LIST_LIMIT_MAX),
+        };
+        let stored = self
+            .read(move |conn| {
+                let mut conditions = Vec::new();
+                let mut values = Vec::new();
+                if let Some(status) = filter.status {
+                    values.push(Value::Text(status.as_str().to_owned()));
+                    conditions.push(format!("status = ?{}", values.len()));
+                }
+                if let Some(job_name) = filter.job_name {
+                    values.push(Value::Text(job_name));
+                    conditions.push(format!("job_name = ?{}", values.len()));
+                }
+                if let Some(run_id) = filter.run_id {
+                    values.push(Value::Text(run_id));
+                    conditions.push(format!("run_id = ?{}", values.len()));
+                }
+                let limit = match filter.limit {
+                    0 => LIST_LIMIT_DEFAULT,
+                    limit => limit.min(LIST_LIMIT_MAX),
+                };
+                values.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+                let filter_sql =
+                    if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+                // Eight shapes at most, so the statement cache holds them all.
+                let sql = format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs {filter_sql} ORDER BY created_at DESC, id DESC LIMIT ?{}",
+                    values.len()
+                );
+                let mut statement = conn.prepare_cached(&sql).map_err(StoreError::sqlite("prepare the jobs query"))?;
+                collect_jobs(statement.query(params_from_iter(values)))
+            })
+            .await?;
+        Ok(merge_newest_first(stored, unflushed, limit))
     }
 
     async fn unfinished(&self) -> Result<Vec<JobRecord>, StoreError> {
-        self.read(|conn| {
-            // The few unfinished jobs are found through jobs_by_status; SQLite
-            // sorts them (once, at start) in queue order.
-            let mut statement = conn
-                .prepare_cached(&format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs WHERE status IN ('queued', 'running')
+        let unflushed = self.inner.shared.unflushed.all();
+        let stored = self
+            .read(|conn| {
+                // The few unfinished jobs are found through jobs_by_status; SQLite
+                // sorts them (once, at start) in queue order.
+                let mut statement = conn
+                    .prepare_cached(&format!(
+                        "SELECT {JOB_COLUMNS} FROM jobs WHERE status IN ('queued', 'running')
                      ORDER BY priority DESC, queued_at, seq"
-                ))
-                .map_err(StoreError::sqlite("prepare the unfinished query"))?;
-            collect_jobs(statement.query([]))
-        })
-        .await
+                    ))
+                    .map_err(StoreError::sqlite("prepare the unfinished query"))?;
+                collect_jobs(statement.query([]))
+            })
+            .await?;
+        Ok(merge_queue_order(stored, unflushed))
     }
 
     async fn prune(&self, finished_before: DateTime<Utc>, limit: usize) -> Result<Vec<String>, StoreError> {

@@ -22,6 +22,11 @@
 //! commits them the moment the sync is done, so each sync covers one commit
 //! applied while the one before it was on its way to the disk.
 //!
+//! Plain starts need no transaction before their answer: an urgent batch of
+//! them is appended to the start journal and answered after its sync, and
+//! their rows are inserted first thing in the next transaction
+//! ([`Writer::defer_batch`]).
+//!
 //! Not every commit is waited on by a person. A request says how soon it must
 //! be committed ([`Urgency`]): a start over HTTP commits at once (`Now`), while
 //! the loop's bookkeeping (dispatches, results, follow-ups) may wait up to
@@ -32,7 +37,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,7 +56,8 @@ use super::codec::{
 use super::counts::{Counts, Transition};
 use super::journal::{self, Journal, RowTable, JOB_VALUES, KEY_VALUES};
 use super::syncer::{Durability, Syncer};
-use super::{StoreError, StoreStats, PRUNE_BATCH_MAX};
+use super::unflushed::Unflushed;
+use super::{StoreError, StoreStats, FLUSH_DELAY, PRUNE_BATCH_MAX};
 use jobz_core::Status;
 
 use crate::model::{Admission, Change, GuardedInsert, JobRecord};
@@ -129,6 +135,8 @@ pub(super) struct Shared {
     pub(super) last_sync_failed: AtomicBool,
     /// Jobs by name and status, as committed.
     pub(super) counts: Counts,
+    /// Starts durable in the start journal whose rows are not in SQLite yet.
+    pub(super) unflushed: Unflushed,
     /// Set by the syncer while it syncs; the writer holds urgent commits until it is done.
     pub(super) syncing: AtomicBool,
     /// The writer thread, for the syncer to unpark when a sync is done.
@@ -365,7 +373,25 @@ pub(super) struct Writer {
     checkpointer: Option<Checkpointer>,
     /// Where urgent inserts go for a short sync; `None` when turned off.
     journal: Option<Journal>,
+    /// Whether urgent batches of plain starts are answered through the journal
+    /// alone, their rows put into SQLite afterwards (see [`Writer::defer_batch`]).
+    defer_starts: bool,
+    /// Those rows, in the order they were started, until a transaction inserts them.
+    deferred: Vec<DeferredRow>,
+    /// The journal number of the last record holding deferred rows.
+    deferred_seq: u64,
+    /// When the oldest deferred row was deferred.
+    deferred_since: Option<Instant>,
 }
+
+/// A start answered through the journal whose row is not in SQLite yet.
+struct DeferredRow {
+    job: JobRecord,
+    params_json: String,
+}
+
+/// Deferred rows beyond which they are flushed at once rather than after [`FLUSH_DELAY`].
+const DEFERRED_ROWS_MAX: usize = 1024;
 
 /// What the writer thread is started with.
 pub(super) struct WriterParts {
@@ -376,13 +402,23 @@ pub(super) struct WriterParts {
     pub(super) syncer: Syncer,
     pub(super) checkpointer: Checkpointer,
     pub(super) journal: Option<Journal>,
+    pub(super) defer_starts: bool,
 }
 
 impl Writer {
     /// Starts the writer thread; it runs until the queue's senders are all
     /// dropped (after draining it) or a [`Request::Close`] arrives.
     pub(super) fn spawn(parts: WriterParts, requests: Receiver<Request>) -> std::io::Result<JoinHandle<()>> {
-        let WriterParts { conn, shared, batch_changes_max, group_commit_delay, syncer, checkpointer, journal } = parts;
+        let WriterParts {
+            conn,
+            shared,
+            batch_changes_max,
+            group_commit_delay,
+            syncer,
+            checkpointer,
+            journal,
+            defer_starts,
+        } = parts;
         shared.writer_running.store(true, Ordering::Release);
         let flag = RunningFlag(shared.clone());
         let writer = Writer {
@@ -392,7 +428,11 @@ impl Writer {
             group_commit_delay,
             syncer: Some(syncer),
             checkpointer: Some(checkpointer),
+            defer_starts: defer_starts && journal.is_some(),
             journal,
+            deferred: Vec::new(),
+            deferred_seq: 0,
+            deferred_since: None,
         };
         std::thread::Builder::new().name("jobz-store-writer".into()).spawn(move || {
             let _flag = flag;
@@ -409,12 +449,22 @@ impl Writer {
         // requests that raced the close) and stops when it is empty.
         let mut closing: Option<oneshot::Sender<()>> = None;
         loop {
+            if self.flush_due() {
+                self.flush_alone();
+            }
             let request = match carried.take() {
                 Some(request) => request,
                 None => {
-                    let received = match closing {
-                        None => requests.recv().ok(),
-                        Some(_) => requests.try_recv().ok(),
+                    let received = match (&closing, self.deferred_since) {
+                        (None, None) => requests.recv().ok(),
+                        // Deferred rows wait for the next request at most until they are due.
+                        (None, Some(since)) => match requests.recv_timeout(FLUSH_DELAY.saturating_sub(since.elapsed()))
+                        {
+                            Ok(request) => Some(request),
+                            Err(RecvTimeoutError::Timeout) => continue,
+                            Err(RecvTimeoutError::Disconnected) => None,
+                        },
+                        (Some(_), _) => requests.try_recv().ok(),
                     };
                     // None: every handle is gone (or, closing, the queue is empty).
                     let Some(request) = received else { break };
@@ -433,7 +483,12 @@ impl Writer {
                         deadline: Instant::now() + self.group_commit_delay,
                         wait_for_sync: true,
                     };
-                    self.commit_batch(Pending { changes, reply, urgency }, &mut gather);
+                    let first = Pending { changes, reply, urgency };
+                    if closing.is_none() && self.deferrable(&first) {
+                        self.defer_batch(first, &mut gather);
+                    } else {
+                        self.commit_batch(vec![first], &mut gather);
+                    }
                 }
                 Request::Prune { finished_before, limit, reply } => {
                     let result = self.prune(finished_before, limit);
@@ -460,6 +515,9 @@ impl Writer {
                 },
             }
         }
+        // What the journal holds is put into SQLite before the store closes; if
+        // that fails, the journal puts it back at the next open.
+        self.flush_alone();
         self.finish();
         // Every committed answer is released (synced) before the close is.
         if let Some(syncer) = self.syncer.take() {
@@ -486,8 +544,7 @@ impl Writer {
     /// Applies `first` and the commit requests that follow it (see
     /// [`Writer::apply_batch_plainly`]) in one transaction, commits, and hands
     /// the answers to the syncer.
-    fn commit_batch(&mut self, first: Pending, gather: &mut Gather<'_>) {
-        let mut batch = vec![first];
+    fn commit_batch(&mut self, mut batch: Vec<Pending>, gather: &mut Gather<'_>) {
         match self.apply_batch(&mut batch, gather) {
             Ok(Applied { outcomes, skipped, transitions, journaled }) => {
                 let total: usize = batch.iter().map(|p| p.changes.len()).sum();
@@ -500,6 +557,7 @@ impl Writer {
                 self.shared.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
                 self.shared.largest_batch.fetch_max(total as u64, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(false, Ordering::Relaxed);
+                self.flushed();
                 self.shared.counts.apply(&transitions);
                 // Urgent callers of a journaled transaction are durable once the
                 // journal is synced; everybody else once the WAL is.
@@ -530,6 +588,190 @@ impl Writer {
                 for pending in batch {
                     answer(pending.reply, Err(e.clone()));
                 }
+            }
+        }
+    }
+
+    /// Whether `pending` can be answered through the start journal alone,
+    /// its rows put into SQLite later: an urgent caller waiting for plain
+    /// inserts of new queued jobs, while the store is healthy. Anything else
+    /// (a guarded insert, a gate's job, a row the schema might refuse) takes
+    /// a transaction, which decides and refuses as it always has.
+    fn deferrable(&self, pending: &Pending) -> bool {
+        self.defer_starts
+            && pending.urgency == Urgency::Now
+            && pending.reply.is_some()
+            && !pending.changes.is_empty()
+            && !self.shared.last_batch_failed.load(Ordering::Relaxed)
+            && !self.shared.last_sync_failed.load(Ordering::Relaxed)
+            && pending.changes.iter().all(|change| matches!(change, Change::Insert(job) if fresh_start(job)))
+    }
+
+    /// Answers `first`, and the urgent plain starts queued behind it, through
+    /// the start journal alone: their rows are appended to it and the syncer
+    /// syncs it before they are answered, as for a journaled transaction, but
+    /// no SQLite transaction runs on the way. The rows join `deferred` (and
+    /// the readers' [`Unflushed`] set) and go into SQLite at the start of the
+    /// writer's next transaction, or on their own when due ([`FLUSH_DELAY`]).
+    ///
+    /// Nothing is lost meanwhile: the journal's number for them is stored in
+    /// SQLite only by the transaction that inserts them, so after a crash
+    /// [`Journal::open`] puts back every row that did not make it.
+    ///
+    /// Falls back to a transaction for the whole batch when an id is already
+    /// taken, a row cannot be encoded or the journal has no room.
+    fn defer_batch(&mut self, first: Pending, gather: &mut Gather<'_>) {
+        let mut batch = vec![first];
+        let mut total = batch[0].changes.len();
+        while let Some(next) = gather.next(self, total) {
+            if !self.deferrable(&next) {
+                // It opens the next batch, after this one is answered.
+                let Pending { changes, reply, urgency } = next;
+                *gather.carried = Some(Request::Commit { changes, reply, urgency });
+                break;
+            }
+            total += next.changes.len();
+            batch.push(next);
+        }
+        let mut rows = JournalRows { recording: true, ..JournalRows::default() };
+        let mut deferred = Vec::with_capacity(total);
+        let mut ids = std::collections::HashSet::with_capacity(total);
+        let mut encodable = true;
+        for change in batch.iter().flat_map(|pending| &pending.changes) {
+            let Change::Insert(job) = change else {
+                encodable = false;
+                break;
+            };
+            let Ok(params_json) = params_to_sql(&job.params) else {
+                encodable = false;
+                break;
+            };
+            if !ids.insert(job.id.as_str()) || self.shared.unflushed.contains(&job.id) || self.stored(&job.id) {
+                // A transaction refuses the taken id for its caller alone.
+                encodable = false;
+                break;
+            }
+            rows.job(&job_values(job, &params_json));
+            deferred.push(DeferredRow { job: job.clone(), params_json });
+        }
+        let covered = self.shared.journal_covered.load(Ordering::Acquire);
+        let seq = match self.journal.as_mut() {
+            Some(journal) if encodable => {
+                if journal.ready(covered) && journal.fits(rows.payload_len()) {
+                    let seq = journal.next_seq();
+                    match journal.append(&rows.payload()) {
+                        Ok(()) => Some(seq),
+                        Err(e) => {
+                            warn!(error = %e, "cannot write the start journal; starts wait for a WAL sync until it starts over");
+                            None
+                        }
+                    }
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        let Some(seq) = seq else {
+            // The transaction path takes the batch as it is, and what is queued behind it.
+            gather.urgent = true;
+            return self.commit_batch(batch, gather);
+        };
+        let transitions: Vec<Transition> = deferred
+            .iter()
+            .map(|row| Transition { job_name: row.job.job_name.clone(), from: None, to: Some(row.job.status) })
+            .collect();
+        self.shared.counts.apply(&transitions);
+        self.shared.unflushed.add(deferred.iter().map(|row| row.job.clone()));
+        self.shared.changes.fetch_add(total as u64, Ordering::Relaxed);
+        self.shared.largest_batch.fetch_max(total as u64, Ordering::Relaxed);
+        self.deferred.extend(deferred);
+        self.deferred_seq = seq;
+        self.deferred_since.get_or_insert_with(Instant::now);
+        let replies: Vec<_> = batch.into_iter().filter_map(|pending| pending.reply).collect();
+        self.after_commit_through(Durability::Journal, Ok(()), move |synced: Result<(), StoreError>| {
+            for reply in replies {
+                answer(Some(reply), synced.clone().map(|()| Vec::new()));
+            }
+        });
+    }
+
+    /// Whether a job with this id has a row in SQLite.
+    fn stored(&self, id: &str) -> bool {
+        let found = self
+            .conn
+            .prepare_cached("SELECT 1 FROM jobs WHERE id = ?1")
+            .and_then(|mut statement| statement.exists([id]));
+        // When the store cannot even tell, the transaction path finds out properly.
+        found.unwrap_or(true)
+    }
+
+    /// Inserts the deferred rows, first thing in the open transaction, and
+    /// stores their journal number with them.
+    fn flush_deferred(&self) -> Result<(), StoreError> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let mut statement = self
+            .conn
+            .prepare_cached(INSERT_JOB)
+            .map_err(StoreError::sqlite("prepare the insert of deferred starts"))?;
+        for row in &self.deferred {
+            let values = job_values(&row.job, &row.params_json);
+            statement.execute(bound(&values)).map_err(StoreError::sqlite("insert a deferred start"))?;
+        }
+        let seq = i64::try_from(self.deferred_seq)
+            .map_err(|_| StoreError::Internal("the start journal's number overflowed".into()))?;
+        self.conn
+            .prepare_cached("UPDATE journal_state SET seq = ?1 WHERE id = 1")
+            .and_then(|mut statement| statement.execute([seq]))
+            .map_err(StoreError::sqlite("record the start journal's number"))?;
+        Ok(())
+    }
+
+    /// The transaction that inserted the deferred rows committed: readers find them in SQLite now.
+    fn flushed(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        // A WAL sync from here on covers their journal records.
+        self.shared.journal_committed.fetch_max(self.deferred_seq, Ordering::AcqRel);
+        self.shared.unflushed.remove(self.deferred.iter().map(|row| row.job.id.as_str()));
+        self.deferred.clear();
+        self.deferred_since = None;
+    }
+
+    /// Whether the deferred rows should go into SQLite now rather than with the next transaction.
+    fn flush_due(&self) -> bool {
+        self.deferred.len() >= DEFERRED_ROWS_MAX
+            || self.deferred_since.is_some_and(|since| since.elapsed() >= FLUSH_DELAY)
+    }
+
+    /// Inserts the deferred rows in a transaction of their own. Nobody waits
+    /// for it: their callers were answered through the journal. On failure
+    /// they stay deferred (and in the journal), the store reports itself
+    /// unhealthy, and starts take the transaction path, which answers the error.
+    fn flush_alone(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let flushed = self
+            .exec("BEGIN IMMEDIATE", "begin a transaction")
+            .and_then(|()| self.flush_deferred())
+            .and_then(|()| self.exec("COMMIT", "commit"));
+        match flushed {
+            Ok(()) => {
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.shared.last_batch_failed.store(false, Ordering::Relaxed);
+                self.flushed();
+            }
+            Err(e) => {
+                self.rollback();
+                self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
+                self.shared.last_batch_failed.store(true, Ordering::Relaxed);
+                error!(error = %e, rows = self.deferred.len(), "putting journaled starts into the store failed; they stay in the journal");
+                // Not again at once: the next transaction, or the next delay, tries again.
+                self.deferred_since = Some(Instant::now());
             }
         }
     }
@@ -591,6 +833,7 @@ impl Writer {
         gather: &mut Gather<'_>,
     ) -> Result<Option<Applied>, StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
+        self.flush_deferred()?;
         let mut skipped = 0;
         let mut applying = Applying::default();
         let mut admissions = Vec::with_capacity(batch.len());
@@ -651,6 +894,7 @@ impl Writer {
     /// their own savepoint, so a rejected caller rolls back alone, and commits.
     fn apply_batch_carefully(&mut self, batch: &[Pending]) -> Result<Applied, StoreError> {
         self.exec("BEGIN IMMEDIATE", "begin a transaction")?;
+        self.flush_deferred()?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut skipped_total = 0;
         // A rolled-back caller's entries stay in `stood_for`: its new ids are
@@ -714,7 +958,7 @@ impl Writer {
     /// false if it could not be (its callers then wait for a WAL sync).
     fn journal_append(&mut self, seq: u64, rows: &JournalRows) -> bool {
         // SQLite holds the transaction numbered `seq` now: a WAL sync from here on covers it.
-        self.shared.journal_committed.store(seq, Ordering::Release);
+        self.shared.journal_committed.fetch_max(seq, Ordering::AcqRel);
         let Some(journal) = self.journal.as_mut() else { return false };
         debug_assert_eq!(journal.next_seq(), seq, "one journal record per numbered transaction");
         match journal.append(&rows.payload()) {
@@ -1474,6 +1718,22 @@ pub(super) const INSERT_JOB: &str = "INSERT INTO jobs (id, job_name, params, sta
 pub(super) const INSERT_IDEMPOTENCY_KEY: &str =
     "INSERT OR REPLACE INTO idempotency_keys (key, job_id, job_name, params, created_at)
      VALUES (?1, ?2, ?3, ?4, ?5)";
+
+/// A plain start of a new job: queued, never run, with no unique key, not
+/// a gate's job. Such a row satisfies every rule of the schema but the
+/// uniqueness of its id, which [`Writer::defer_batch`] checks itself.
+fn fresh_start(job: &JobRecord) -> bool {
+    job.status == Status::Queued
+        && job.attempts == 0
+        && job.worker.is_none()
+        && job.lease.is_none()
+        && job.started_at.is_none()
+        && job.finished_at.is_none()
+        && job.cancelled_at.is_none()
+        && job.progress.is_none()
+        && job.unique_key.is_none()
+        && !matches!(job.origin, jobz_core::pipeline::Origin::Gate { .. })
+}
 
 /// `values` as a statement's parameters, bound without copying.
 fn bound<'a>(values: &'a [ValueRef<'a>]) -> impl rusqlite::Params + 'a {
