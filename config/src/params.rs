@@ -33,8 +33,8 @@ pub enum ParamProblem {
     PatternMismatch { pattern: String },
     #[error("must be one of {allowed:?}")]
     NotOneOf { allowed: Vec<String> },
-    #[error("contains a control character (byte {index})")]
-    ControlCharacter { index: usize },
+    #[error("contains the control character U+{code:04X} at byte {index}")]
+    ControlCharacter { index: usize, code: u32 },
     #[error("is {len} bytes long, more than the limit of {VALUE_MAX_BYTES}")]
     TooLong { len: usize },
 }
@@ -82,8 +82,8 @@ fn check(spec: &ParamSpec, value: &str) -> Option<ParamProblem> {
     }
     // `char::is_control` covers NUL, newline, tab, DEL and the C1 range: none belongs in a
     // value that ends up in argv, a script or a log line.
-    if let Some((index, _)) = value.char_indices().find(|(_, c)| c.is_control()) {
-        return Some(ParamProblem::ControlCharacter { index });
+    if let Some((index, c)) = value.char_indices().find(|(_, c)| c.is_control()) {
+        return Some(ParamProblem::ControlCharacter { index, code: u32::from(c) });
     }
     if let Some(allowed) = spec.one_of.as_ref().filter(|allowed| !allowed.iter().any(|a| a == value)) {
         return Some(ParamProblem::NotOneOf { allowed: allowed.clone() });

@@ -112,8 +112,11 @@ fn one_of_lists_the_allowed_values() {
 #[test]
 fn control_characters_are_refused_with_their_byte_index() {
     let job = date_job();
-    for (value, index) in [("a\0b", 1), ("ab\n", 2), ("\t", 0), ("é\u{7f}", 2), ("x\u{85}", 1), ("\r\n", 0)] {
-        assert_eq!(one(&job, &[("date", "2024_01_31"), ("note", value)]), ParamProblem::ControlCharacter { index });
+    for (value, index, code) in
+        [("a\0b", 1, 0), ("ab\n", 2, 0x0a), ("\t", 0, 9), ("é\u{7f}", 2, 0x7f), ("x\u{85}", 1, 0x85), ("\r\n", 0, 0x0d)]
+    {
+        let got = one(&job, &[("date", "2024_01_31"), ("note", value)]);
+        assert_eq!(got, ParamProblem::ControlCharacter { index, code });
     }
     // Spaces, quotes and shell syntax are not control characters: quoting handles them.
     assert!(validate(&job, &map(&[("date", "2024_01_31"), ("note", "a b '$(x)' `y` ;|&")])).is_ok());
@@ -154,7 +157,7 @@ fn all_problems_are_reported_at_once_sorted_by_name() {
         ("c_choice".into(), ParamProblem::NotOneOf { allowed: vec!["x".into()] }),
         ("d_pattern".into(), ParamProblem::PatternMismatch { pattern: "[a-z]+".into() }),
         ("e_undeclared".into(), ParamProblem::Undeclared),
-        ("f_fine".into(), ParamProblem::ControlCharacter { index: 2 }),
+        ("f_fine".into(), ParamProblem::ControlCharacter { index: 2, code: 0x1b }),
         ("y_undeclared".into(), ParamProblem::Undeclared),
         ("z_missing".into(), ParamProblem::Missing),
     ];
@@ -163,6 +166,6 @@ fn all_problems_are_reported_at_once_sorted_by_name() {
 
 #[test]
 fn errors_name_the_param_and_the_reason() {
-    let err = ParamError { param: "date".into(), problem: ParamProblem::ControlCharacter { index: 3 } };
-    assert_eq!(err.to_string(), r#"param "date": contains a control character (byte 3)"#);
+    let err = ParamError { param: "date".into(), problem: ParamProblem::ControlCharacter { index: 3, code: 1 } };
+    assert_eq!(err.to_string(), r#"param "date": contains the control character U+0001 at byte 3"#);
 }
