@@ -123,7 +123,7 @@ pub enum Command {
         bind: String,
         #[arg(long, default_value = "./jobz-data", value_name = "DIR")]
         data: PathBuf,
-        /// Local workers [default: number of cores]
+        /// Local workers [default: number of cores]; 0 runs none, for workers that connect from elsewhere
         #[arg(long, value_name = "N")]
         workers: Option<usize>,
         #[command(flatten)]

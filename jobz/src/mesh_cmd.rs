@@ -326,7 +326,9 @@ pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> 
         Ok(f) => Arc::new(f),
         Err(code) => return Ok(code),
     };
-    let count = workers.unwrap_or_else(cores).max(1);
+    // 0 is allowed: the broker, front door and semaphore in one process, and
+    // every job run by workers that connect to it.
+    let count = workers.unwrap_or_else(cores);
     let curve = broker_curve(&args.curve, true)?;
     runtime()?.block_on(async {
         let shutdown = shutdown_on_signals()?;
@@ -377,6 +379,12 @@ pub fn up(args: BrokerArgs, workers: Option<usize>) -> anyhow::Result<ExitCode> 
             "jobz is up: front door {url}, {count} local worker(s) and a semaphore, data in {}",
             args.data.display()
         );
+        if count == 0 {
+            println!(
+                "no local workers: jobs wait for a worker to connect, e.g. `jobz worker --broker {}`",
+                running.endpoint
+            );
+        }
         // With TLS (and tokens), the curl lines need the flags of README's "HTTPS and tokens".
         let curl = if args.tls.tls_cert.is_some() {
             "curl --cacert ca.pem --cert client.pem --key client.key"

@@ -322,3 +322,33 @@ fn a_queued_job_whose_definition_left_the_job_file_fails_at_restart_with_a_reaso
     assert_eq!(job["status"], "failed", "{job}");
     assert!(job["error"].as_str().is_some_and(|e| e.contains("no longer")), "{job}");
 }
+
+/// `jobz up --workers 0`: the broker, front door and semaphore in one process
+/// and no local worker, so a job waits for a worker that connects from elsewhere.
+#[test]
+fn jobz_up_with_no_local_workers_runs_jobs_on_a_worker_that_connects() {
+    let mesh = Mesh::new(CHAIN);
+    let http = format!("127.0.0.1:{}", mesh.http_port);
+    let endpoint = mesh.endpoint();
+    let data = mesh.path().join("data").display().to_string();
+    let config = mesh.config.display().to_string();
+    let _up = mesh.spawn(
+        "up",
+        &["up", "--workers", "0", "--config", &config, "--http", &http, "--bind", &endpoint, "--data", &data],
+    );
+    wait_until(Duration::from_secs(30), "the front door of jobz up", || get(&mesh.url(), "/healthz").0 == 200);
+    assert!(mesh.log_lines_with("up", "0 local worker(s) and a semaphore") == 1, "{}", mesh.logs());
+    assert!(mesh.log_lines_with("up", &format!("jobz worker --broker {endpoint}")) == 1, "{}", mesh.logs());
+    let workers = json(&get(&mesh.url(), "/workers").1);
+    assert_eq!(workers["workers"].as_array().map(Vec::len), Some(0), "{workers}");
+
+    let started = mesh.start("job_name=noop");
+    let id = started["id"].as_str().unwrap_or_default().to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(mesh.job(&id)["status"], "queued", "no worker has taken it");
+
+    let _worker = mesh.worker("w1", 1);
+    let job = mesh.wait_final(&id, Duration::from_secs(30));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["worker"], "w1", "{job}");
+}
