@@ -66,6 +66,32 @@ fn broker_curve(args: &BrokerCurveArgs, local_peers: bool) -> anyhow::Result<Opt
     Ok(Some(CurveServer { key, allowed }))
 }
 
+/// Refuses an endpoint ZeroMQ could not use, before anything is opened, with
+/// what the flag takes: `tcp://HOST:PORT`, `ipc://PATH` or `inproc://NAME`.
+/// (ZeroMQ itself says only "Invalid argument".) A `--bind` may also use `*`
+/// for the host or the port.
+pub(crate) fn check_endpoint(flag: &str, endpoint: &str) -> anyhow::Result<()> {
+    let binding = flag == "--bind";
+    let ok = if let Some(address) = endpoint.strip_prefix("tcp://") {
+        match address.rsplit_once(':') {
+            Some((host, port)) => {
+                !host.is_empty()
+                    && !host.contains('/')
+                    && (port.parse::<u16>().is_ok_and(|p| p > 0 || binding) || (binding && port == "*"))
+            }
+            None => false,
+        }
+    } else if let Some(rest) = endpoint.strip_prefix("ipc://").or_else(|| endpoint.strip_prefix("inproc://")) {
+        !rest.is_empty()
+    } else {
+        false
+    };
+    if !ok {
+        bail!("{flag}: `{endpoint}` is not a ZeroMQ endpoint; use tcp://HOST:PORT (or ipc://PATH)");
+    }
+    Ok(())
+}
+
 /// A worker's or semaphore's CURVE settings from its flags, or `None` for plain text.
 pub(crate) fn client_curve(args: &ClientCurveArgs, broker: &str) -> anyhow::Result<Option<CurveClient>> {
     match (&args.curve_key, &args.broker_key) {
@@ -142,21 +168,23 @@ async fn start_broker(
     // The TLS files are checked before anything is opened or bound: a bad file changes nothing.
     let tls = front_door_tls(&args.tls)?;
     let tokens = Arc::new(Tokens::from_file(&file));
-    std::fs::create_dir_all(&args.data)
-        .with_context(|| format!("creating the data directory {}", args.data.display()))?;
-    let store = SqliteStore::open(&args.data, StoreOptions::default())
-        .with_context(|| format!("opening the store in {}", args.data.display()))?;
+    // Both ports before the data directory: a bad --http or --bind creates nothing.
     let listener = tokio::net::TcpListener::bind(&args.http)
         .await
-        .with_context(|| format!("cannot listen for HTTP on {}", args.http))?;
+        .with_context(|| format!("cannot listen for HTTP on {} (--http takes HOST:PORT)", args.http))?;
     let http_addr = listener.local_addr().context("reading the HTTP address")?;
     let options = SocketOptions::default();
     let encryption = curve.as_ref().map(|server| (server.key.public, server.allowed.len()));
+    check_endpoint("--bind", &args.bind)?;
     let router = match curve {
         Some(server) => Router::bind_curve(ctx, &args.bind, &options, server),
         None => Router::bind(ctx, &args.bind, &options),
     }
     .with_context(|| format!("cannot bind the ZeroMQ endpoint {}", args.bind))?;
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("creating the data directory {}", args.data.display()))?;
+    let store = SqliteStore::open(&args.data, StoreOptions::default())
+        .with_context(|| format!("opening the store in {}", args.data.display()))?;
     let endpoint = router.local_endpoint().to_string();
     let local = router.local_connector();
     match encryption {
@@ -294,6 +322,9 @@ fn worker_config(
     name: String,
 ) -> anyhow::Result<WorkerConfig> {
     let concurrency = args.concurrency.unwrap_or_else(cores);
+    if concurrency == 0 {
+        bail!("--concurrency must be at least 1: a worker with no slots never runs a job");
+    }
     let mut config = WorkerConfig::new(broker, file, name, u32::try_from(concurrency).unwrap_or(u32::MAX));
     config.topics = args.topics.clone();
     if let Some(idle) = &args.exit_when_idle {
@@ -310,6 +341,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         Ok(f) => Arc::new(f),
         Err(code) => return Ok(code),
     };
+    check_endpoint("--broker", &args.broker)?;
     let name = args.name.clone().unwrap_or_else(|| format!("{}-{}", worker::mesh::hostname(), std::process::id()));
     let mut config = worker_config(&args, file, args.broker.clone(), name)?;
     config.curve = client_curve(&args.curve, &args.broker)?;

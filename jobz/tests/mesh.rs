@@ -352,3 +352,50 @@ fn jobz_up_with_no_local_workers_runs_jobs_on_a_worker_that_connects() {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["worker"], "w1", "{job}");
 }
+
+/// Flags that name an address or a size the processes cannot use are refused
+/// at once, with what the flag takes, and before anything is created.
+#[test]
+fn bad_addresses_and_sizes_on_the_command_line_are_refused_before_anything_is_created() {
+    let mesh = Mesh::new(CHAIN);
+    let config = mesh.config.display().to_string();
+    let data = mesh.path().join("data");
+    let data_arg = data.display().to_string();
+    let http = format!("127.0.0.1:{}", mesh.http_port);
+    let endpoint = mesh.endpoint();
+    let limit = Duration::from_secs(20);
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["broker", "--config", &config, "--data", &data_arg, "--http", &http, "--bind", "garbage"],
+            "--bind: `garbage` is not a ZeroMQ endpoint; use tcp://HOST:PORT",
+        ),
+        (
+            &["up", "--config", &config, "--data", &data_arg, "--http", &http, "--bind", "tcp://127.0.0.1"],
+            "--bind: `tcp://127.0.0.1` is not a ZeroMQ endpoint",
+        ),
+        (
+            &["broker", "--config", &config, "--data", &data_arg, "--http", "garbage", "--bind", &endpoint],
+            "cannot listen for HTTP on garbage (--http takes HOST:PORT)",
+        ),
+        (&["worker", "--config", &config, "--broker", "garbage"], "--broker: `garbage` is not a ZeroMQ endpoint"),
+        (
+            &["worker", "--config", &config, "--broker", "tcp://host:x"],
+            "--broker: `tcp://host:x` is not a ZeroMQ endpoint",
+        ),
+        (
+            &["semaphore", "--config", &config, "--broker", "tcp://:6770"],
+            "--broker: `tcp://:6770` is not a ZeroMQ endpoint",
+        ),
+        (
+            &["worker", "--config", &config, "--broker", &endpoint, "--concurrency", "0"],
+            "--concurrency must be at least 1",
+        ),
+    ];
+    for (args, message) in cases {
+        let (code, _, err) = support::run_jobz(mesh.path(), args, &[], limit);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(message), "{args:?}: {err}");
+        assert!(!err.contains("plain text"), "no warning about a connection that is never made: {err}");
+        assert!(!data.exists(), "{args:?} created the data directory");
+    }
+}
