@@ -29,7 +29,7 @@ pub enum ParamProblem {
     Undeclared,
     #[error("required and not given")]
     Missing,
-    #[error("does not match the pattern {pattern:?}")]
+    #[error("does not match the pattern `{pattern}`")]
     PatternMismatch { pattern: String },
     #[error("must be one of {allowed:?}")]
     NotOneOf { allowed: Vec<String> },

@@ -168,4 +168,8 @@ fn all_problems_are_reported_at_once_sorted_by_name() {
 fn errors_name_the_param_and_the_reason() {
     let err = ParamError { param: "date".into(), problem: ParamProblem::ControlCharacter { index: 3, code: 1 } };
     assert_eq!(err.to_string(), r#"param "date": contains the control character U+0001 at byte 3"#);
+    // The pattern as the job file writes it, not escaped.
+    let err =
+        ParamError { param: "date".into(), problem: ParamProblem::PatternMismatch { pattern: r"^\d{4}$".into() } };
+    assert_eq!(err.to_string(), r#"param "date": does not match the pattern `^\d{4}$`"#);
 }
