@@ -245,6 +245,11 @@ async fn bad_start_requests_are_400_naming_the_field_and_store_nothing() {
     assert!(answer.error(StatusCode::BAD_REQUEST)["error"].as_str().unwrap().contains("colour"));
     let answer = send(server.addr, Method::POST, "/job_start", &[], Bytes::from_static(b"{not json")).await;
     answer.error(StatusCode::BAD_REQUEST);
+    for body in [&b"[]"[..], b" [\"hello\", {}, null, 0]", b"\"hello\"", b"42"] {
+        let answer = send(server.addr, Method::POST, "/job_start", &[], Bytes::copy_from_slice(body)).await;
+        let error = answer.error(StatusCode::BAD_REQUEST)["error"].as_str().unwrap_or_default().to_string();
+        assert!(error.contains("it must be a JSON object"), "{}: {error}", String::from_utf8_lossy(body));
+    }
     let answer =
         send(server.addr, Method::GET, "/job_start?job_name=hello", &[("idempotency-key", "")], Bytes::new()).await;
     assert_eq!(answer.error(StatusCode::BAD_REQUEST)["param"], "idempotency-key");

@@ -195,9 +195,16 @@ async fn start<A: Api>(
     }
     if method == Method::POST {
         let bytes = read_body(body, &headers, &shared.options).await?;
-        if !bytes.iter().all(u8::is_ascii_whitespace) {
+        if let Some(first) = bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            let example = r#"{"job_name": "NAME", "params": {"k": "v"}}"#;
+            // serde would take a struct from an array too, and then speak of its fields by position.
+            if *first != b'{' {
+                return Err(Reject::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body is not a start request: it must be a JSON object, like {example}"),
+                ));
+            }
             let body: StartBody = serde_json::from_slice(&bytes).map_err(|e| {
-                let example = r#"{"job_name": "NAME", "params": {"k": "v"}}"#;
                 Reject::new(
                     StatusCode::BAD_REQUEST,
                     format!("the body is not a start request: {e}; send JSON like {example}"),
