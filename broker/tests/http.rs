@@ -461,6 +461,11 @@ async fn progress_is_204_and_shows_in_the_job() {
     assert_eq!(bad.error(StatusCode::BAD_REQUEST)["param"], "percent");
     let bad = server.post(&format!("/jobs/{id}/progress"), json!({"message": "no percent"})).await;
     bad.error(StatusCode::BAD_REQUEST);
+    let bad = server.post(&format!("/jobs/{id}/progress"), json!([50, "by position"])).await;
+    let error = bad.error(StatusCode::BAD_REQUEST)["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("it must be a JSON object"), "{error}");
+    let job = server.get(&format!("/jobs/{id}")).await.json();
+    assert_eq!(job["progress"], json!({"percent": 42.0, "message": "copying"}), "unchanged");
     let long = "x".repeat(2000);
     let bad = server.post(&format!("/jobs/{id}/progress"), json!({"percent": 1, "message": long})).await;
     assert_eq!(bad.error(StatusCode::BAD_REQUEST)["param"], "message");

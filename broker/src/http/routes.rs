@@ -170,6 +170,19 @@ struct StartBody {
     priority: Option<i32>,
 }
 
+/// A request body read as `T`, which must be a JSON object (serde would
+/// also take a struct from an array, and then speak of its fields by
+/// position); a 400 naming `what` and showing `example` otherwise.
+fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str, example: &str) -> Result<T, Reject> {
+    let refuse = |why: String| {
+        Reject::new(StatusCode::BAD_REQUEST, format!("the body is not {what}: {why}; send JSON like {example}"))
+    };
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(refuse("it must be a JSON object".into()));
+    }
+    serde_json::from_slice(bytes).map_err(|e| refuse(e.to_string()))
+}
+
 /// `GET|POST /job_start?job_name=NAME&k=v…[&wait=D][&priority=N]`.
 async fn start<A: Api>(
     State(shared): AppState<A>,
@@ -195,21 +208,9 @@ async fn start<A: Api>(
     }
     if method == Method::POST {
         let bytes = read_body(body, &headers, &shared.options).await?;
-        if let Some(first) = bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-            let example = r#"{"job_name": "NAME", "params": {"k": "v"}}"#;
-            // serde would take a struct from an array too, and then speak of its fields by position.
-            if *first != b'{' {
-                return Err(Reject::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("the body is not a start request: it must be a JSON object, like {example}"),
-                ));
-            }
-            let body: StartBody = serde_json::from_slice(&bytes).map_err(|e| {
-                Reject::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("the body is not a start request: {e}; send JSON like {example}"),
-                )
-            })?;
+        if !bytes.iter().all(u8::is_ascii_whitespace) {
+            let body: StartBody =
+                json_object(&bytes, "a start request", r#"{"job_name": "NAME", "params": {"k": "v"}}"#)?;
             merge_once("job_name", &mut job_name, body.job_name)?;
             merge_once("priority", &mut priority, body.priority)?;
             let body_wait = body.wait.map(|w| parse_wait(&w, shared.options.wait_max)).transpose()?;
@@ -578,14 +579,7 @@ async fn progress<A: Api>(
 ) -> Result<StatusCode, Reject> {
     let id = path_id(path)?;
     let bytes = read_body(body, &headers, &shared.options).await?;
-    let report: ProgressReport = serde_json::from_slice(&bytes).map_err(|e| {
-        Reject::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "the body is not a progress report: {e}; send JSON like {{\"percent\": 42, \"message\": \"copying\"}}"
-            ),
-        )
-    })?;
+    let report: ProgressReport = json_object(&bytes, "a progress report", r#"{"percent": 42, "message": "copying"}"#)?;
     if !(0.0..=100.0).contains(&report.percent) {
         return Err(Reject::param("percent", format!("percent must be from 0 to 100, not {}", report.percent)));
     }
