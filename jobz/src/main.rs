@@ -38,10 +38,30 @@ fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("jobz: {err:#}");
+            eprintln!("jobz: {}", error_text(&err));
             ExitCode::from(cli::EXIT_ERROR)
         }
     }
+}
+
+/// `err` and its causes joined by ": ", as `{:#}` does, but without a cause
+/// that the error before it already ends with: errors that name their source
+/// in their own text (`cannot read F: No such file…`) would otherwise say it
+/// twice, or three times over a chain of them.
+fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut previous = String::new();
+    for cause in err.chain() {
+        let here = cause.to_string();
+        if previous.is_empty() || !previous.ends_with(&here) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&here);
+        }
+        previous = here;
+    }
+    text
 }
 
 /// Logs to stderr at `JOBZ_LOG`'s levels, or at `default`.
@@ -56,4 +76,45 @@ fn init_logging(default: &str) {
         .with_target(false)
         .with_ansi(ansi)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+    use anyhow::Context;
+
+    /// An error that names its source in its own text, as the libraries' errors do.
+    #[derive(Debug)]
+    struct ReadError {
+        path: String,
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for ReadError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot read {}: {}", self.path, self.source)
+        }
+    }
+
+    impl std::error::Error for ReadError {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_in_the_text_before_it_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory (os error 2)");
+        let err = Err::<(), _>(ReadError { path: "keys/x".into(), source: io }).context("--curve-key").unwrap_err();
+        assert_eq!(error_text(&err), "--curve-key: cannot read keys/x: No such file or directory (os error 2)");
+    }
+
+    #[test]
+    fn causes_not_in_the_text_before_them_are_all_said() {
+        let err = Err::<(), _>(anyhow::anyhow!("invalid socket address"))
+            .context("cannot listen for HTTP on garbage")
+            .context("starting the broker")
+            .unwrap_err();
+        assert_eq!(error_text(&err), "starting the broker: cannot listen for HTTP on garbage: invalid socket address");
+    }
 }
