@@ -134,7 +134,7 @@ pub(super) fn merge_queue_order(mut stored: Vec<JobRecord>, unflushed: Vec<JobRe
 mod tests {
     use super::*;
     use chrono::{DateTime, TimeZone, Utc};
-    use jobz_core::pipeline::Origin;
+    use jobz_core::pipeline::{NewJob, Origin};
     use jobz_core::Status;
 
     fn at(millis: i64) -> DateTime<Utc> {
@@ -142,31 +142,14 @@ mod tests {
     }
 
     fn job(id: &str, name: &str, created: i64, priority: i32) -> JobRecord {
-        JobRecord {
-            id: id.into(),
+        let new = NewJob {
             job_name: name.into(),
             params: Default::default(),
-            status: Status::Queued,
-            attempts: 0,
-            run_id: id.into(),
+            run_id: None,
             parent_id: None,
             origin: Origin::Start,
-            priority,
-            worker: None,
-            lease: None,
-            exit_code: None,
-            signal: None,
-            created_at: at(created),
-            queued_at: Some(at(created)),
-            started_at: None,
-            finished_at: None,
-            cancelled_at: None,
-            not_before: None,
-            output_tail: String::new(),
-            progress: None,
-            error: None,
-            unique_key: None,
-        }
+        };
+        JobRecord::queued(id.into(), &new, priority, at(created))
     }
 
     fn ids(jobs: &[JobRecord]) -> Vec<&str> {
