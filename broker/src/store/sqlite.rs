@@ -309,10 +309,6 @@ impl Store for SqliteStore {
                     values.push(Value::Text(run_id));
                     conditions.push(format!("run_id = ?{}", values.len()));
                 }
-                let limit = match filter.limit {
-                    0 => LIST_LIMIT_DEFAULT,
-                    limit => limit.min(LIST_LIMIT_MAX),
-                };
                 values.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
                 let filter_sql =
                     if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };

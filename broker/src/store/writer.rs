@@ -265,7 +265,7 @@ struct Applying {
 impl Applying {
     /// A job was inserted.
     fn entered(&mut self, job: &JobRecord) {
-        self.transitions.push(Transition { job_name: job.job_name.clone(), from: None, to: Some(job.status) });
+        self.transitions.push(entered(job));
     }
 
     /// A statement that `updated` (matched its row, or not) moved the job
@@ -677,10 +677,7 @@ impl Writer {
             gather.urgent = true;
             return self.commit_batch(batch, gather);
         };
-        let transitions: Vec<Transition> = deferred
-            .iter()
-            .map(|row| Transition { job_name: row.job.job_name.clone(), from: None, to: Some(row.job.status) })
-            .collect();
+        let transitions: Vec<Transition> = deferred.iter().map(|row| entered(&row.job)).collect();
         self.shared.counts.apply(&transitions);
         self.shared.unflushed.add(deferred.iter().map(|row| row.job.clone()));
         self.shared.changes.fetch_add(total as u64, Ordering::Relaxed);
@@ -720,13 +717,7 @@ impl Writer {
             let values = job_values(&row.job, &row.params_json);
             statement.execute(bound(&values)).map_err(StoreError::sqlite("insert a deferred start"))?;
         }
-        let seq = i64::try_from(self.deferred_seq)
-            .map_err(|_| StoreError::Internal("the start journal's number overflowed".into()))?;
-        self.conn
-            .prepare_cached("UPDATE journal_state SET seq = ?1 WHERE id = 1")
-            .and_then(|mut statement| statement.execute([seq]))
-            .map_err(StoreError::sqlite("record the start journal's number"))?;
-        Ok(())
+        record_journal_seq(&self.conn, self.deferred_seq)
     }
 
     /// The transaction that inserted the deferred rows committed: readers find them in SQLite now.
@@ -945,12 +936,7 @@ impl Writer {
             return Ok(None);
         }
         let seq = journal.next_seq();
-        let stored =
-            i64::try_from(seq).map_err(|_| StoreError::Internal("the start journal's number overflowed".into()))?;
-        self.conn
-            .prepare_cached("UPDATE journal_state SET seq = ?1 WHERE id = 1")
-            .and_then(|mut statement| statement.execute([stored]))
-            .map_err(StoreError::sqlite("record the start journal's number"))?;
+        record_journal_seq(&self.conn, seq)?;
         Ok(Some(seq))
     }
 
@@ -1718,6 +1704,22 @@ pub(super) const INSERT_JOB: &str = "INSERT INTO jobs (id, job_name, params, sta
 pub(super) const INSERT_IDEMPOTENCY_KEY: &str =
     "INSERT OR REPLACE INTO idempotency_keys (key, job_id, job_name, params, created_at)
      VALUES (?1, ?2, ?3, ?4, ?5)";
+
+/// Stores, inside the open transaction, the number of the last start-journal
+/// record whose rows SQLite now holds (see `store/journal.rs`).
+fn record_journal_seq(conn: &Connection, seq: u64) -> Result<(), StoreError> {
+    let stored =
+        i64::try_from(seq).map_err(|_| StoreError::Internal("the start journal's number overflowed".into()))?;
+    conn.prepare_cached("UPDATE journal_state SET seq = ?1 WHERE id = 1")
+        .and_then(|mut statement| statement.execute([stored]))
+        .map_err(StoreError::sqlite("record the start journal's number"))?;
+    Ok(())
+}
+
+/// The transition of `job` entering the store, for the counts.
+fn entered(job: &JobRecord) -> Transition {
+    Transition { job_name: job.job_name.clone(), from: None, to: Some(job.status) }
+}
 
 /// A plain start of a new job: queued, never run, with no unique key, not
 /// a gate's job. Such a row satisfies every rule of the schema but the
