@@ -169,13 +169,13 @@ async fn start_broker(
     let tls = front_door_tls(&args.tls)?;
     let tokens = Arc::new(Tokens::from_file(&file));
     // Both ports before the data directory: a bad --http or --bind creates nothing.
+    check_endpoint("--bind", &args.bind)?;
     let listener = tokio::net::TcpListener::bind(&args.http)
         .await
         .with_context(|| format!("cannot listen for HTTP on {} (--http takes HOST:PORT)", args.http))?;
     let http_addr = listener.local_addr().context("reading the HTTP address")?;
     let options = SocketOptions::default();
     let encryption = curve.as_ref().map(|server| (server.key.public, server.allowed.len()));
-    check_endpoint("--bind", &args.bind)?;
     let router = match curve {
         Some(server) => Router::bind_curve(ctx, &args.bind, &options, server),
         None => Router::bind(ctx, &args.bind, &options),
