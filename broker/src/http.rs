@@ -31,6 +31,7 @@ mod log_body;
 mod log_budget;
 pub mod memory;
 mod metrics;
+mod parse_errors;
 mod reject;
 mod routes;
 mod server;
@@ -54,9 +55,9 @@ pub struct HttpOptions {
     /// A request head must arrive within this long; also how long an idle
     /// keep-alive connection is kept.
     pub header_read_timeout: Duration,
-    /// The largest request head (request line and headers) in bytes; larger is a 431.
+    /// The largest request head (request line and headers) in bytes; larger is a 413 (hyper refuses it; `http/parse_errors.rs` answers it as JSON).
     pub header_bytes_max: usize,
-    /// The most header fields in one request; more is a 431.
+    /// The most header fields in one request; more is a 413 like an oversized head.
     pub headers_max: usize,
     /// The largest request body in bytes; larger is a 413.
     pub body_bytes_max: usize,

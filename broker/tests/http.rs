@@ -683,42 +683,82 @@ impl hyper::body::Body for Chunks {
     }
 }
 
-#[tokio::test]
-async fn a_head_over_the_limit_is_431_and_others_are_still_served() {
-    let server = Server::start().await;
-    // 20 KiB against the 16 KiB default: read whole, answered 431, closed.
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    let request = format!("GET /healthz HTTP/1.1\r\nhost: h\r\nx-big: {}\r\n\r\n", "a".repeat(20 * 1024));
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let received = read_until_closed(&mut stream).await.unwrap();
-    let head = String::from_utf8_lossy(&received);
-    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+/// The status and the JSON body of a whole answer read off a socket.
+fn json_answer(received: &[u8]) -> (u16, serde_json::Value) {
+    let text = String::from_utf8_lossy(received);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no whole head: {text}"));
+    let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or_else(|| panic!("{head}"));
+    assert!(head.contains("content-type: application/json"), "{head}");
+    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")))
+}
 
-    // Far over: hyper's buffer fills first; still refused (431 or the connection reset).
+#[tokio::test]
+async fn a_head_over_the_limit_is_a_json_413_and_others_are_still_served() {
+    let options = HttpOptions { header_bytes_max: 16 * 1024, ..HttpOptions::default() };
+    let server = Server::with(options).await;
+    // 20 KiB against 16 KiB, and far over (hyper's buffer fills first): both
+    // answered whole, as JSON, while the client is still writing the far one.
+    for size in [20 * 1024, 4 * 1024 * 1024] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let request = format!("GET /healthz HTTP/1.1\r\nhost: h\r\nx-big: {}\r\n\r\n", "a".repeat(size));
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let received = read_until_closed(&mut stream).await.unwrap();
+        let (status, body) = json_answer(&received);
+        assert_eq!(status, 413, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("16384 bytes"), "{body}");
+    }
+    // A query string over the limit too.
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    let request = format!("GET /healthz HTTP/1.1\r\nhost: h\r\nx-big: {}\r\n\r\n", "a".repeat(200 * 1024));
-    // The server may close while we are still writing; that is the refusal too.
-    let written = stream.write_all(request.as_bytes()).await;
-    match read_until_closed(&mut stream).await {
-        Ok(received) => assert!(
-            received.starts_with(b"HTTP/1.1 431") || (received.is_empty() && written.is_err()),
-            "{}",
-            String::from_utf8_lossy(&received)
-        ),
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    let request = format!("GET /job_start?job_name=hello&who={} HTTP/1.1\r\nhost: h\r\n\r\n", "a".repeat(100_000));
+    stream.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(json_answer(&read_until_closed(&mut stream).await.unwrap()).0, 413);
+    assert_eq!(server.get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(server.metrics.count(413), 3);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_headers_are_a_json_413() {
+    let server = Server::start().await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let headers: String = (0..100).map(|i| format!("x-h{i}: v\r\n")).collect();
+    stream.write_all(format!("GET /healthz HTTP/1.1\r\nhost: h\r\n{headers}\r\n").as_bytes()).await.unwrap();
+    let (status, body) = json_answer(&read_until_closed(&mut stream).await.unwrap());
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("64 header fields"), "{body}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_that_is_not_http_is_a_json_400_and_changes_nothing() {
+    let server = Server::start().await;
+    for garbage in [&b"GARBAGE\r\n\r\n"[..], b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n", b"\x00\x01\x02\r\n\r\n"]
+    {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream.write_all(garbage).await.unwrap();
+        let (status, body) = json_answer(&read_until_closed(&mut stream).await.unwrap());
+        assert_eq!(status, 400, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("not valid HTTP"), "{body}");
     }
     assert_eq!(server.get("/healthz").await.status, StatusCode::OK);
     server.stop().await;
 }
 
 #[tokio::test]
-async fn too_many_headers_are_431() {
+async fn a_client_that_writes_a_whole_oversized_body_before_reading_gets_the_413() {
     let server = Server::start().await;
+    // Declared far over the limit, so refused before any of it is read; the
+    // client writes all 8 MiB anyway and only then reads.
+    let body = vec![b'a'; 8 * 1024 * 1024];
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    let headers: String = (0..100).map(|i| format!("x-h{i}: v\r\n")).collect();
-    stream.write_all(format!("GET /healthz HTTP/1.1\r\nhost: h\r\n{headers}\r\n").as_bytes()).await.unwrap();
-    let received = read_until_closed(&mut stream).await.unwrap();
-    assert!(received.starts_with(b"HTTP/1.1 431"), "{}", String::from_utf8_lossy(&received));
+    let head = format!(
+        "POST /job_start HTTP/1.1\r\nhost: h\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.expect("the front door reads what it refused rather than resetting");
+    let (status, answer) = json_answer(&read_until_closed(&mut stream).await.unwrap());
+    assert_eq!(status, 413, "{answer}");
     server.stop().await;
 }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{get, json, wait_until, Mesh};
+use support::{get, json, post, wait_until, Mesh};
 
 const CHAIN: &str = r#"
 jobs:
@@ -100,6 +100,18 @@ fn bad_starts_get_clear_errors_and_store_nothing() {
     assert_eq!(code, 400, "{body}");
     let (code, _) = get(&mesh.url(), "/jobs/not-a-job");
     assert_eq!(code, 404);
+    // Too long: a value over 4 KiB names its param; a request head or body over the
+    // front door's limits is a JSON 413, also to a client that writes all of it first.
+    let (code, body) = get(&mesh.url(), &format!("/job_start?job_name=hello&who={}", "a".repeat(5000)));
+    assert_eq!(code, 400, "{body}");
+    assert!(json(&body)["params"]["who"].as_str().is_some_and(|why| why.contains("4096")), "{body}");
+    let (code, body) = get(&mesh.url(), &format!("/job_start?job_name=hello&who={}", "a".repeat(200_000)));
+    assert_eq!(code, 413, "{body}");
+    assert!(json(&body)["error"].as_str().is_some_and(|e| e.contains("request head")), "{body}");
+    let big = format!(r#"{{"job_name":"hello","params":{{"who":"{}"}}}}"#, "a".repeat(5 << 20));
+    let (code, body) = post(&mesh.url(), "/job_start", &big);
+    assert_eq!(code, 413, "{body}");
+    assert!(json(&body)["error"].is_string(), "{body}");
     let list = json(&get(&mesh.url(), "/jobs").1);
     assert_eq!(list["jobs"].as_array().map(Vec::len), Some(0), "nothing was stored: {list}");
 }

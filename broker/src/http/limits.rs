@@ -17,11 +17,14 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// clients cannot pin connections.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The largest request head (request line plus headers) in bytes; larger is
-/// answered `431 Request Header Fields Too Large` by hyper and the connection is closed.
-pub const HEADER_BYTES_MAX: usize = 16 * 1024;
+/// The largest request head (request line plus headers) in bytes; larger is a
+/// JSON `413` (hyper refuses it; `parse_errors.rs` words the answer) and the
+/// connection is closed. As large as a body may be, so that a start's params fit
+/// in a query as well as in a JSON body: a value may take 4 KiB, 12 KiB when
+/// percent-encoded.
+pub const HEADER_BYTES_MAX: usize = 64 * 1024;
 
-/// The most header fields in one request; more is answered 431 like an oversized head.
+/// The most header fields in one request; more is a 413 like an oversized head.
 pub const HEADERS_MAX: usize = 64;
 
 /// hyper refuses a read buffer smaller than this (it panics on less), so the

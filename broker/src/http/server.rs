@@ -12,7 +12,6 @@
 //! the peer and the reason, and closes only that connection.
 
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -29,6 +28,7 @@ use super::limits::{
     ACCEPT_ERROR_PAUSE, READ_BUFFER_BYTES_MIN, REFUSALS_LOGGED_PER_WINDOW, REFUSAL_LOG_WINDOW, SHUTDOWN_ABORT_WAIT,
 };
 use super::log_budget::LogBudget;
+use super::parse_errors::{self, Answers, JsonErrors};
 use super::routes::{self, Peer, Shared};
 use super::tls;
 use super::{HttpError, HttpOptions};
@@ -70,12 +70,14 @@ pub async fn serve<A: Api>(
         timeout: options.header_read_timeout,
         log: LogBudget::new(REFUSALS_LOGGED_PER_WINDOW, REFUSAL_LOG_WINDOW),
     });
+    let answers = Arc::new(Answers::new(&options));
     let scheme = if tls.is_some() { "https" } else { "http" };
     let tokens = if options.tokens.is_empty() { "no tokens" } else { "bearer tokens" };
     let router = routes::router(Arc::new(Shared { api, options, shutdown: stop.clone() }));
     let connections = Connections {
         builder: Arc::new(builder),
         router,
+        answers,
         tls: tls.map(Arc::new),
         stop: stop.clone(),
         abort: CancellationToken::new(),
@@ -103,9 +105,9 @@ pub async fn serve<A: Api>(
     result
 }
 
-/// hyper's read buffer: twice the head limit, so that a head somewhat over the limit is
-/// read whole and answered 431 cleanly; a larger one fills the buffer, is also answered
-/// 431, and the connection closes with the rest unread.
+/// hyper's read buffer: twice the head limit. A head over the limit is refused once the
+/// buffer holds more than the limit without the head's end; hyper's answer becomes a
+/// JSON 413 (`parse_errors.rs`), and the rest of the head is drained before the close.
 fn read_buffer_bytes(header_bytes_max: usize) -> usize {
     header_bytes_max.saturating_mul(2).max(READ_BUFFER_BYTES_MIN)
 }
@@ -141,6 +143,8 @@ struct Handshakes {
 struct Connections {
     builder: Arc<http1::Builder>,
     router: axum::Router,
+    /// The JSON answers that replace hyper's own to requests it cannot parse.
+    answers: Arc<Answers>,
     tls: Option<Arc<Handshakes>>,
     /// Cancelled when shutdown begins: finish the request in flight, then close.
     stop: CancellationToken,
@@ -200,6 +204,7 @@ async fn accept_loop(
 struct TaskParts {
     builder: Arc<http1::Builder>,
     router: axum::Router,
+    answers: Arc<Answers>,
     tls: Option<Arc<Handshakes>>,
     stop: CancellationToken,
     abort: CancellationToken,
@@ -210,6 +215,7 @@ impl Connections {
         TaskParts {
             builder: self.builder.clone(),
             router: self.router.clone(),
+            answers: self.answers.clone(),
             tls: self.tls.clone(),
             stop: self.stop.clone(),
             abort: self.abort.clone(),
@@ -227,14 +233,14 @@ async fn connection(stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphoreP
         tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
     }
     let Some(handshakes) = parts.tls.clone() else {
-        return serve_requests(TokioIo::new(stream), peer, parts).await;
+        return serve_requests(stream, peer, parts).await;
     };
     let handshake = tokio::select! {
         handshake = tokio::time::timeout(handshakes.timeout, tls::handshake(&handshakes.acceptor, stream)) => handshake,
         () = parts.stop.cancelled() => return,
     };
     let refusal = match handshake {
-        Ok(Ok(stream)) => return serve_requests(TokioIo::new(stream), peer, parts).await,
+        Ok(Ok(stream)) => return serve_requests(stream, peer, parts).await,
         Ok(Err(tls::Refusal::Closed)) => {
             // A TCP probe (a load balancer's health check, a port scan) looks like this; not worth a warning.
             tracing::debug!(%peer, "connection closed before or during the TLS handshake");
@@ -249,9 +255,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphoreP
 }
 
 /// Serves HTTP/1.1 requests on one connection (plain or TLS).
-async fn serve_requests<I>(io: I, peer: SocketAddr, parts: TaskParts)
+async fn serve_requests<S>(stream: S, peer: SocketAddr, parts: TaskParts)
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let router = parts.router;
     // Each request carries its peer's address, for the log lines of refused requests.
@@ -261,14 +267,15 @@ where
         // axum's Router is always ready, so `call` needs no `poll_ready` first.
         async move { tower_service::Service::call(&mut router, request).await }
     });
-    let mut conn = pin!(parts.builder.serve_connection(io, service));
+    let io = TokioIo::new(JsonErrors::new(stream, parts.answers));
+    let mut conn = parts.builder.serve_connection(io, service);
     let result = tokio::select! {
-        result = conn.as_mut() => result,
+        result = &mut conn => result,
         () = parts.stop.cancelled() => {
             // Finish the request in flight (if any), then close; an idle connection closes now.
-            conn.as_mut().graceful_shutdown();
+            std::pin::Pin::new(&mut conn).graceful_shutdown();
             tokio::select! {
-                result = conn.as_mut() => result,
+                result = &mut conn => result,
                 () = parts.abort.cancelled() => {
                     tracing::debug!(%peer, "HTTP connection dropped at the end of the shutdown grace");
                     return;
@@ -279,5 +286,12 @@ where
     if let Err(e) = result {
         // Slow or vanished clients end up here; they are the client's problem, not ours.
         tracing::debug!(%peer, error = %e, timeout = e.is_timeout(), "HTTP connection ended with an error");
+    }
+    // The client may still be sending: a refused head or body, unread.
+    let io = conn.into_parts().io.into_inner().into_inner();
+    tokio::select! {
+        () = parse_errors::linger(io) => {}
+        // At shutdown, nothing lingers.
+        () = parts.stop.cancelled() => {}
     }
 }

@@ -306,8 +306,8 @@ impl<C: Connect + Clone + Send + Sync + 'static> HttpClient<C> {
     }
 }
 
-/// The server's error, from its JSON body when there is one (hyper's own 431, or a
-/// proxy's HTML page, have none).
+/// The server's error, from its JSON body when there is one (a proxy's HTML page,
+/// or an older front door's 431, have none).
 fn refused(status: StatusCode, raw: &[u8]) -> Failure {
     let body = serde_json::from_slice::<ErrorBody>(raw).unwrap_or_else(|_| ErrorBody {
         error: format!("HTTP {status}"),
