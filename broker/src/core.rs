@@ -767,11 +767,12 @@ impl State {
             .collect();
         let mut copies = Vec::new();
         let mut changes = Vec::new();
+        // The copies are one attempt of the job, each on its own worker under its own lease.
+        let attempt = job.attempts + 1;
         for peer in peers {
             let Some(worker) = self.workers.get_mut(&peer) else { continue };
             self.next_lease += 1;
             let lease = self.next_lease;
-            let attempt = job.attempts + 1 + copies.len() as u32;
             let message = ToWorker::Dispatch(Dispatch {
                 job_id: job.id.clone(),
                 job_name: job.job_name.clone(),
@@ -810,7 +811,7 @@ impl State {
             return false;
         };
         let (lease, worker, peer) = (first.lease, first.worker.clone(), first.peer.clone());
-        job.attempts += copies.len() as u32;
+        job.attempts = attempt;
         self.shared.metrics.dispatched(&job.job_name, (now - job.queued_at).to_std().unwrap_or_default());
         if let Err(e) = self.shared.store.commit_later(changes) {
             tracing::warn!(error = %e, job = %job.id, "recording a broadcast failed; the job still runs");

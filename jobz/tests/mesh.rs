@@ -313,8 +313,11 @@ fn a_broadcast_job_runs_once_on_each_of_three_workers_with_one_result_each() {
     let workers: BTreeSet<String> = attempts.iter().filter_map(|a| a["worker"].as_str().map(String::from)).collect();
     assert_eq!(workers.len(), 3, "one copy per worker: {job}");
     assert!(attempts.iter().all(|a| a["status"] == "succeeded" && a["exit_code"] == 0), "one result each: {job}");
+    // The three copies are the job's first attempt, each under its own lease.
+    assert_eq!(job["attempts"], 1, "{job}");
+    assert!(attempts.iter().all(|a| a["attempt"] == 1), "{job}");
     let lines = std::fs::read_to_string(mesh.path().join("broadcast")).unwrap_or_default();
-    assert_eq!(lines.lines().count(), 3, "ran three times: {lines}");
+    assert_eq!(lines.lines().collect::<Vec<_>>(), ["attempt 1"; 3], "ran three times, each as attempt 1: {lines}");
 }
 
 #[test]
