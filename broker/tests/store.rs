@@ -16,7 +16,7 @@ use broker::model::{
 };
 use broker::store::{SqliteStore, Store, StoreError, StoreOptions, DB_FILE_NAME};
 use chrono::{DateTime, TimeDelta, Utc};
-use jobz_core::pipeline::{GateReason, Origin};
+use jobz_core::pipeline::{GateReason, NewJob, Origin};
 use jobz_core::Status;
 use rusqlite::ErrorCode;
 
@@ -30,31 +30,14 @@ fn at(seconds: i64) -> DateTime<Utc> {
 }
 
 fn queued(id: &str, job_name: &str, created: DateTime<Utc>) -> JobRecord {
-    JobRecord {
-        id: id.to_owned(),
+    let new = NewJob {
         job_name: job_name.to_owned(),
         params: BTreeMap::from([("date".to_owned(), "2024_01_31".to_owned())]),
-        status: Status::Queued,
-        attempts: 0,
-        run_id: id.to_owned(),
+        run_id: None,
         parent_id: None,
         origin: Origin::Start,
-        priority: 0,
-        worker: None,
-        lease: None,
-        exit_code: None,
-        signal: None,
-        created_at: created,
-        queued_at: Some(created),
-        started_at: None,
-        finished_at: None,
-        cancelled_at: None,
-        not_before: None,
-        output_tail: String::new(),
-        progress: None,
-        error: None,
-        unique_key: None,
-    }
+    };
+    JobRecord::queued(id.to_owned(), &new, 0, created)
 }
 
 fn open(dir: &Path) -> SqliteStore {
@@ -98,6 +81,15 @@ async fn queue_commits(
         .collect();
     wait_until("every commit is queued", || store.stats().queued == before + count).await;
     handles
+}
+
+/// Commits `batches` as concurrent callers queued behind a paused writer, so
+/// that the writer takes them up together; each caller's answer, in order.
+async fn commit_together(store: &SqliteStore, batches: Vec<Vec<Change>>) -> Vec<Result<(), StoreError>> {
+    let paused = store.pause_writes().await.expect("pause the writer");
+    let handles = queue_commits(store, batches).await;
+    drop(paused);
+    with_timeout(join_all(handles)).await
 }
 
 async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
@@ -515,11 +507,8 @@ fn rows_in_sqlite(dir: &Path, ids: &[String]) -> usize {
 async fn deferred_starts_are_read_at_once_and_reach_sqlite_soon_after() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    let paused = store.pause_writes().await.unwrap();
     let batches = (0..40).map(|i| vec![Change::Insert(queued(&format!("d{i:02}"), "import", at(i)))]).collect();
-    let handles = queue_commits(&store, batches).await;
-    drop(paused);
-    for result in with_timeout(join_all(handles)).await {
+    for result in commit_together(&store, batches).await {
         result.unwrap();
     }
     let ids: Vec<String> = (0..40).map(|i| format!("d{i:02}")).collect();
@@ -668,11 +657,8 @@ async fn concurrent_commits_share_one_transaction() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path(), transactional()).unwrap();
     let before = store.stats();
-    let paused = store.pause_writes().await.unwrap();
     let batches = (0..64).map(|i| vec![Change::Insert(queued(&format!("j{i}"), "import", at(i)))]).collect();
-    let handles = queue_commits(&store, batches).await;
-    drop(paused);
-    for result in with_timeout(join_all(handles)).await {
+    for result in commit_together(&store, batches).await {
         result.unwrap();
     }
     let after = store.stats();
@@ -707,11 +693,8 @@ async fn the_batch_limit_splits_transactions() {
     let dir = tempfile::tempdir().unwrap();
     let options = StoreOptions { batch_changes_max: 16, ..transactional() };
     let store = SqliteStore::open(dir.path(), options).unwrap();
-    let paused = store.pause_writes().await.unwrap();
     let batches = (0..64).map(|i| vec![Change::Insert(queued(&format!("j{i}"), "import", at(i)))]).collect();
-    let handles = queue_commits(&store, batches).await;
-    drop(paused);
-    for result in with_timeout(join_all(handles)).await {
+    for result in commit_together(&store, batches).await {
         result.unwrap();
     }
     assert_eq!(store.stats().commits, 4);
@@ -726,15 +709,12 @@ async fn a_storage_failure_rolls_back_the_whole_batch_and_the_store_recovers() {
     let store = SqliteStore::open(dir.path(), options).unwrap();
     store.commit(vec![Change::Insert(queued("before", "import", at(0)))]).await.unwrap();
 
-    let paused = store.pause_writes().await.unwrap();
     let mut huge = queued("huge", "import", at(3));
     huge.params.insert("blob".into(), "x".repeat(1024 * 1024));
     let mut batches: Vec<Vec<Change>> =
         (0..6).map(|i| vec![Change::Insert(queued(&format!("small{i}"), "import", at(i)))]).collect();
     batches.insert(3, vec![Change::Insert(huge)]);
-    let handles = queue_commits(&store, batches).await;
-    drop(paused);
-    let results = with_timeout(join_all(handles)).await;
+    let results = commit_together(&store, batches).await;
     assert_eq!(results.len(), 7);
     for result in results {
         let err = result.unwrap_err();
@@ -771,8 +751,7 @@ async fn a_commit_breaking_the_schema_fails_alone_and_whole_with(options: StoreO
     store.commit(vec![Change::Insert(queued("exists", "import", at(0)))]).await.unwrap();
     let before = store.stats();
 
-    let paused = store.pause_writes().await.unwrap();
-    let handles = queue_commits(
+    let results = commit_together(
         &store,
         vec![
             vec![Change::Insert(queued("x", "import", at(1)))],
@@ -789,8 +768,6 @@ async fn a_commit_breaking_the_schema_fails_alone_and_whole_with(options: StoreO
         ],
     )
     .await;
-    drop(paused);
-    let results = with_timeout(join_all(handles)).await;
     assert!(results[0].is_ok());
     for refused in &results[1..4] {
         let err = refused.as_ref().unwrap_err();
