@@ -13,7 +13,7 @@ use crate::model::{AttemptRecord, JobFilter, JobRecord};
 #[derive(Debug, Clone, Default)]
 pub struct StartRequest {
     pub job_name: String,
-    /// Raw params from the query string or JSON body, not yet checked.
+    /// Raw params from the query string and the JSON or form body, not yet checked.
     pub params: BTreeMap<String, String>,
     /// The `Idempotency-Key` header.
     pub idempotency_key: Option<String>,

@@ -221,6 +221,46 @@ async fn post_job_start_takes_a_json_body_and_stringifies_numbers_and_booleans()
 }
 
 #[tokio::test]
+async fn post_job_start_takes_a_form_body_as_curl_d_sends_it() {
+    let server = Server::start().await;
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let post_form = |path: &'static str, body: &'static str| {
+        send(server.addr, Method::POST, path, &form, Bytes::from_static(body.as_bytes()))
+    };
+    let answer = post_form("/job_start", "job_name=hello&who=x+y%21&n=3&priority=5").await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text());
+    let start = &server.api.starts()[0];
+    assert_eq!((start.job_name.as_str(), start.priority), ("hello", Some(5)));
+    assert_eq!((start.params["who"].as_str(), start.params["n"].as_str()), ("x y!", "3"));
+    assert_eq!(start.params.len(), 2, "job_name and priority are options, not params: {:?}", start.params);
+
+    // The query string and the form together; JSON sent as a form (`curl -d '{…}'`) is still JSON.
+    let answer = post_form("/job_start?job_name=hello", "who=q").await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text());
+    assert_eq!(server.api.starts()[1].params["who"], "q");
+    let answer = post_form("/job_start", r#"{"job_name": "hello", "params": {"who": "j"}}"#).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text());
+    assert_eq!(server.api.starts()[2].params["who"], "j");
+
+    // A key twice in the form, or in both the query string and the form, names it; nothing is stored.
+    for (path, body, param) in [
+        ("/job_start?job_name=hello", "who=a&who=b", "who"),
+        ("/job_start?job_name=hello&who=a", "who=b", "who"),
+        ("/job_start?job_name=hello", "job_name=hello", "job_name"),
+        ("/job_start?job_name=hello", "wait=soon", "wait"),
+    ] {
+        let error = post_form(path, body).await.error(StatusCode::BAD_REQUEST);
+        assert_eq!(error["param"], param, "{path} {body}: {error}");
+    }
+    // Not declared a form and not JSON: the refusal says what the body may be.
+    let answer = send(server.addr, Method::POST, "/job_start", &[], Bytes::from_static(b"who=a")).await;
+    let error = answer.error(StatusCode::BAD_REQUEST)["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("JSON") && error.contains("form"), "{error}");
+    assert_eq!(server.api.starts().len(), 3);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn bad_start_requests_are_400_naming_the_field_and_store_nothing() {
     let server = Server::start().await;
     let cases: [(&str, Option<Value>, &str); 8] = [

@@ -208,21 +208,30 @@ async fn start<A: Api>(
     }
     if method == Method::POST {
         let bytes = read_body(body, &headers, &shared.options).await?;
-        if !bytes.iter().all(u8::is_ascii_whitespace) {
-            let body: StartBody =
-                json_object(&bytes, "a start request", r#"{"job_name": "NAME", "params": {"k": "v"}}"#)?;
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first.is_some() && first != Some(&b'{') && is_form(&headers) {
+            // `curl -d job_name=NAME -d k=v`: the same pairs as the query string takes.
+            for (key, value) in unique_form_pairs(&bytes)? {
+                match key.as_str() {
+                    "job_name" => merge_once("job_name", &mut job_name, Some(value))?,
+                    "wait" => merge_once("wait", &mut wait, Some(parse_wait(&value, shared.options.wait_max)?))?,
+                    "priority" => merge_once("priority", &mut priority, Some(parse_priority(&value)?))?,
+                    _ => insert_body_param(&mut params, key, value)?,
+                }
+            }
+        } else if first.is_some() {
+            let body: StartBody = json_object(
+                &bytes,
+                "a start request",
+                r#"{"job_name": "NAME", "params": {"k": "v"}} (or a form: job_name=NAME&k=v)"#,
+            )?;
             merge_once("job_name", &mut job_name, body.job_name)?;
             merge_once("priority", &mut priority, body.priority)?;
             let body_wait = body.wait.map(|w| parse_wait(&w, shared.options.wait_max)).transpose()?;
             merge_once("wait", &mut wait, body_wait)?;
             for (key, value) in body.params {
                 let value = param_text(&key, value)?;
-                if params.insert(key.clone(), value).is_some() {
-                    return Err(Reject::param(
-                        &key,
-                        format!("param {key:?} is given in both the query string and the body"),
-                    ));
-                }
+                insert_body_param(&mut params, key, value)?;
             }
         }
     }
@@ -284,6 +293,38 @@ async fn wait_for<A: Api>(shared: &Shared<A>, id: &str, limit: Duration) -> Resu
         // Shutting down: answer now (504, still open) rather than be cut off after the grace.
         () = shared.shutdown.cancelled() => shared.call(shared.api.job(id)).await,
     }
+}
+
+/// Adds a param from the body; one the query string gave too is a 400.
+fn insert_body_param(params: &mut BTreeMap<String, String>, key: String, value: String) -> Result<(), Reject> {
+    if params.contains_key(&key) {
+        return Err(Reject::param(&key, format!("param {key:?} is given in both the query string and the body")));
+    }
+    params.insert(key, value);
+    Ok(())
+}
+
+/// Whether the body is declared a form (`Content-Type: application/x-www-form-urlencoded`,
+/// what `curl -d` sends).
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+}
+
+/// A form body's pairs, refusing a key given twice, as in the query string.
+fn unique_form_pairs(bytes: &[u8]) -> Result<Vec<(String, String)>, Reject> {
+    let pairs: Vec<(String, String)> =
+        form_urlencoded::parse(bytes).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    let mut seen = BTreeSet::new();
+    for (key, _) in &pairs {
+        if !seen.insert(key.as_str()) {
+            return Err(Reject::param(key, format!("{key:?} is given more than once in the body")));
+        }
+    }
+    Ok(pairs)
 }
 
 /// Sets a start option once; a second value from the body is a 400.
