@@ -238,6 +238,15 @@ pub(super) fn read_chain(bytes: &[u8]) -> Vec<(u64, &[u8])> {
     records
 }
 
+/// Makes what was written to the journal `file` (at `path`) durable.
+pub(super) fn sync_file(file: &File, path: &Path) -> Result<(), StoreError> {
+    file.sync_data().map_err(|error| StoreError::Io {
+        context: "sync the start journal",
+        path: path.to_path_buf(),
+        error: Arc::new(error),
+    })
+}
+
 /// The journal as the writer holds it.
 pub(super) struct Journal {
     file: Arc<File>,
@@ -344,6 +353,11 @@ impl Journal {
     /// The file, for the syncer.
     pub(super) fn file(&self) -> Arc<File> {
         self.file.clone()
+    }
+
+    /// Makes every record appended so far durable.
+    pub(super) fn sync(&self) -> Result<(), StoreError> {
+        sync_file(&self.file, &self.path)
     }
 
     pub(super) fn path(&self) -> &Path {

@@ -18,7 +18,9 @@
 //! callers only inserted jobs also wrote them to the start journal
 //! ([`super::journal`]), and its answers wait for a sync of that small file
 //! instead ([`Durability::Journal`]). A sync of the WAL records how far it
-//! covers the journal, so the journal can start over.
+//! covers the journal, so the journal can start over. (A batch of plain
+//! starts that skips the transaction altogether is synced by the writer
+//! itself, see `Writer::defer_batch`.)
 //!
 //! A failed sync answers the commits it covered with the error (HTTP 503):
 //! their changes are in the database but may not be on the disk, so nothing
@@ -154,11 +156,7 @@ impl SyncLoop {
 
     fn sync_journal(&self) -> Result<(), StoreError> {
         match &self.journal {
-            Some((file, path)) => file.sync_data().map_err(|error| StoreError::Io {
-                context: "sync the start journal",
-                path: path.clone(),
-                error: Arc::new(error),
-            }),
+            Some((file, path)) => super::journal::sync_file(file, path),
             // Nothing is answered through a journal the store does not have.
             None => Err(StoreError::Internal("a commit waits for a start journal the store does not have".into())),
         }

@@ -23,9 +23,9 @@
 //! applied while the one before it was on its way to the disk.
 //!
 //! Plain starts need no transaction before their answer: an urgent batch of
-//! them is appended to the start journal and answered after its sync, and
-//! their rows are inserted first thing in the next transaction
-//! ([`Writer::defer_batch`]).
+//! them is appended to the start journal, which the writer syncs itself
+//! before it answers them, and their rows are inserted first thing in the
+//! next transaction ([`Writer::defer_batch`]).
 //!
 //! Not every commit is waited on by a person. A request says how soon it must
 //! be committed ([`Urgency`]): a start over HTTP commits at once (`Now`), while
@@ -608,9 +608,9 @@ impl Writer {
     }
 
     /// Answers `first`, and the urgent plain starts queued behind it, through
-    /// the start journal alone: their rows are appended to it and the syncer
-    /// syncs it before they are answered, as for a journaled transaction, but
-    /// no SQLite transaction runs on the way. The rows join `deferred` (and
+    /// the start journal alone: their rows are appended to it and synced (by
+    /// this thread) before they are answered, and no SQLite transaction runs
+    /// on the way. The rows join `deferred` (and
     /// the readers' [`Unflushed`] set) and go into SQLite at the start of the
     /// writer's next transaction, or on their own when due ([`FLUSH_DELAY`]).
     ///
@@ -686,11 +686,23 @@ impl Writer {
         self.deferred_seq = seq;
         self.deferred_since.get_or_insert_with(Instant::now);
         let replies: Vec<_> = batch.into_iter().filter_map(|pending| pending.reply).collect();
-        self.after_commit_through(Durability::Journal, Ok(()), move |synced: Result<(), StoreError>| {
-            for reply in replies {
-                answer(Some(reply), synced.clone().map(|()| Vec::new()));
-            }
-        });
+        // The writer syncs the journal itself and answers: these callers wait
+        // for nothing else, and handing the sync to the syncer thread would put
+        // two thread wake-ups (there and back) on every start's round trip.
+        // Meanwhile the next batch gathers in the queue, and the syncer may sync
+        // the WAL for other commits at the same time.
+        let synced = self
+            .journal
+            .as_ref()
+            .map_or_else(|| Err(StoreError::Internal("deferred starts without a start journal".into())), Journal::sync);
+        self.shared.journal_syncs.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = &synced {
+            error!(error = %e, starts = replies.len(), "syncing the start journal failed; those starts are not acknowledged");
+        }
+        self.shared.last_sync_failed.store(synced.is_err(), Ordering::Relaxed);
+        for reply in replies {
+            answer(Some(reply), synced.clone().map(|()| Vec::new()));
+        }
     }
 
     /// Whether a job with this id has a row in SQLite.
