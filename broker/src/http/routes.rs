@@ -192,19 +192,10 @@ async fn start<A: Api>(
     uri: Uri,
     body: Body,
 ) -> Result<Response, Reject> {
-    let mut job_name = None;
-    let mut wait = None;
-    let mut priority = None;
-    let mut params = BTreeMap::new();
+    let wait_max = shared.options.wait_max;
+    let mut fields = StartFields::default();
     for (key, value) in unique_pairs(&uri)? {
-        match key.as_str() {
-            "job_name" => job_name = Some(value),
-            "wait" => wait = Some(parse_wait(&value, shared.options.wait_max)?),
-            "priority" => priority = Some(parse_priority(&value)?),
-            _ => {
-                params.insert(key, value);
-            }
-        }
+        fields.take_pair(key, value, wait_max)?;
     }
     if method == Method::POST {
         let bytes = read_body(body, &headers, &shared.options).await?;
@@ -212,12 +203,7 @@ async fn start<A: Api>(
         if first.is_some() && first != Some(&b'{') && is_form(&headers) {
             // `curl -d job_name=NAME -d k=v`: the same pairs as the query string takes.
             for (key, value) in unique_form_pairs(&bytes)? {
-                match key.as_str() {
-                    "job_name" => merge_once("job_name", &mut job_name, Some(value))?,
-                    "wait" => merge_once("wait", &mut wait, Some(parse_wait(&value, shared.options.wait_max)?))?,
-                    "priority" => merge_once("priority", &mut priority, Some(parse_priority(&value)?))?,
-                    _ => insert_body_param(&mut params, key, value)?,
-                }
+                fields.take_pair(key, value, wait_max)?;
             }
         } else if first.is_some() {
             let body: StartBody = json_object(
@@ -225,16 +211,17 @@ async fn start<A: Api>(
                 "a start request",
                 r#"{"job_name": "NAME", "params": {"k": "v"}} (or a form: job_name=NAME&k=v)"#,
             )?;
-            merge_once("job_name", &mut job_name, body.job_name)?;
-            merge_once("priority", &mut priority, body.priority)?;
-            let body_wait = body.wait.map(|w| parse_wait(&w, shared.options.wait_max)).transpose()?;
-            merge_once("wait", &mut wait, body_wait)?;
+            merge_once("job_name", &mut fields.job_name, body.job_name)?;
+            merge_once("priority", &mut fields.priority, body.priority)?;
+            let body_wait = body.wait.map(|w| parse_wait(&w, wait_max)).transpose()?;
+            merge_once("wait", &mut fields.wait, body_wait)?;
             for (key, value) in body.params {
                 let value = param_text(&key, value)?;
-                insert_body_param(&mut params, key, value)?;
+                insert_body_param(&mut fields.params, key, value)?;
             }
         }
     }
+    let StartFields { job_name, wait, priority, params } = fields;
     let job_name = job_name
         .filter(|name| !name.is_empty())
         .ok_or_else(|| Reject::param("job_name", "job_name is required: /job_start?job_name=NAME&k=v"))?;
@@ -295,6 +282,29 @@ async fn wait_for<A: Api>(shared: &Shared<A>, id: &str, limit: Duration) -> Resu
     }
 }
 
+/// What a start asks for, from its query string and its body.
+#[derive(Debug, Default)]
+struct StartFields {
+    job_name: Option<String>,
+    wait: Option<Duration>,
+    priority: Option<i32>,
+    params: BTreeMap<String, String>,
+}
+
+impl StartFields {
+    /// One `key=value` of the query string or of a form body: a start option
+    /// (`job_name`, `wait`, `priority`) or a param. Read from the body, a key
+    /// the query string gave too is a 400.
+    fn take_pair(&mut self, key: String, value: String, wait_max: Duration) -> Result<(), Reject> {
+        match key.as_str() {
+            "job_name" => merge_once("job_name", &mut self.job_name, Some(value)),
+            "wait" => merge_once("wait", &mut self.wait, Some(parse_wait(&value, wait_max)?)),
+            "priority" => merge_once("priority", &mut self.priority, Some(parse_priority(&value)?)),
+            _ => insert_body_param(&mut self.params, key, value),
+        }
+    }
+}
+
 /// Adds a param from the body; one the query string gave too is a 400.
 fn insert_body_param(params: &mut BTreeMap<String, String>, key: String, value: String) -> Result<(), Reject> {
     if params.contains_key(&key) {
@@ -316,15 +326,8 @@ fn is_form(headers: &HeaderMap) -> bool {
 
 /// A form body's pairs, refusing a key given twice, as in the query string.
 fn unique_form_pairs(bytes: &[u8]) -> Result<Vec<(String, String)>, Reject> {
-    let pairs: Vec<(String, String)> =
-        form_urlencoded::parse(bytes).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
-    let mut seen = BTreeSet::new();
-    for (key, _) in &pairs {
-        if !seen.insert(key.as_str()) {
-            return Err(Reject::param(key, format!("{key:?} is given more than once in the body")));
-        }
-    }
-    Ok(pairs)
+    let pairs = form_urlencoded::parse(bytes).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    given_once(pairs, "in the body")
 }
 
 /// Sets a start option once; a second value from the body is a 400.
@@ -396,15 +399,20 @@ fn id_header(headers: &HeaderMap, name: &HeaderName) -> Result<Option<String>, R
     Ok(Some(text.to_owned()))
 }
 
-/// The query string's pairs, refusing a key given twice: which one would win is a guess.
+/// The query string's pairs, refusing a key given twice.
 fn unique_pairs(uri: &Uri) -> Result<Vec<(String, String)>, Reject> {
     let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri).map_err(|e| {
         Reject::new(StatusCode::BAD_REQUEST, format!("the query string is malformed: {}", e.body_text()))
     })?;
+    given_once(pairs, "in the query string")
+}
+
+/// `pairs`, unless a key is given twice (`place` says where): which one would win is a guess.
+fn given_once(pairs: Vec<(String, String)>, place: &str) -> Result<Vec<(String, String)>, Reject> {
     let mut seen = BTreeSet::new();
     for (key, _) in &pairs {
         if !seen.insert(key.as_str()) {
-            return Err(Reject::param(key, format!("{key:?} is given more than once in the query string")));
+            return Err(Reject::param(key, format!("{key:?} is given more than once {place}")));
         }
     }
     Ok(pairs)
