@@ -75,11 +75,21 @@ pub(crate) enum Side {
     Connect,
 }
 
+impl Side {
+    /// The flag that gives an endpoint for this side.
+    fn flag(self) -> &'static str {
+        match self {
+            Side::Bind => "--bind",
+            Side::Connect => "--broker",
+        }
+    }
+}
+
 /// Refuses an endpoint ZeroMQ could not use, before anything is opened, with
 /// what the flag takes: `tcp://HOST:PORT`, `ipc://PATH` or `inproc://NAME`.
 /// (ZeroMQ itself says only "Invalid argument".) An endpoint to bind may also
 /// use `*` or 0 for the port (any free one); one to connect to needs a real port.
-pub(crate) fn check_endpoint(flag: &str, endpoint: &str, side: Side) -> anyhow::Result<()> {
+pub(crate) fn check_endpoint(endpoint: &str, side: Side) -> anyhow::Result<()> {
     let binding = side == Side::Bind;
     let ok = if let Some(address) = endpoint.strip_prefix("tcp://") {
         match address.rsplit_once(':') {
@@ -96,7 +106,7 @@ pub(crate) fn check_endpoint(flag: &str, endpoint: &str, side: Side) -> anyhow::
         false
     };
     if !ok {
-        bail!("{flag}: `{endpoint}` is not a ZeroMQ endpoint; use tcp://HOST:PORT (or ipc://PATH)");
+        bail!("{}: `{endpoint}` is not a ZeroMQ endpoint; use tcp://HOST:PORT (or ipc://PATH)", side.flag());
     }
     Ok(())
 }
@@ -178,7 +188,7 @@ async fn start_broker(
     let tls = front_door_tls(&args.tls)?;
     let tokens = Arc::new(Tokens::from_file(&file));
     // Both ports before the data directory: a bad --http or --bind creates nothing.
-    check_endpoint("--bind", &args.bind, Side::Bind)?;
+    check_endpoint(&args.bind, Side::Bind)?;
     let listener = tokio::net::TcpListener::bind(&args.http)
         .await
         .with_context(|| format!("cannot listen for HTTP on {} (--http takes HOST:PORT)", args.http))?;
@@ -350,7 +360,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         Ok(f) => Arc::new(f),
         Err(code) => return Ok(code),
     };
-    check_endpoint("--broker", &args.broker, Side::Connect)?;
+    check_endpoint(&args.broker, Side::Connect)?;
     let name = args.name.clone().unwrap_or_else(|| format!("{}-{}", worker::mesh::hostname(), std::process::id()));
     let mut config = worker_config(&args, file, args.broker.clone(), name)?;
     config.curve = client_curve(&args.curve, &args.broker)?;
@@ -449,18 +459,18 @@ mod tests {
     #[test]
     fn endpoints_are_checked_for_their_side() {
         for good in ["tcp://127.0.0.1:6770", "tcp://broker.example:6770", "ipc:///run/jobz.sock", "inproc://mesh"] {
-            assert!(check_endpoint("--broker", good, Side::Connect).is_ok(), "{good}");
-            assert!(check_endpoint("--bind", good, Side::Bind).is_ok(), "{good}");
+            assert!(check_endpoint(good, Side::Connect).is_ok(), "{good}");
+            assert!(check_endpoint(good, Side::Bind).is_ok(), "{good}");
         }
         // Any port is for binding only.
         for any in ["tcp://*:*", "tcp://127.0.0.1:0", "tcp://0.0.0.0:*"] {
-            assert!(check_endpoint("--bind", any, Side::Bind).is_ok(), "{any}");
-            assert!(check_endpoint("--broker", any, Side::Connect).is_err(), "{any}");
+            assert!(check_endpoint(any, Side::Bind).is_ok(), "{any}");
+            assert!(check_endpoint(any, Side::Connect).is_err(), "{any}");
         }
         for bad in ["garbage", "127.0.0.1:6770", "tcp://", "tcp://host", "tcp://:6770", "tcp://h:99999", "ipc://"] {
-            let error = check_endpoint("--broker", bad, Side::Connect).expect_err(bad).to_string();
+            let error = check_endpoint(bad, Side::Connect).expect_err(bad).to_string();
             assert!(error.starts_with(&format!("--broker: `{bad}`")), "{error}");
-            assert!(check_endpoint("--bind", bad, Side::Bind).is_err(), "{bad}");
+            assert!(check_endpoint(bad, Side::Bind).is_err(), "{bad}");
         }
     }
 }

@@ -22,7 +22,7 @@ pub fn semaphore(broker: String, config: ConfigArg, curve: ClientCurveArgs) -> a
         Ok(f) => Arc::new(f),
         Err(code) => return Ok(code),
     };
-    crate::mesh_cmd::check_endpoint("--broker", &broker, crate::mesh_cmd::Side::Connect)?;
+    crate::mesh_cmd::check_endpoint(&broker, crate::mesh_cmd::Side::Connect)?;
     let curve = crate::mesh_cmd::client_curve(&curve, &broker)?;
     let config = SemaphoreConfig { broker, file, name: default_name(), curve, local: None };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
