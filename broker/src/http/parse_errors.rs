@@ -78,7 +78,7 @@ impl Answers {
 }
 
 /// A whole answer: head and JSON body, closing the connection.
-fn answer(status: StatusCode, error: &str) -> Vec<u8> {
+pub(super) fn answer(status: StatusCode, error: &str) -> Vec<u8> {
     let body = serde_json::json!({ "error": error }).to_string();
     let reason = status.canonical_reason().unwrap_or("");
     format!(

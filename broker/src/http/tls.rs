@@ -14,6 +14,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use axum::http::StatusCode;
 use rustls::{CertificateError, RootCertStore, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,6 +22,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::limits::PLAIN_REQUEST_BYTES_MAX;
+use super::parse_errors::{answer, linger};
 
 /// The PEM files of an HTTPS front door.
 #[derive(Debug, Clone)]
@@ -157,8 +159,8 @@ pub fn tls_reason(error: &rustls::Error) -> String {
     }
 }
 
-/// The answer to a plain HTTP request on the HTTPS port, so that `curl http://` says what is wrong.
-const PLAIN_HTTP_ANSWER: &str = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 72\r\n\r\n{\"error\":\"this jobz front door speaks HTTPS only: use an https:// URL\"}\n";
+/// The reason given to a plain HTTP request on the HTTPS port, so that `curl http://` says what is wrong.
+const PLAIN_HTTP_ERROR: &str = "this jobz front door speaks HTTPS only: use an https:// URL";
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -186,28 +188,14 @@ pub async fn handshake(acceptor: &TlsAcceptor, mut stream: TcpStream) -> Result<
     })
 }
 
-/// Reads what the plain client sent (up to a bound, so that closing does not reset the
-/// connection under its feet), answers the 400 and closes. Failures only mean the client left.
+/// Reads what the plain client sent, answers the 400 and closes, lingering so
+/// that closing does not reset the connection under the answer. Failures only
+/// mean the client left.
 async fn answer_plain(stream: &mut TcpStream) {
     let mut request = vec![0u8; PLAIN_REQUEST_BYTES_MAX];
     // What was read is thrown away; an error means the client is gone, and the write below fails too.
     let _ = stream.read(&mut request).await;
-    if stream.write_all(PLAIN_HTTP_ANSWER.as_bytes()).await.is_ok() {
-        // Half-close, then wait for the client's own close (bounded by the caller's deadline).
-        let _ = stream.shutdown().await;
-        while matches!(stream.read(&mut request).await, Ok(n) if n > 0) {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_plain_http_answer_has_the_length_it_says() {
-        let (head, body) = PLAIN_HTTP_ANSWER.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(&format!("content-length: {}", body.len())), "{} bytes: {body:?}", body.len());
-        let json: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert!(json["error"].as_str().unwrap().contains("https://"));
+    if stream.write_all(&answer(StatusCode::BAD_REQUEST, PLAIN_HTTP_ERROR)).await.is_ok() {
+        linger(stream).await;
     }
 }
