@@ -123,7 +123,7 @@ impl SyncLoop {
             if !journal.is_empty() {
                 let synced = self.sync_journal();
                 self.shared.journal_syncs.fetch_add(1, Ordering::Relaxed);
-                self.answer(journal, synced);
+                self.answer(journal, synced, "the start journal");
             }
             if !wal.is_empty() {
                 // Every journaled transaction committed by now is in the WAL this sync makes durable.
@@ -133,7 +133,7 @@ impl SyncLoop {
                 if synced.is_ok() {
                     self.shared.journal_covered.fetch_max(committed, Ordering::AcqRel);
                 }
-                self.answer(wal, synced);
+                self.answer(wal, synced, "the store's WAL");
             }
             self.shared.syncing.store(false, Ordering::Release);
             // The writer may be holding an urgent commit for this sync to end.
@@ -144,11 +144,8 @@ impl SyncLoop {
     }
 
     /// Releases `batch`'s answers with the outcome of the sync that covered them.
-    fn answer(&self, batch: Vec<(Durability, Answers)>, synced: Result<(), StoreError>) {
-        self.shared.last_sync_failed.store(synced.is_err(), Ordering::Relaxed);
-        if let Err(e) = &synced {
-            error!(error = %e, commits = batch.len(), "syncing the store failed; those commits are not acknowledged");
-        }
+    fn answer(&self, batch: Vec<(Durability, Answers)>, synced: Result<(), StoreError>, what: &str) {
+        self.shared.record_sync(&synced, what, batch.len());
         for (_, answers) in batch {
             answers(synced.clone());
         }

@@ -114,7 +114,7 @@ pub(super) struct Shared {
     pub(super) commits: AtomicU64,
     /// WAL syncs done by the syncer thread; each covers one or more commits.
     pub(super) syncs: AtomicU64,
-    /// Start-journal syncs done by the syncer thread.
+    /// Start-journal syncs, done by the writer for plain starts and by the syncer for journaled transactions.
     pub(super) journal_syncs: AtomicU64,
     /// The start-journal number of the last committed transaction that had one.
     pub(super) journal_committed: AtomicU64,
@@ -131,7 +131,7 @@ pub(super) struct Shared {
     pub(super) requests: AtomicU64,
     pub(super) writer_running: AtomicBool,
     pub(super) last_batch_failed: AtomicBool,
-    /// Set by the syncer when a sync failed, cleared by the next that succeeds.
+    /// Set when a sync failed (of the WAL or the start journal), cleared by the next that succeeds.
     pub(super) last_sync_failed: AtomicBool,
     /// Jobs by name and status, as committed.
     pub(super) counts: Counts,
@@ -160,6 +160,15 @@ impl Shared {
             largest_batch: self.largest_batch.load(Ordering::Relaxed),
             queued: self.queued.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records the outcome of a sync of `what` on which `waiting` callers wait:
+    /// a failure is logged, and none of them is acknowledged.
+    pub(super) fn record_sync(&self, synced: &Result<(), StoreError>, what: &str, waiting: usize) {
+        self.last_sync_failed.store(synced.is_err(), Ordering::Relaxed);
+        if let Err(e) = synced {
+            error!(error = %e, waiting, "syncing {what} failed; what waits for it is not acknowledged");
         }
     }
 }
@@ -696,10 +705,7 @@ impl Writer {
             .as_ref()
             .map_or_else(|| Err(StoreError::Internal("deferred starts without a start journal".into())), Journal::sync);
         self.shared.journal_syncs.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = &synced {
-            error!(error = %e, starts = replies.len(), "syncing the start journal failed; those starts are not acknowledged");
-        }
-        self.shared.last_sync_failed.store(synced.is_err(), Ordering::Relaxed);
+        self.shared.record_sync(&synced, "the start journal", replies.len());
         for reply in replies {
             answer(Some(reply), synced.clone().map(|()| Vec::new()));
         }
