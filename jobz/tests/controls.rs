@@ -114,6 +114,34 @@ fn wait_all_gone(mesh: &Mesh, pids: &[i32], what: &str) {
     }
 }
 
+/// Cancels `id` over HTTP and returns the answer, which says it is cancelled.
+fn cancel_over_http(mesh: &Mesh, id: &str) -> serde_json::Value {
+    let (code, body) = post(&mesh.url(), &format!("/jobs/{id}/cancel"), "");
+    assert_eq!(code, 200, "{body}");
+    let answer = json(&body);
+    assert_eq!(answer["status"], "cancelled", "{body}");
+    answer
+}
+
+/// Resumes the paused `worker` of the cancelled job `id`, whose processes
+/// `pids` still run: it kills them all, and the job stays cancelled after its one attempt.
+fn resume_and_see_it_killed(mesh: &Mesh, worker: &support::Proc, id: &str, pids: &[i32], what: &str) {
+    assert!(pids.iter().all(|p| alive(*p)), "{what}: nobody has killed the job yet");
+    worker.signal(libc::SIGCONT);
+    wait_all_gone(mesh, pids, what);
+    let job = mesh.job(id);
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
+}
+
+/// The worker `w1` still serves: a job started now succeeds on it.
+fn w1_still_serves(mesh: &Mesh) {
+    let after = id_of(&mesh.start("job_name=a"));
+    let done = mesh.wait_final(&after, Duration::from_secs(30));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["worker"], "w1", "{done}");
+}
+
 #[test]
 fn a_flaky_job_succeeds_on_its_third_attempt_after_a_backoff_that_grows() {
     let mesh = mesh();
@@ -198,11 +226,8 @@ fn cancelling_a_running_job_kills_its_whole_process_tree_over_http_and_from_the_
 
     let id = id_of(&mesh.start("job_name=spawner&tag=h"));
     let pids = wait_pids(&mesh, "h", 4);
-    let (code, body) = post(&mesh.url(), &format!("/jobs/{id}/cancel"), "");
-    assert_eq!(code, 200, "{body}");
-    let answer = json(&body);
-    assert_eq!(answer["status"], "cancelled", "{body}");
-    assert!(answer["cancelled_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
+    let answer = cancel_over_http(&mesh, &id);
+    assert!(answer["cancelled_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{answer}");
     wait_all_gone(&mesh, &pids, "cancel over HTTP");
     let job = mesh.job(&id);
     assert_eq!(job["status"], "cancelled", "{job}");
@@ -239,9 +264,7 @@ fn a_cancelled_queued_job_is_never_dispatched_when_a_worker_arrives() {
     let mesh = mesh();
     let _broker = mesh.broker(&[]);
     let id = id_of(&mesh.start("job_name=hold&tag=q"));
-    let (code, body) = post(&mesh.url(), &format!("/jobs/{id}/cancel"), "");
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(json(&body)["status"], "cancelled", "{body}");
+    cancel_over_http(&mesh, &id);
     let _worker = mesh.worker("w1", 2);
     mesh.wait_workers(1);
     // A job started after the cancelled one runs: the worker takes what is queued.
@@ -305,17 +328,10 @@ fn a_cancel_sent_while_the_worker_is_paused_kills_the_job_when_the_worker_resume
     let id = id_of(&mesh.start("job_name=spawner&tag=p"));
     let pids = wait_pids(&mesh, "p", 4);
     worker.signal(libc::SIGSTOP);
-    let (code, body) = post(&mesh.url(), &format!("/jobs/{id}/cancel"), "");
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(json(&body)["status"], "cancelled", "{body}");
+    cancel_over_http(&mesh, &id);
     // Paused past the worker's own broker timeout (3 heartbeats), well within the lease.
     std::thread::sleep(Duration::from_secs(4));
-    assert!(pids.iter().all(|p| alive(*p)), "the paused worker has not killed anything yet");
-    worker.signal(libc::SIGCONT);
-    wait_all_gone(&mesh, &pids, "cancel delivered after SIGCONT");
-    let job = mesh.job(&id);
-    assert_eq!(job["status"], "cancelled", "{job}");
-    assert_eq!(job["attempts"], 1, "{job}");
+    resume_and_see_it_killed(&mesh, &worker, &id, &pids, "cancel delivered after SIGCONT");
 }
 
 #[test]
@@ -332,20 +348,9 @@ fn a_worker_that_reconnects_to_a_restarted_broker_holding_a_cancelled_lease_kill
     worker.signal(libc::SIGSTOP);
     broker.kill9();
     let _broker = mesh.broker(&["--lease-timeout", "10s"]);
-    let (code, body) = post(&mesh.url(), &format!("/jobs/{id}/cancel"), "");
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(json(&body)["status"], "cancelled", "{body}");
-    assert!(pids.iter().all(|p| alive(*p)), "nobody has killed the job yet");
-    worker.signal(libc::SIGCONT);
-    wait_all_gone(&mesh, &pids, "cancel of a lease held across a broker restart");
-    let job = mesh.job(&id);
-    assert_eq!(job["status"], "cancelled", "{job}");
-    assert_eq!(job["attempts"], 1, "{job}");
-    // The worker stays usable.
-    let after = id_of(&mesh.start("job_name=a"));
-    let done = mesh.wait_final(&after, Duration::from_secs(30));
-    assert_eq!(done["status"], "succeeded", "{done}");
-    assert_eq!(done["worker"], "w1", "{done}");
+    cancel_over_http(&mesh, &id);
+    resume_and_see_it_killed(&mesh, &worker, &id, &pids, "cancel of a lease held across a broker restart");
+    w1_still_serves(&mesh);
 }
 
 #[test]
@@ -361,19 +366,9 @@ fn a_worker_paused_past_its_lease_kills_its_cancelled_job_when_it_comes_back() {
     worker.signal(libc::SIGSTOP);
     // Silent past its lease: the broker drops the worker and queues its job again; no other worker takes it.
     wait_until(Duration::from_secs(30), "the job to be queued again", || mesh.job(&id)["status"] == "queued");
-    let (code, body) = post(&mesh.url(), &format!("/jobs/{id}/cancel"), "");
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(json(&body)["status"], "cancelled", "{body}");
-    assert!(pids.iter().all(|p| alive(*p)), "nobody has killed the job yet");
-    worker.signal(libc::SIGCONT);
-    wait_all_gone(&mesh, &pids, "cancel of a lease the broker had taken back");
-    let job = mesh.job(&id);
-    assert_eq!(job["status"], "cancelled", "{job}");
-    assert_eq!(job["attempts"], 1, "{job}");
-    let after = id_of(&mesh.start("job_name=a"));
-    let done = mesh.wait_final(&after, Duration::from_secs(30));
-    assert_eq!(done["status"], "succeeded", "{done}");
-    assert_eq!(done["worker"], "w1", "{done}");
+    cancel_over_http(&mesh, &id);
+    resume_and_see_it_killed(&mesh, &worker, &id, &pids, "cancel of a lease the broker had taken back");
+    w1_still_serves(&mesh);
 }
 
 #[test]
