@@ -414,3 +414,29 @@ fn bad_addresses_and_sizes_on_the_command_line_are_refused_before_anything_is_cr
         assert!(!data.exists(), "{args:?} created the data directory");
     }
 }
+
+/// A second broker on a data directory that a running broker holds says that
+/// it waits for it, gives up with a clear error, and leaves the first one
+/// serving with its jobs intact.
+#[test]
+fn a_second_broker_on_a_data_directory_in_use_says_so_and_leaves_the_first_serving() {
+    let mesh = Mesh::new(CHAIN);
+    let _broker = mesh.broker(&[]);
+    let _worker = mesh.worker("w1", 1);
+    mesh.wait_workers(1);
+    let before = mesh.start("job_name=hello&who=first")["id"].as_str().unwrap_or_default().to_string();
+    let config = mesh.config.display().to_string();
+    let data = mesh.path().join("data").display().to_string();
+    let http = format!("127.0.0.1:{}", support::free_port());
+    let endpoint = format!("tcp://127.0.0.1:{}", support::free_port());
+    let args = ["broker", "--config", &config, "--data", &data, "--http", &http, "--bind", &endpoint];
+    let (code, _, err) = support::run_jobz(mesh.path(), &args, &[("JOBZ_LOG", "info")], Duration::from_secs(30));
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("in use by another jobz broker; waiting for it to stop"), "{err}");
+    assert!(err.contains("is in use by another jobz broker; stop it first"), "{err}");
+    let done = mesh.wait_final(&before, Duration::from_secs(30));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let after = mesh.start("job_name=hello&who=second")["id"].as_str().unwrap_or_default().to_string();
+    let done = mesh.wait_final(&after, Duration::from_secs(30));
+    assert_eq!(done["status"], "succeeded", "{done}");
+}

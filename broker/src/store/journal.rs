@@ -422,10 +422,20 @@ impl Journal {
 /// Takes the exclusive lock on `dir`'s journal, waiting up to `wait` for another holder to let go.
 fn lock(file: &File, dir: &Path, wait: std::time::Duration) -> Result<(), StoreError> {
     let deadline = std::time::Instant::now() + wait;
+    let mut said = false;
     loop {
         match file.try_lock() {
             Ok(()) => return Ok(()),
             Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                if !said {
+                    // Otherwise a second broker on the directory would say nothing until it gives up.
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        wait = ?wait,
+                        "the data directory is in use by another jobz broker; waiting for it to stop"
+                    );
+                    said = true;
+                }
                 std::thread::sleep(LOCK_RETRY)
             }
             Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InUse { path: dir.to_owned() }),
