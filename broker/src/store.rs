@@ -317,6 +317,9 @@ pub struct StoreStats {
     pub syncs: u64,
     /// Syncs of the start journal; each makes the starts of one or more commits durable.
     pub journal_syncs: u64,
+    /// Starts answered through the start journal while their writer was
+    /// putting earlier ones into SQLite (between chunks of that transaction).
+    pub starts_during_flushes: u64,
     /// Changes in committed transactions, skipped ones included.
     pub changes: u64,
     /// Committed changes that matched no row in the state they expect (unknown

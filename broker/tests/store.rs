@@ -575,6 +575,107 @@ async fn deferred_starts_outlive_a_full_disk() {
     assert_eq!(store.unfinished().await.unwrap().len(), 120);
 }
 
+/// Starts from 16 tasks at once, each committing its next start as soon as
+/// the last is answered, until the writer has answered some of them while it
+/// was putting earlier ones into SQLite (`starts_during_flushes`). Every
+/// answered start is read back, reaches SQLite once, and is counted once.
+async fn start_until_some_come_during_a_flush(store: &SqliteStore, prefix: &str) -> (Vec<String>, Vec<String>) {
+    let deadline = Instant::now() + WAIT_MAX;
+    let mut answered = Vec::new();
+    let mut refused = Vec::new();
+    for round in 0.. {
+        let tasks: Vec<_> = (0..16)
+            .map(|task| {
+                let store = store.clone();
+                let prefix = prefix.to_owned();
+                tokio::spawn(async move {
+                    let mut outcomes = Vec::new();
+                    for i in 0..50 {
+                        let id = format!("{prefix}{round:03}-{task:02}-{i:02}");
+                        let result = store.commit(vec![Change::Insert(queued(&id, "import", at(i)))]).await;
+                        outcomes.push((id, result.is_ok()));
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        for (id, ok) in join_all(tasks).await.into_iter().flatten() {
+            if ok { answered.push(id) } else { refused.push(id) }
+        }
+        if store.stats().starts_during_flushes > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no start came during a flush: {:?}", store.stats());
+    }
+    (answered, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn starts_that_come_during_a_flush_are_answered_and_reach_sqlite_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (ids, refused) = start_until_some_come_during_a_flush(&store, "f").await;
+    assert!(refused.is_empty(), "{refused:?}");
+    for id in ids.iter().step_by(37) {
+        assert_eq!(job(&store, id).await.id, *id);
+    }
+    wait_until("every start is in SQLite", || rows_in_sqlite(dir.path(), &ids) == ids.len()).await;
+    let counts = store.counts().await.unwrap();
+    assert_eq!(counts, vec![("import".to_owned(), Status::Queued, ids.len() as u64)]);
+    assert_eq!(store.unfinished().await.unwrap().len(), ids.len());
+    store.close().await;
+    drop(store);
+    // Nothing is put back twice at the next open.
+    let store = open(dir.path());
+    assert_eq!(store.unfinished().await.unwrap().len(), ids.len());
+}
+
+/// A flush that fails (the disk is full) while starts keep coming loses none
+/// of those answered, whether they came before it or during it: the next
+/// open puts every one into SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn starts_answered_around_a_failing_flush_come_back_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 pages of 4 KiB: the flush that holds the big rows goes beyond it, a few chunks in.
+    let options = StoreOptions { max_page_count: Some(64), ..StoreOptions::default() };
+    let store = SqliteStore::open(dir.path(), options).unwrap();
+    // Small starts from 16 tasks, each until the store refuses one.
+    let tasks: Vec<_> = (0..16)
+        .map(|task| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut answered = Vec::new();
+                for i in 0..5_000 {
+                    let id = format!("s{task:02}-{i:04}");
+                    if store.commit(vec![Change::Insert(queued(&id, "import", at(i)))]).await.is_err() {
+                        break;
+                    }
+                    answered.push(id);
+                }
+                answered
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let big = (0..120).map(|i| {
+        let mut job = queued(&format!("big{i:03}"), "import", at(i));
+        job.params.insert("blob".into(), "x".repeat(3000));
+        Change::Insert(job)
+    });
+    store.commit(big.collect()).await.unwrap();
+    let mut answered: Vec<String> = join_all(tasks).await.into_iter().flatten().collect();
+    answered.extend((0..120).map(|i| format!("big{i:03}")));
+    assert!(!store.ping().await, "the flush of the big rows failed");
+    let stats = store.stats();
+    assert!(stats.starts_during_flushes > 0, "{stats:?}");
+    store.close().await;
+    drop(store);
+
+    let store = open(dir.path());
+    assert_eq!(rows_in_sqlite(dir.path(), &answered), answered.len(), "answered, so in SQLite after the open");
+    assert_eq!(store.unfinished().await.unwrap().len(), answered.len());
+}
+
 /// The child half of [`a_kill_9_loses_no_acknowledged_job`]: when the
 /// parent runs this test binary with `JOBZ_STORE_KILL_DIR` set, it commits jobs
 /// from several tasks until killed, printing each id once its commit returned.

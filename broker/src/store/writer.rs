@@ -116,6 +116,8 @@ pub(super) struct Shared {
     pub(super) syncs: AtomicU64,
     /// Start-journal syncs, done by the writer for plain starts and by the syncer for journaled transactions.
     pub(super) journal_syncs: AtomicU64,
+    /// Starts answered through the journal while a flush's transaction was open.
+    pub(super) starts_during_flushes: AtomicU64,
     /// The start-journal number of the last committed transaction that had one.
     pub(super) journal_committed: AtomicU64,
     /// Every journaled transaction up to this number is durable in the WAL (set after WAL syncs).
@@ -153,6 +155,7 @@ impl Shared {
             commits: self.commits.load(Ordering::Relaxed),
             syncs: self.syncs.load(Ordering::Relaxed),
             journal_syncs: self.journal_syncs.load(Ordering::Relaxed),
+            starts_during_flushes: self.starts_during_flushes.load(Ordering::Relaxed),
             changes: self.changes.load(Ordering::Relaxed),
             skipped: self.skipped.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
@@ -399,6 +402,9 @@ struct DeferredRow {
     params_json: String,
 }
 
+/// Rows a flush inserts between looks at the queue for starts to answer meanwhile.
+const FLUSH_CHUNK_ROWS: usize = 32;
+
 /// Deferred rows beyond which they are flushed at once rather than after [`FLUSH_DELAY`].
 const DEFERRED_ROWS_MAX: usize = 1024;
 
@@ -459,7 +465,9 @@ impl Writer {
         let mut closing: Option<oneshot::Sender<()>> = None;
         loop {
             if self.flush_due() {
-                self.flush_alone();
+                // While closing, only the queue's leftovers are taken, in order.
+                let meanwhile = closing.is_none().then_some((&requests, &mut carried));
+                self.flush_alone(meanwhile);
             }
             let request = match carried.take() {
                 Some(request) => request,
@@ -526,7 +534,7 @@ impl Writer {
         }
         // What the journal holds is put into SQLite before the store closes; if
         // that fails, the journal puts it back at the next open.
-        self.flush_alone();
+        self.flush_alone(None);
         self.finish();
         // Every committed answer is released (synced) before the close is.
         if let Some(syncer) = self.syncer.take() {
@@ -630,6 +638,17 @@ impl Writer {
     /// Falls back to a transaction for the whole batch when an id is already
     /// taken, a row cannot be encoded or the journal has no room.
     fn defer_batch(&mut self, first: Pending, gather: &mut Gather<'_>) {
+        let batch = self.gather_deferrable(first, gather);
+        if let Some(batch) = self.journal_batch(batch) {
+            // The transaction path takes the batch as it is, and what is queued behind it.
+            gather.urgent = true;
+            self.commit_batch(batch, gather);
+        }
+    }
+
+    /// `first` and the deferrable requests queued behind it, up to the batch
+    /// size; a request that is not deferrable is left in `gather.carried`.
+    fn gather_deferrable(&self, first: Pending, gather: &mut Gather<'_>) -> Vec<Pending> {
         let mut batch = vec![first];
         let mut total = batch[0].changes.len();
         while let Some(next) = gather.next(self, total) {
@@ -642,6 +661,15 @@ impl Writer {
             total += next.changes.len();
             batch.push(next);
         }
+        batch
+    }
+
+    /// Answers `batch`'s plain starts through the start journal (see
+    /// [`Writer::defer_batch`]). Returns the batch untouched when it must take
+    /// a transaction instead: an id is already taken, a row cannot be encoded
+    /// or the journal has no room.
+    fn journal_batch(&mut self, batch: Vec<Pending>) -> Option<Vec<Pending>> {
+        let total: usize = batch.iter().map(|pending| pending.changes.len()).sum();
         let mut rows = JournalRows { recording: true, ..JournalRows::default() };
         let mut deferred = Vec::with_capacity(total);
         let mut ids = std::collections::HashSet::with_capacity(total);
@@ -681,11 +709,7 @@ impl Writer {
             }
             _ => None,
         };
-        let Some(seq) = seq else {
-            // The transaction path takes the batch as it is, and what is queued behind it.
-            gather.urgent = true;
-            return self.commit_batch(batch, gather);
-        };
+        let Some(seq) = seq else { return Some(batch) };
         let transitions: Vec<Transition> = deferred.iter().map(|row| entered(&row.job)).collect();
         self.shared.counts.apply(&transitions);
         self.shared.unflushed.add(deferred.iter().map(|row| row.job.clone()));
@@ -709,6 +733,7 @@ impl Writer {
         for reply in replies {
             answer(Some(reply), synced.clone().map(|()| Vec::new()));
         }
+        None
     }
 
     /// Whether a job with this id has a row in SQLite.
@@ -727,15 +752,21 @@ impl Writer {
         if self.deferred.is_empty() {
             return Ok(());
         }
+        self.insert_rows(&self.deferred)?;
+        record_journal_seq(&self.conn, self.deferred_seq)
+    }
+
+    /// Inserts deferred rows into the open transaction.
+    fn insert_rows(&self, rows: &[DeferredRow]) -> Result<(), StoreError> {
         let mut statement = self
             .conn
             .prepare_cached(INSERT_JOB)
             .map_err(StoreError::sqlite("prepare the insert of deferred starts"))?;
-        for row in &self.deferred {
+        for row in rows {
             let values = job_values(&row.job, &row.params_json);
             statement.execute(bound(&values)).map_err(StoreError::sqlite("insert a deferred start"))?;
         }
-        record_journal_seq(&self.conn, self.deferred_seq)
+        Ok(())
     }
 
     /// The transaction that inserted the deferred rows committed: readers find them in SQLite now.
@@ -743,11 +774,16 @@ impl Writer {
         if self.deferred.is_empty() {
             return;
         }
-        // A WAL sync from here on covers their journal records.
-        self.shared.journal_committed.fetch_max(self.deferred_seq, Ordering::AcqRel);
-        self.shared.unflushed.remove(self.deferred.iter().map(|row| row.job.id.as_str()));
+        self.rows_flushed(&self.deferred, self.deferred_seq);
         self.deferred.clear();
         self.deferred_since = None;
+    }
+
+    /// `rows`, up to journal number `seq`, are in SQLite now.
+    fn rows_flushed(&self, rows: &[DeferredRow], seq: u64) {
+        // A WAL sync from here on covers their journal records.
+        self.shared.journal_committed.fetch_max(seq, Ordering::AcqRel);
+        self.shared.unflushed.remove(rows.iter().map(|row| row.job.id.as_str()));
     }
 
     /// Whether the deferred rows should go into SQLite now rather than with the next transaction.
@@ -757,32 +793,114 @@ impl Writer {
     }
 
     /// Inserts the deferred rows in a transaction of their own. Nobody waits
-    /// for it: their callers were answered through the journal. On failure
-    /// they stay deferred (and in the journal), the store reports itself
-    /// unhealthy, and starts take the transaction path, which answers the error.
-    fn flush_alone(&mut self) {
+    /// for it: their callers were answered through the journal.
+    ///
+    /// With `meanwhile` (the queue, and the writer's carried request), plain
+    /// starts queued during the flush are answered through the journal
+    /// between chunks of [`FLUSH_CHUNK_ROWS`] rows, rather than after the
+    /// whole flush: their rows join the next flush. The first request that
+    /// is not one ends that: it waits in the carried slot, or, for starts
+    /// that need a transaction after all, until this one has committed.
+    ///
+    /// On failure the rows stay deferred (and in the journal), the store
+    /// reports itself unhealthy, and starts take the transaction path, which
+    /// answers the error.
+    fn flush_alone(&mut self, mut meanwhile: Option<(&Receiver<Request>, &mut Option<Request>)>) {
         if self.deferred.is_empty() {
             return;
         }
+        let rows = std::mem::take(&mut self.deferred);
+        let seq = self.deferred_seq;
+        self.deferred_since = None;
+        let mut after = None;
         let flushed = self
             .exec("BEGIN IMMEDIATE", "begin a transaction")
-            .and_then(|()| self.flush_deferred())
+            .and_then(|()| self.insert_meanwhile(&rows, seq, &mut meanwhile, &mut after))
             .and_then(|()| self.exec("COMMIT", "commit"));
         match flushed {
             Ok(()) => {
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(false, Ordering::Relaxed);
-                self.flushed();
+                self.rows_flushed(&rows, seq);
             }
             Err(e) => {
                 self.rollback();
                 self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch_failed.store(true, Ordering::Relaxed);
-                error!(error = %e, rows = self.deferred.len(), "putting journaled starts into the store failed; they stay in the journal");
+                error!(error = %e, rows = rows.len(), "putting journaled starts into the store failed; they stay in the journal");
+                // In journal order: these first, then any deferred meanwhile.
+                let mut rows = rows;
+                rows.append(&mut self.deferred);
+                self.deferred = rows;
                 // Not again at once: the next transaction, or the next delay, tries again.
                 self.deferred_since = Some(Instant::now());
             }
         }
+        if let (Some(batch), Some((requests, carried))) = (after, meanwhile) {
+            let mut gather = Gather {
+                requests,
+                carried,
+                urgent: true,
+                deadline: Instant::now(),
+                wait_for_sync: true,
+            };
+            self.commit_batch(batch, &mut gather);
+        }
+    }
+
+    /// The body of [`Writer::flush_alone`]'s transaction: `rows` in chunks,
+    /// the starts queued meanwhile answered between them, and the journal
+    /// number `seq` the rows reach.
+    fn insert_meanwhile(
+        &mut self,
+        rows: &[DeferredRow],
+        seq: u64,
+        meanwhile: &mut Option<(&Receiver<Request>, &mut Option<Request>)>,
+        after: &mut Option<Vec<Pending>>,
+    ) -> Result<(), StoreError> {
+        for chunk in rows.chunks(FLUSH_CHUNK_ROWS) {
+            self.insert_rows(chunk)?;
+            if let Some((requests, carried)) = meanwhile.as_mut() {
+                if after.is_none() && carried.is_none() {
+                    *after = self.answer_queued_starts(requests, carried);
+                }
+            }
+        }
+        record_journal_seq(&self.conn, seq)
+    }
+
+    /// Answers the plain starts queued now through the journal, in the middle
+    /// of a flush. Anything else is left in `carried`; starts that need a
+    /// transaction after all are returned, to be committed after the flush.
+    fn answer_queued_starts(
+        &mut self,
+        requests: &Receiver<Request>,
+        carried: &mut Option<Request>,
+    ) -> Option<Vec<Pending>> {
+        let request = requests.try_recv().ok()?;
+        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+        let first = match request {
+            Request::Commit { changes, reply, urgency } => Pending { changes, reply, urgency },
+            other => {
+                *carried = Some(other);
+                return None;
+            }
+        };
+        if !self.deferrable(&first) {
+            let Pending { changes, reply, urgency } = first;
+            *carried = Some(Request::Commit { changes, reply, urgency });
+            return None;
+        }
+        // Only what is queued: the flush goes on as soon as these are answered.
+        let mut gather =
+            Gather { requests, carried, urgent: true, deadline: Instant::now(), wait_for_sync: false };
+        let batch = self.gather_deferrable(first, &mut gather);
+        let starts = batch.iter().map(|pending| pending.changes.len() as u64).sum();
+        let refused = self.journal_batch(batch);
+        if refused.is_none() {
+            self.shared.starts_during_flushes.fetch_add(starts, Ordering::Relaxed);
+        }
+        refused
     }
 
     /// Answers a transaction's callers: once the WAL is synced when it
