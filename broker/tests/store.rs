@@ -600,7 +600,11 @@ async fn start_until_some_come_during_a_flush(store: &SqliteStore, prefix: &str)
             })
             .collect();
         for (id, ok) in join_all(tasks).await.into_iter().flatten() {
-            if ok { answered.push(id) } else { refused.push(id) }
+            if ok {
+                answered.push(id)
+            } else {
+                refused.push(id)
+            }
         }
         if store.stats().starts_during_flushes > 0 {
             break;

@@ -837,13 +837,7 @@ impl Writer {
             }
         }
         if let (Some(batch), Some((requests, carried))) = (after, meanwhile) {
-            let mut gather = Gather {
-                requests,
-                carried,
-                urgent: true,
-                deadline: Instant::now(),
-                wait_for_sync: true,
-            };
+            let mut gather = Gather { requests, carried, urgent: true, deadline: Instant::now(), wait_for_sync: true };
             self.commit_batch(batch, &mut gather);
         }
     }
@@ -892,8 +886,7 @@ impl Writer {
             return None;
         }
         // Only what is queued: the flush goes on as soon as these are answered.
-        let mut gather =
-            Gather { requests, carried, urgent: true, deadline: Instant::now(), wait_for_sync: false };
+        let mut gather = Gather { requests, carried, urgent: true, deadline: Instant::now(), wait_for_sync: false };
         let batch = self.gather_deferrable(first, &mut gather);
         let starts = batch.iter().map(|pending| pending.changes.len() as u64).sum();
         let refused = self.journal_batch(batch);
