@@ -57,7 +57,7 @@ use super::counts::{Counts, Transition};
 use super::journal::{self, Journal, RowTable, JOB_VALUES, KEY_VALUES};
 use super::syncer::{Durability, Syncer};
 use super::unflushed::Unflushed;
-use super::{StoreError, StoreStats, FLUSH_DELAY, PRUNE_BATCH_MAX};
+use super::{StoreError, StoreStats, DEFERRED_ROWS_MAX, FLUSH_CHUNK_ROWS, FLUSH_DELAY, PRUNE_BATCH_MAX};
 use jobz_core::Status;
 
 use crate::model::{Admission, Change, GuardedInsert, JobRecord};
@@ -401,12 +401,6 @@ struct DeferredRow {
     job: JobRecord,
     params_json: String,
 }
-
-/// Rows a flush inserts between looks at the queue for starts to answer meanwhile.
-const FLUSH_CHUNK_ROWS: usize = 32;
-
-/// Deferred rows beyond which they are flushed at once rather than after [`FLUSH_DELAY`].
-const DEFERRED_ROWS_MAX: usize = 1024;
 
 /// What the writer thread is started with.
 pub(super) struct WriterParts {
