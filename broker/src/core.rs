@@ -1,7 +1,7 @@
 //! The broker's loop: queues per job name, dispatch to workers with credit,
 //! fenced leases, results, retries and follow-ups.
 //!
-//! One task owns all dispatch state and handles one closed [`Event`] at a time
+//! One task owns all dispatch state and handles one closed `Event` at a time
 //! (every input is visible in one place). The store is the durable truth; the
 //! loop's memory (queues, running attempts, workers) is rebuilt from it at
 //! start. Starts from the front door are stored by the caller first, so a 202

@@ -10,7 +10,7 @@
 //! malformed one: a request left unanswered stalls that handshake until the
 //! handshake timeout.
 //!
-//! The handler's thread, the [`Gatekeeper`], also reads the ROUTER's monitor
+//! The handler's thread, the `Gatekeeper`, also reads the ROUTER's monitor
 //! events, so handshakes that fail before ZAP is asked (a plain-text peer, a
 //! broken CURVE handshake, a peer that stalls) are logged too. libzmq says
 //! nothing about bytes that are not ZeroMQ at all: it closes such a connection

@@ -4,9 +4,9 @@
 //! `Authorization: Bearer TOKEN`: without one, or with one the file does not
 //! know, the answer is 401 with `WWW-Authenticate: Bearer`; with a token
 //! lacking the endpoint's scope it is 403 naming the scope. Each route
-//! declares what it needs ([`Need`]); `job_start` also checks a limited
+//! declares what it needs (`Need`); `job_start` also checks a limited
 //! `start: [names]` against the job name once it has read it
-//! ([`Grant::may_start`]).
+//! (`Grant::may_start`).
 //!
 //! The job file holds only each token's SHA-256. A presented token is hashed
 //! and compared with every entry in constant time (no early exit on the first
