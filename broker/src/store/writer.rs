@@ -313,6 +313,12 @@ struct Gather<'a> {
 }
 
 impl Gather<'_> {
+    /// Puts `pending` back, for the writer to take first once this batch is done.
+    fn carry(&mut self, pending: Pending) {
+        let Pending { changes, reply, urgency } = pending;
+        *self.carried = Some(Request::Commit { changes, reply, urgency });
+    }
+
     /// The next commit request for a batch that holds `total` changes so far,
     /// if one is queued (or, for a batch that is not urgent, comes before its
     /// deadline) and fits; `None` ends the batch.
@@ -648,8 +654,7 @@ impl Writer {
         while let Some(next) = gather.next(self, total) {
             if !self.deferrable(&next) {
                 // It opens the next batch, after this one is answered.
-                let Pending { changes, reply, urgency } = next;
-                *gather.carried = Some(Request::Commit { changes, reply, urgency });
+                gather.carry(next);
                 break;
             }
             total += next.changes.len();
@@ -865,22 +870,13 @@ impl Writer {
         requests: &Receiver<Request>,
         carried: &mut Option<Request>,
     ) -> Option<Vec<Pending>> {
-        let request = requests.try_recv().ok()?;
-        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-        let first = match request {
-            Request::Commit { changes, reply, urgency } => Pending { changes, reply, urgency },
-            other => {
-                *carried = Some(other);
-                return None;
-            }
-        };
-        if !self.deferrable(&first) {
-            let Pending { changes, reply, urgency } = first;
-            *carried = Some(Request::Commit { changes, reply, urgency });
-            return None;
-        }
         // Only what is queued: the flush goes on as soon as these are answered.
         let mut gather = Gather { requests, carried, urgent: true, deadline: Instant::now(), wait_for_sync: false };
+        let first = gather.next(self, 0)?;
+        if !self.deferrable(&first) {
+            gather.carry(first);
+            return None;
+        }
         let batch = self.gather_deferrable(first, &mut gather);
         let starts = batch.iter().map(|pending| pending.changes.len() as u64).sum();
         let refused = self.journal_batch(batch);
