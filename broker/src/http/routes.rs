@@ -217,7 +217,7 @@ async fn start<A: Api>(
             merge_once("wait", &mut fields.wait, body_wait)?;
             for (key, value) in body.params {
                 let value = param_text(&key, value)?;
-                insert_body_param(&mut fields.params, key, value)?;
+                fields.insert_param(key, value)?;
             }
         }
     }
@@ -300,18 +300,20 @@ impl StartFields {
             "job_name" => merge_once("job_name", &mut self.job_name, Some(value)),
             "wait" => merge_once("wait", &mut self.wait, Some(parse_wait(&value, wait_max)?)),
             "priority" => merge_once("priority", &mut self.priority, Some(parse_priority(&value)?)),
-            _ => insert_body_param(&mut self.params, key, value),
+            _ => self.insert_param(key, value),
         }
     }
-}
 
-/// Adds a param from the body; one the query string gave too is a 400.
-fn insert_body_param(params: &mut BTreeMap<String, String>, key: String, value: String) -> Result<(), Reject> {
-    if params.contains_key(&key) {
-        return Err(Reject::param(&key, format!("param {key:?} is given in both the query string and the body")));
+    /// Adds a param. Each part of a start gives a key once (a query string or
+    /// form that repeats one is refused, a JSON object's params are a map), so
+    /// one given already came from the query string: a 400.
+    fn insert_param(&mut self, key: String, value: String) -> Result<(), Reject> {
+        if self.params.contains_key(&key) {
+            return Err(Reject::param(&key, format!("param {key:?} is given in both the query string and the body")));
+        }
+        self.params.insert(key, value);
+        Ok(())
     }
-    params.insert(key, value);
-    Ok(())
 }
 
 /// Whether the body is declared a form (`Content-Type: application/x-www-form-urlencoded`,
