@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use support::{alive, get, json, post, read_pids, wait_until, Mesh, PidFileGuard};
+use support::{alive, get, id_of, json, post, read_pids, wait_until, Mesh, PidFileGuard};
 
 /// `$DIR` is the test's temp dir; `@JOBZ@` the jobz binary under test.
 const CONTROLS: &str = r#"
@@ -80,10 +80,6 @@ jobs:
 
 fn mesh() -> Mesh {
     Mesh::new(&CONTROLS.replace("@JOBZ@", env!("CARGO_BIN_EXE_jobz")))
-}
-
-fn id_of(job: &serde_json::Value) -> String {
-    job["id"].as_str().unwrap_or_default().to_string()
 }
 
 fn time(value: &serde_json::Value) -> DateTime<Utc> {

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::{get, run_jobz, wait_for, wait_until, Mesh, Proc};
+use support::{get, id_of, run_jobz, wait_for, wait_until, Mesh, Proc};
 
 const JOBS: &str = r#"
 jobs:
@@ -113,7 +113,7 @@ fn wait_log(mesh: &Mesh, process: &str, needle: &str) {
 
 /// Starts `hello who=NAME` and waits until it succeeded.
 fn hello_runs(mesh: &Mesh, who: &str) {
-    let id = mesh.start(&format!("job_name=hello&who={who}"))["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&mesh.start(&format!("job_name=hello&who={who}")));
     let job = mesh.wait_final(&id, WAIT);
     assert_eq!(job["status"], "succeeded", "{job:#}\n{}", mesh.logs());
     let out = std::fs::read_to_string(mesh.path().join("hello.out")).unwrap_or_default();
@@ -213,7 +213,7 @@ fn a_worker_with_an_unknown_key_is_refused_and_its_address_logged() {
         (keygen(mesh.path(), "broker"), keygen(mesh.path(), "known"), keygen(mesh.path(), "stranger"));
     let allowed = allow(&mesh, &[&known]);
     let _broker = curve_broker(&mesh, &broker_keys, &allowed);
-    let id = mesh.start("job_name=hello&who=waiting")["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&mesh.start("job_name=hello&who=waiting"));
     let _stranger = curve_worker(&mesh, "stranger", &stranger, &broker_keys);
 
     wait_log(&mesh, "broker", "refused a peer: its CURVE public key is not in --allowed-keys");
@@ -244,7 +244,7 @@ fn a_plain_text_worker_is_refused_by_a_curve_broker() {
     let (broker_keys, known) = (keygen(mesh.path(), "broker"), keygen(mesh.path(), "known"));
     let allowed = allow(&mesh, &[&known]);
     let _broker = curve_broker(&mesh, &broker_keys, &allowed);
-    let id = mesh.start("job_name=hello&who=plain")["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&mesh.start("job_name=hello&who=plain"));
     let _plain = mesh.worker("plain", 1);
 
     wait_log(&mesh, "broker", "refused a connection that does not speak CURVE");
@@ -437,7 +437,7 @@ fn a_semaphore_with_an_allowed_key_fires_a_gate() {
         ],
     );
     wait_log(&mesh, "s1", "caught up: every gate event counted");
-    let id = mesh.start("job_name=part&batch=b1")["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&mesh.start("job_name=part&batch=b1"));
     assert_eq!(mesh.wait_final(&id, WAIT)["status"], "succeeded");
     let fired = wait_for(WAIT, || {
         mesh.jobs_named("notify")
@@ -481,7 +481,7 @@ fn jobz_up_with_a_key_runs_jobs_on_its_local_workers() {
     mesh.wait_workers(1);
     hello_runs(&mesh, "local");
     wait_log(&mesh, "up", "the mesh is encrypted and authenticated (CURVE)");
-    let id = mesh.start("job_name=part&batch=up1")["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&mesh.start("job_name=part&batch=up1"));
     assert_eq!(mesh.wait_final(&id, WAIT)["status"], "succeeded");
     let fired = wait_for(WAIT, || mesh.jobs_named("notify").into_iter().find(|j| j["status"] == "succeeded"));
     assert!(fired.is_some(), "the local semaphore fired the gate\n{}", mesh.logs());

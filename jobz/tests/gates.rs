@@ -10,7 +10,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{get, json, Mesh, Proc};
+use support::{get, id_of, json, Mesh, Proc};
 
 const PIPELINE: &str = r#"
 jobs:
@@ -85,7 +85,7 @@ fn start_shards(mesh: &Mesh, date: &str, range: std::ops::Range<u32>, failing: &
         .map(|shard| {
             let fail = if failing.contains(&shard) { 1 } else { 0 };
             let started = mesh.start(&format!("job_name=shard&date={date}&shard={shard}&fail={fail}"));
-            started["id"].as_str().unwrap_or_default().to_string()
+            id_of(&started)
         })
         .collect()
 }
@@ -341,12 +341,11 @@ fn a_gate_with_a_timeout_fires_on_timeout_for_an_incomplete_key_once() {
     let (mesh, _broker, _workers) = mesh();
     let _semaphore = mesh.semaphore("s1");
     let started = mesh.start("job_name=part&batch=b1");
-    wait_ended(&mesh, &[started["id"].as_str().unwrap_or_default().to_string()]);
+    wait_ended(&mesh, &[id_of(&started)]);
     wait_gate_job(&mesh, "notify", "what", "parts b1 timed out");
 
     // The key was given up: its missing parts arriving late complete nothing.
-    let late: Vec<String> =
-        (0..2).map(|_| mesh.start("job_name=part&batch=b1")["id"].as_str().unwrap_or_default().to_string()).collect();
+    let late: Vec<String> = (0..2).map(|_| id_of(&mesh.start("job_name=part&batch=b1"))).collect();
     wait_ended(&mesh, &late);
     wait_caught_up(&mesh, "s1", 1);
     assert_once(&mesh, "notify", "what", "parts b1 timed out", "notified", "parts b1 timed out");
@@ -451,7 +450,7 @@ fn the_same_pipeline_fires_the_same_way_in_eager_mode_and_on_the_mesh() {
     assert!(stdout.contains("(gate all_shards_done, key eager)"), "{stdout}");
 
     let started = mesh.start("job_name=fan_out&date=mesh");
-    wait_ended(&mesh, &[started["id"].as_str().unwrap_or_default().to_string()]);
+    wait_ended(&mesh, &[id_of(&started)]);
     let build = wait_gate_job(&mesh, "build_index", "date", "mesh");
     assert_eq!(build["run_id"], started["id"], "the gate's job joins the fan-out's run: {build}");
     wait_caught_up(&mesh, "s1", 1);

@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::{get, json, wait_until, Mesh};
+use support::{get, id_of, json, wait_until, Mesh};
 
 const LIMITED: &str = r#"
 jobs:
@@ -31,10 +31,6 @@ jobs:
     shell: true
     command: "echo $JOBZ_JOB_ID >> $DIR/free"
 "#;
-
-fn id(job: &serde_json::Value) -> String {
-    job["id"].as_str().unwrap_or_default().to_string()
-}
 
 /// `(job id, start ns, end ns)` from lines `S id ns` / `E id ns`.
 fn intervals(text: &str) -> Vec<(String, u128, u128)> {
@@ -87,7 +83,7 @@ fn concurrency_2_across_4_workers_never_runs_more_than_2_and_a_held_job_says_so(
     let _workers: Vec<_> = (1..=4).map(|i| mesh.worker(&format!("w{i}"), 2)).collect();
     mesh.wait_workers(4);
 
-    let ids: Vec<String> = (0..10).map(|_| id(&mesh.start("job_name=capped"))).collect();
+    let ids: Vec<String> = (0..10).map(|_| id_of(&mesh.start("job_name=capped"))).collect();
 
     // While the first ones run, a job at the back of the queue is held by the limit, and says so.
     let last = ids.last().cloned().unwrap_or_default();
@@ -130,7 +126,7 @@ fn rate_5_per_second_holds_within_20_percent() {
     let _w2 = mesh.worker("w2", 4);
     mesh.wait_workers(2);
 
-    let ids: Vec<String> = (0..20).map(|_| id(&mesh.start("job_name=paced"))).collect();
+    let ids: Vec<String> = (0..20).map(|_| id_of(&mesh.start("job_name=paced"))).collect();
     for id in &ids {
         assert_eq!(mesh.wait_final(id, Duration::from_secs(30))["status"], "succeeded");
     }
@@ -156,8 +152,8 @@ fn a_limited_name_does_not_block_the_rest_of_the_queue() {
     mesh.wait_workers(1);
 
     // Five jobs of a name limited to one at a time, 3 s each, then free jobs behind them.
-    let single: Vec<String> = (0..5).map(|_| id(&mesh.start("job_name=single"))).collect();
-    let free: Vec<String> = (0..6).map(|_| id(&mesh.start("job_name=free"))).collect();
+    let single: Vec<String> = (0..5).map(|_| id_of(&mesh.start("job_name=single"))).collect();
+    let free: Vec<String> = (0..6).map(|_| id_of(&mesh.start("job_name=free"))).collect();
     for id in &free {
         assert_eq!(mesh.wait_final(id, Duration::from_secs(20))["status"], "succeeded");
     }
@@ -172,12 +168,12 @@ fn concurrency_holds_across_a_broker_restart() {
     let _worker = mesh.worker("w1", 2);
     mesh.wait_workers(1);
 
-    let first = id(&mesh.start("job_name=single&secs=4"));
+    let first = id_of(&mesh.start("job_name=single&secs=4"));
     wait_until(Duration::from_secs(10), "the first job to run", || mesh.job(&first)["status"] == "running");
     broker.kill9();
     let _broker = mesh.broker(&[]);
     // Started right after the restart, while the first still runs on the worker that holds it.
-    let second = id(&mesh.start("job_name=single&secs=0.2"));
+    let second = id_of(&mesh.start("job_name=single&secs=0.2"));
     for id in [&first, &second] {
         assert_eq!(mesh.wait_final(id, Duration::from_secs(40))["status"], "succeeded", "{}", mesh.logs());
     }
@@ -215,7 +211,7 @@ jobs:
         "job_name=step&tag=high2&priority=10",
         "job_name=step&tag=low2&priority=-3",
     ];
-    let ids: Vec<String> = starts.iter().map(|q| id(&mesh.start(q))).collect();
+    let ids: Vec<String> = starts.iter().map(|q| id_of(&mesh.start(q))).collect();
     assert_eq!(mesh.job(&ids[2])["priority"], 10);
     assert_eq!(mesh.job(&ids[3])["priority"], 5, "the job file's priority applies when the start gives none");
     let _worker = mesh.worker("w1", 1);

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{get, json, post, wait_until, Mesh};
+use support::{get, id_of, json, post, wait_until, Mesh};
 
 const CHAIN: &str = r#"
 jobs:
@@ -53,7 +53,7 @@ fn a_started_job_runs_its_follow_up_in_the_same_run_and_a_failure_runs_its_handl
     mesh.wait_workers(1);
 
     let started = mesh.start("job_name=hello&who=mesh");
-    let id = started["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&started);
     assert_eq!(started["status"], "queued");
     let job = mesh.wait_final(&id, Duration::from_secs(30));
     assert_eq!(job["status"], "succeeded", "{job}");
@@ -73,7 +73,7 @@ fn a_started_job_runs_its_follow_up_in_the_same_run_and_a_failure_runs_its_handl
     assert_eq!(bye["params"]["who"], "mesh");
 
     let failing = mesh.start("job_name=breaks");
-    let failing_id = failing["id"].as_str().unwrap_or_default().to_string();
+    let failing_id = id_of(&failing);
     let job = mesh.wait_final(&failing_id, Duration::from_secs(30));
     assert_eq!(job["status"], "failed");
     assert_eq!(job["exit_code"], 3);
@@ -176,7 +176,7 @@ fn a_job_whose_worker_is_killed_runs_again_on_another_worker() {
     let mut w1 = mesh.worker("w1", 1);
     mesh.wait_workers(1);
     let started = mesh.start("job_name=slow&tag=k&secs=3");
-    let id = started["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&started);
     wait_until(Duration::from_secs(30), "the job to run on w1", || mesh.job(&id)["status"] == "running");
     w1.kill9();
     let _w2 = mesh.worker("w2", 1);
@@ -193,7 +193,7 @@ fn a_late_result_from_a_superseded_attempt_is_recorded_as_stale() {
     let w1 = mesh.worker("w1", 1);
     mesh.wait_workers(1);
     let started = mesh.start("job_name=slow&tag=s&secs=4");
-    let id = started["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&started);
     wait_until(Duration::from_secs(30), "the job to run on w1", || mesh.job(&id)["status"] == "running");
     // Freeze w1 past its lease: the broker hands the job to w2. The job's own
     // process keeps running; when w1 thaws, it reports a result for a lease that is no longer current.
@@ -217,7 +217,7 @@ fn a_broker_restart_while_a_worker_runs_a_job_neither_loses_nor_repeats_it() {
     let _w1 = mesh.worker("w1", 1);
     mesh.wait_workers(1);
     let started = mesh.start("job_name=slow&tag=r&secs=3");
-    let id = started["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&started);
     wait_until(Duration::from_secs(30), "the job to run", || mesh.job(&id)["status"] == "running");
     broker.kill9();
     let _broker = mesh.broker(&[]);
@@ -287,7 +287,7 @@ fn sigterm_stops_broker_and_worker_cleanly() {
     let mut worker = mesh.worker("w1", 1);
     mesh.wait_workers(1);
     let started = mesh.start("job_name=slow&tag=t&secs=1");
-    let id = started["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&started);
     wait_until(Duration::from_secs(30), "the job to run", || mesh.job(&id)["status"] == "running");
     // A draining worker lets its running job finish and report before it exits.
     let status = worker.terminate(Duration::from_secs(30));
@@ -305,7 +305,7 @@ fn a_broadcast_job_runs_once_on_each_of_three_workers_with_one_result_each() {
     let _workers: Vec<_> = ["w1", "w2", "w3"].iter().map(|n| mesh.worker(n, 1)).collect();
     mesh.wait_workers(3);
     let started = mesh.start("job_name=everywhere");
-    let id = started["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&started);
     let job = mesh.wait_final(&id, Duration::from_secs(30));
     assert_eq!(job["status"], "succeeded", "{job}");
     let attempts = job["attempt_list"].as_array().cloned().unwrap_or_default();
@@ -325,7 +325,7 @@ fn a_queued_job_whose_definition_left_the_job_file_fails_at_restart_with_a_reaso
     let mesh = Mesh::new(CHAIN);
     let mut broker = mesh.broker(&[]);
     let started = mesh.start("job_name=noop");
-    let id = started["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&started);
     broker.kill9();
     let without = CHAIN.replace("  noop:\n    command: \"true\"\n", "");
     let without = without.replace("$DIR", &mesh.path().display().to_string());
@@ -358,7 +358,7 @@ fn jobz_up_with_no_local_workers_runs_jobs_on_a_worker_that_connects() {
     assert_eq!(workers["workers"].as_array().map(Vec::len), Some(0), "{workers}");
 
     let started = mesh.start("job_name=noop");
-    let id = started["id"].as_str().unwrap_or_default().to_string();
+    let id = id_of(&started);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(mesh.job(&id)["status"], "queued", "no worker has taken it");
 
@@ -424,7 +424,7 @@ fn a_second_broker_on_a_data_directory_in_use_says_so_and_leaves_the_first_servi
     let _broker = mesh.broker(&[]);
     let _worker = mesh.worker("w1", 1);
     mesh.wait_workers(1);
-    let before = mesh.start("job_name=hello&who=first")["id"].as_str().unwrap_or_default().to_string();
+    let before = id_of(&mesh.start("job_name=hello&who=first"));
     let config = mesh.config.display().to_string();
     let data = mesh.path().join("data").display().to_string();
     let http = format!("127.0.0.1:{}", support::free_port());
@@ -436,7 +436,7 @@ fn a_second_broker_on_a_data_directory_in_use_says_so_and_leaves_the_first_servi
     assert!(err.contains("is in use by another jobz broker; stop it first"), "{err}");
     let done = mesh.wait_final(&before, Duration::from_secs(30));
     assert_eq!(done["status"], "succeeded", "{done}");
-    let after = mesh.start("job_name=hello&who=second")["id"].as_str().unwrap_or_default().to_string();
+    let after = id_of(&mesh.start("job_name=hello&who=second"));
     let done = mesh.wait_final(&after, Duration::from_secs(30));
     assert_eq!(done["status"], "succeeded", "{done}");
 }

@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::{get, json, request, wait_until, Mesh};
+use support::{get, id_of, json, request, wait_until, Mesh};
 
 const JOBS: &str = r#"
 jobs:
@@ -64,10 +64,6 @@ fn lines(mesh: &Mesh, name: &str) -> usize {
 fn stored(mesh: &Mesh, job_name: &str) -> Vec<serde_json::Value> {
     let list = json(&get(&mesh.url(), &format!("/jobs?job_name={job_name}&limit=1000")).1);
     list["jobs"].as_array().cloned().unwrap_or_default()
-}
-
-fn id_of(job: &serde_json::Value) -> String {
-    job["id"].as_str().unwrap_or_default().to_string()
 }
 
 /// A start answered `200` with an existing job and `"deduplicated": true`; returns its id.

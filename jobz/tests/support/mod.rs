@@ -301,6 +301,11 @@ pub fn run_jobz(dir: &Path, args: &[&str], env: &[(&str, &str)], limit: Duration
     (status.code().unwrap_or(-1), read("run.stdout"), read("run.stderr"))
 }
 
+/// A job's id, from an answer or a listing (empty when it has none).
+pub fn id_of(job: &serde_json::Value) -> String {
+    job["id"].as_str().unwrap_or_default().to_string()
+}
+
 pub fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
 }
