@@ -30,6 +30,12 @@ jobs:
     command: "echo run >> $DIR/doomed-runs; exit 7"
     retries: { max: 1, backoff: 100ms }
     on_failure: [ { job: notify, params: { what: "{job_name} {exit_code}" } } ]
+  later:
+    shell: true
+    command: "echo run >> $DIR/runs-{tag}; exit 1"
+    retries: { max: 1, backoff: 1h }
+    params:
+      tag: { required: true, pattern: '^[a-z0-9]+$' }
   notify:
     shell: true
     command: "echo {what} >> $DIR/notified"
@@ -549,6 +555,55 @@ fn metrics_show_the_queue_depth_per_job_name() {
     assert!(value("jobz_queue_depth{job_name=\"a\"}").unwrap_or(0.0) == 0.0, "{metrics}");
     assert_eq!(value("jobz_jobs{job_name=\"a\",status=\"succeeded\"}"), Some(1.0), "{metrics}");
     assert_eq!(value("jobz_workers"), Some(1.0), "{metrics}");
+}
+
+#[test]
+fn jobs_waiting_out_a_retry_backoff_count_in_the_queue_depth_and_cancel_alone_or_with_their_run() {
+    let mesh = mesh();
+    let _broker = mesh.broker(&[]);
+    let _worker = mesh.worker("w1", 2);
+    mesh.wait_workers(1);
+    let depth = || {
+        let metrics = get(&mesh.url(), "/metrics").1;
+        metrics.lines().find_map(|l| {
+            l.strip_prefix("jobz_queue_depth{job_name=\"later\"}").and_then(|v| v.trim().parse::<f64>().ok())
+        })
+    };
+    let ids: Vec<String> =
+        ["p", "q", "r"].iter().map(|tag| id_of(&mesh.start(&format!("job_name=later&tag={tag}")))).collect();
+    wait_until(Duration::from_secs(30), "each job's first attempt to fail", || {
+        ["p", "q", "r"].iter().all(|tag| lines(&mesh, &format!("runs-{tag}")).len() == 1)
+    });
+    // Back in the queue, with an hour to wait before the second attempt.
+    wait_until(Duration::from_secs(30), "three jobs waiting out their backoff", || depth() == Some(3.0));
+    for id in &ids {
+        let job = mesh.job(id);
+        assert_eq!(job["status"], "queued", "{job}");
+        assert_eq!(job["attempts"], 1, "{job}");
+        assert!(job["not_before"].is_string(), "{job}");
+    }
+
+    // One alone, one with its run (the job is its run's head); the third waits on.
+    cancel_over_http(&mesh, &ids[0]);
+    let (code, body) = post(&mesh.url(), &format!("/runs/{}/cancel", ids[1]), "");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["cancelled"].as_array().map(Vec::len), Some(1), "{body}");
+    wait_until(Duration::from_secs(10), "the queue depth to drop to the one left", || depth() == Some(1.0));
+    for (id, want) in ids.iter().zip(["cancelled", "cancelled", "queued"]) {
+        let job = mesh.job(id);
+        assert_eq!(job["status"], want, "{job}");
+        assert_eq!(job["attempts"], 1, "{job}");
+    }
+    // A second cancel of a job that left its backoff is refused and changes nothing.
+    let (code, body) = post(&mesh.url(), &format!("/jobs/{}/cancel", ids[0]), "");
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(depth(), Some(1.0));
+    cancel_over_http(&mesh, &ids[2]);
+    wait_until(Duration::from_secs(10), "an empty queue", || depth().unwrap_or(0.0) == 0.0);
+    w1_still_serves(&mesh);
+    for tag in ["p", "q", "r"] {
+        assert_eq!(lines(&mesh, &format!("runs-{tag}")).len(), 1, "{tag} ran once, before its backoff");
+    }
 }
 
 #[test]
