@@ -94,7 +94,10 @@ pub struct Shared {
 /// What the loop publishes for readers: workers and queue figures.
 #[derive(Debug, Default, Clone)]
 struct Snapshot {
-    workers: Vec<WorkerView>,
+    /// Connected workers. `GET /workers` asks the loop for their view
+    /// instead: building it for every turn cost more than the turn's own work
+    /// once a few dozen workers were connected.
+    workers: usize,
     /// Queued and running jobs per job name.
     depth: BTreeMap<String, (u64, u64)>,
     /// Names whose queued jobs a limit holds back now, and which.
@@ -139,6 +142,10 @@ enum Event {
     /// `GET /schedules`.
     Schedules {
         reply: oneshot::Sender<serde_json::Value>,
+    },
+    /// `GET /workers`.
+    Workers {
+        reply: oneshot::Sender<Vec<WorkerView>>,
     },
     Tick,
     /// The time a rate limit held a name back is up.
@@ -311,9 +318,70 @@ impl RunningJobs {
     fn iter(&self) -> impl Iterator<Item = (&String, &Running)> {
         self.map.iter()
     }
+}
 
-    fn values(&self) -> impl Iterator<Item = &Running> {
+/// The connected workers, with an index of who may be given each job name.
+/// Every insert and removal goes through here, so the index cannot drift from
+/// the map (a worker's `dispatchable` is fixed when it says hello).
+#[derive(Default)]
+struct Workers {
+    map: HashMap<PeerId, Worker>,
+    serving: HashMap<String, BTreeSet<PeerId>>,
+}
+
+impl Workers {
+    fn insert(&mut self, peer: PeerId, worker: Worker) {
+        self.remove(&peer);
+        for name in &worker.dispatchable {
+            self.serving.entry(name.clone()).or_default().insert(peer.clone());
+        }
+        self.map.insert(peer, worker);
+    }
+
+    fn remove(&mut self, peer: &PeerId) -> Option<Worker> {
+        let worker = self.map.remove(peer)?;
+        for name in &worker.dispatchable {
+            if let Some(peers) = self.serving.get_mut(name) {
+                peers.remove(peer);
+                if peers.is_empty() {
+                    self.serving.remove(name);
+                }
+            }
+        }
+        Some(worker)
+    }
+
+    /// The workers that may be given jobs of `name`.
+    fn serving(&self, name: &str) -> impl Iterator<Item = &PeerId> {
+        self.serving.get(name).into_iter().flatten()
+    }
+
+    fn get(&self, peer: &PeerId) -> Option<&Worker> {
+        self.map.get(peer)
+    }
+
+    fn get_mut(&mut self, peer: &PeerId) -> Option<&mut Worker> {
+        self.map.get_mut(peer)
+    }
+
+    fn contains_key(&self, peer: &PeerId) -> bool {
+        self.map.contains_key(peer)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&PeerId, &Worker)> {
+        self.map.iter()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &PeerId> {
+        self.map.keys()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Worker> {
         self.map.values()
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
     }
 }
 
@@ -388,7 +456,7 @@ struct State {
     /// Retries waiting for their time.
     delayed: DelayedJobs,
     running: RunningJobs,
-    workers: HashMap<PeerId, Worker>,
+    workers: Workers,
     /// Results already committed, so a resend (lost ack) is acknowledged again, not recorded as stale.
     recently_done: VecDeque<(String, u64)>,
     recently_done_set: HashSet<(String, u64)>,
@@ -476,7 +544,7 @@ pub async fn start(
         queued_keys: BTreeMap::new(),
         delayed: DelayedJobs::default(),
         running: RunningJobs { map: HashMap::new(), throttle: Throttle::new(&shared.config.file) },
-        workers: HashMap::new(),
+        workers: Workers::default(),
         recently_done: VecDeque::new(),
         recently_done_set: HashSet::new(),
         entering: HashSet::new(),
@@ -630,6 +698,10 @@ impl State {
                 // The caller may have hung up; nothing to do then.
                 let _ = reply.send(self.schedules.view(self.shared.config.clock.now()));
             }
+            Event::Workers { reply } => {
+                // The caller may have hung up; nothing to do then.
+                let _ = reply.send(self.workers_view());
+            }
         }
     }
 
@@ -711,16 +783,29 @@ impl State {
     /// Workers take turns, one job each per round, starting from a different
     /// worker each time, so jobs spread over the mesh instead of filling the
     /// first worker's slots.
+    ///
+    /// It runs after every turn of the loop, so it starts from the names that
+    /// have jobs waiting and a limit that lets one go now, and looks only at
+    /// the workers that serve those and have credit: with none, it costs a
+    /// look at each queue, however many workers are connected.
     fn dispatch(&mut self) {
-        let mut active: Vec<PeerId> =
-            self.workers.iter().filter(|(_, w)| w.credit > 0).map(|(p, _)| p.clone()).collect();
+        let now = Instant::now();
+        let throttle = &self.running.throttle;
+        let ready = self.queues.iter().filter(|(name, q)| !q.is_empty() && throttle.admits(name, now).is_ok());
+        let mut active: Vec<PeerId> = ready
+            .flat_map(|(name, _)| self.workers.serving(name))
+            .filter(|peer| self.workers.get(peer).is_some_and(|w| w.credit > 0))
+            .cloned()
+            .collect();
         if active.is_empty() {
             return;
         }
+        // A worker serving several ready names is one worker.
+        active.sort_unstable();
+        active.dedup();
         self.dispatch_turn = self.dispatch_turn.wrapping_add(1);
         let turn = self.dispatch_turn % active.len();
         active.rotate_left(turn);
-        let now = Instant::now();
         while !active.is_empty() {
             let mut again = Vec::with_capacity(active.len());
             for peer in active {
@@ -831,12 +916,7 @@ impl State {
     /// under its own lease; the job ends when every copy has.
     fn broadcast_job(&mut self, mut job: Queued) -> bool {
         let now = Utc::now();
-        let peers: Vec<PeerId> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.dispatchable.contains(&job.job_name))
-            .map(|(p, _)| p.clone())
-            .collect();
+        let peers: Vec<PeerId> = self.workers.serving(&job.job_name).cloned().collect();
         let mut copies = Vec::new();
         let mut changes = Vec::new();
         // The copies are one attempt of the job, each on its own worker under its own lease.
@@ -1895,20 +1975,8 @@ impl State {
         });
     }
 
-    /// Publishes what readers (front door, metrics) need, without sharing the loop's state.
-    fn publish(&self) {
-        let mut depth: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for (name, q) in &self.queues {
-            depth.entry(name.clone()).or_default().0 += q.len() as u64;
-        }
-        for (name, waiting) in self.delayed.per_name() {
-            depth.entry(name.clone()).or_default().0 += waiting;
-        }
-        for r in self.running.values() {
-            depth.entry(r.job.job_name.clone()).or_default().1 += 1;
-        }
-        let workers = self
-            .workers
+    fn workers_view(&self) -> Vec<WorkerView> {
+        self.workers
             .values()
             .map(|w| WorkerView {
                 name: w.name.clone(),
@@ -1919,7 +1987,24 @@ impl State {
                 last_heartbeat: w.last_heartbeat,
                 connected_at: w.connected_at,
             })
-            .collect();
+            .collect()
+    }
+
+    /// Publishes what readers (front door, metrics) need, without sharing the
+    /// loop's state. It runs after every turn, so it costs no more than the
+    /// job names: nothing here walks the jobs or the workers.
+    fn publish(&self) {
+        let mut depth: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (name, q) in &self.queues {
+            depth.entry(name.clone()).or_default().0 += q.len() as u64;
+        }
+        for (name, waiting) in self.delayed.per_name() {
+            depth.entry(name.clone()).or_default().0 += waiting;
+        }
+        for (name, running) in self.running.throttle.running_per_name() {
+            depth.entry(name.clone()).or_default().1 += u64::from(running);
+        }
+        let workers = self.workers.len();
         let now = Instant::now();
         let throttle = &self.running.throttle;
         let holds = self
@@ -2236,13 +2321,20 @@ pub(crate) fn hold(b: &BrokerHandle, job_name: &str) -> Option<Hold> {
 }
 
 pub(crate) async fn workers(b: &BrokerHandle) -> Vec<WorkerView> {
-    b.inner.snapshot.lock().map(|s| s.workers.clone()).unwrap_or_default()
+    let (reply, answer) = oneshot::channel();
+    if b.inner.events.send(Event::Workers { reply }).await.is_ok() {
+        if let Ok(view) = answer.await {
+            return view;
+        }
+    }
+    // The loop has stopped (shutdown): no worker is served any more.
+    Vec::new()
 }
 
 pub(crate) async fn metrics(b: &BrokerHandle) -> String {
     let snapshot = b.inner.snapshot.lock().map(|s| s.clone()).unwrap_or_default();
     let counts = b.inner.store.counts().await.unwrap_or_default();
-    b.inner.metrics.render(&counts, &snapshot.depth, snapshot.workers.len())
+    b.inner.metrics.render(&counts, &snapshot.depth, snapshot.workers)
 }
 
 pub(crate) async fn healthy(b: &BrokerHandle) -> bool {

@@ -117,6 +117,11 @@ impl Throttle {
         }
     }
 
+    /// Running attempts of each name that has any.
+    pub fn running_per_name(&self) -> impl Iterator<Item = (&String, u32)> {
+        self.running.iter().map(|(name, running)| (name, *running))
+    }
+
     pub fn running(&self, name: &str) -> u32 {
         self.running.get(name).copied().unwrap_or(0)
     }

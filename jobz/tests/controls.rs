@@ -463,7 +463,7 @@ fn a_job_starts_a_child_in_its_own_run_and_reports_its_progress() {
 fn a_worker_with_topics_runs_only_those_jobs() {
     let mesh = mesh();
     let _broker = mesh.broker(&[]);
-    let _w1 = mesh.worker_with("w1", 2, &["--topics", "a"]);
+    let mut w1 = mesh.worker_with("w1", 2, &["--topics", "a"]);
     mesh.wait_workers(1);
     let workers = json(&get(&mesh.url(), "/workers").1);
     let served: Vec<_> = workers["workers"][0]["jobs"].as_array().cloned().unwrap_or_default();
@@ -484,7 +484,27 @@ fn a_worker_with_topics_runs_only_those_jobs() {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["worker"], "w2", "{job}");
     assert_eq!(lines(&mesh, "ran-a").len(), 3);
-    assert_eq!(lines(&mesh, "ran-b"), [b]);
+    assert_eq!(lines(&mesh, "ran-b"), [b.clone()]);
+
+    // w1 comes back serving b only: it is no longer given a.
+    w1.kill9();
+    let _w1 = mesh.worker_with("w1", 2, &["--topics", "b"]);
+    wait_until(Duration::from_secs(30), "w1 back, serving b", || {
+        let workers = json(&get(&mesh.url(), "/workers").1)["workers"].as_array().cloned().unwrap_or_default();
+        workers
+            .iter()
+            .any(|w| w["name"] == "w1" && w["jobs"].as_array().is_some_and(|j| j.len() == 1 && j[0]["name"] == "b"))
+            && workers.len() == 2
+    });
+    let late_a = id_of(&mesh.start("job_name=a"));
+    let more_b: Vec<String> = (0..4).map(|_| id_of(&mesh.start("job_name=b"))).collect();
+    for id in &more_b {
+        assert_eq!(mesh.wait_final(id, Duration::from_secs(30))["status"], "succeeded");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let job = mesh.job(&late_a);
+    assert_eq!(job["status"], "queued", "no worker serves a any more: {job}");
+    assert_eq!(lines(&mesh, "ran-a").len(), 3);
 }
 
 #[test]
