@@ -356,6 +356,11 @@ impl Workers {
         self.serving.get(name).into_iter().flatten()
     }
 
+    /// How many workers may be given jobs of `name`.
+    fn serving_count(&self, name: &str) -> usize {
+        self.serving.get(name).map_or(0, BTreeSet::len)
+    }
+
     fn get(&self, peer: &PeerId) -> Option<&Worker> {
         self.map.get(peer)
     }
@@ -784,19 +789,36 @@ impl State {
     /// worker each time, so jobs spread over the mesh instead of filling the
     /// first worker's slots.
     ///
-    /// It runs after every turn of the loop, so it starts from the names that
-    /// have jobs waiting and a limit that lets one go now, and looks only at
-    /// the workers that serve those and have credit: with none, it costs a
-    /// look at each queue, however many workers are connected.
+    /// It runs after every turn of the loop, so it looks at as few workers as
+    /// it can: either those that serve a name with jobs ready (and a limit that
+    /// lets one go now), or those with credit, whichever are fewer. With jobs
+    /// of a name no idle worker serves, or every worker busy, a turn costs a
+    /// look at each queue and at each worker's credit, not every worker's names.
     fn dispatch(&mut self) {
         let now = Instant::now();
         let throttle = &self.running.throttle;
-        let ready = self.queues.iter().filter(|(name, q)| !q.is_empty() && throttle.admits(name, now).is_ok());
-        let mut active: Vec<PeerId> = ready
-            .flat_map(|(name, _)| self.workers.serving(name))
-            .filter(|peer| self.workers.get(peer).is_some_and(|w| w.credit > 0))
-            .cloned()
+        let ready: Vec<&String> = self
+            .queues
+            .iter()
+            .filter(|(name, q)| !q.is_empty() && throttle.admits(name, now).is_ok())
+            .map(|(name, _)| name)
             .collect();
+        if ready.is_empty() {
+            return;
+        }
+        let with_credit = self.workers.values().filter(|w| w.credit > 0).count();
+        let serving: usize = ready.iter().map(|name| self.workers.serving_count(name)).sum();
+        let mut active: Vec<PeerId> = if serving <= with_credit {
+            ready
+                .iter()
+                .flat_map(|name| self.workers.serving(name))
+                .filter(|peer| self.workers.get(peer).is_some_and(|w| w.credit > 0))
+                .cloned()
+                .collect()
+        } else {
+            // Each finds its name, if any, in `next_name_for` below.
+            self.workers.iter().filter(|(_, w)| w.credit > 0).map(|(peer, _)| peer.clone()).collect()
+        };
         if active.is_empty() {
             return;
         }
