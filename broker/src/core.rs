@@ -462,6 +462,9 @@ struct State {
     delayed: DelayedJobs,
     running: RunningJobs,
     workers: Workers,
+    /// Connections a newer one took the worker name from, oldest first, with
+    /// what to tell them if they speak again (see `limits::SUPERSEDED_PEERS`).
+    superseded: VecDeque<(PeerId, String)>,
     /// Results already committed, so a resend (lost ack) is acknowledged again, not recorded as stale.
     recently_done: VecDeque<(String, u64)>,
     recently_done_set: HashSet<(String, u64)>,
@@ -550,6 +553,7 @@ pub async fn start(
         delayed: DelayedJobs::default(),
         running: RunningJobs { map: HashMap::new(), throttle: Throttle::new(&shared.config.file) },
         workers: Workers::default(),
+        superseded: VecDeque::new(),
         recently_done: VecDeque::new(),
         recently_done_set: HashSet::new(),
         entering: HashSet::new(),
@@ -1028,8 +1032,17 @@ impl State {
             ToBroker::Fire(fire) if self.gates.semaphores.contains_key(&peer) => self.on_fire(Some(peer), fire),
             ToBroker::Heartbeat if self.gates.semaphores.contains_key(&peer) => {}
             _ if !self.workers.contains_key(&peer) => {
-                // Typically a worker that outlived a broker restart: it must register again.
-                let _ = self.router.send(&peer, &ToWorker::Reconnect);
+                if let Some((_, why)) = self.superseded.iter().find(|(p, _)| *p == peer) {
+                    // Asked to register, it would take the name back from the newer
+                    // connection, which would then do the same, for as long as both run.
+                    if self.bad_frames.allow() {
+                        tracing::warn!(peer = ?peer, "{why}");
+                    }
+                    let _ = self.router.send(&peer, &ToWorker::Error(protocol::ErrorReply { message: why.clone() }));
+                } else {
+                    // Typically a worker that outlived a broker restart: it must register again.
+                    let _ = self.router.send(&peer, &ToWorker::Reconnect);
+                }
             }
             // Results give their slot back themselves; Credit is for other grants.
             ToBroker::Credit(protocol::Credit { n }) => {
@@ -1365,13 +1378,24 @@ impl State {
     }
 
     fn on_hello(&mut self, peer: PeerId, hello: Hello) {
-        let Hello { role: _, name, host, pid: _, concurrency, credit, jobs, holding } = hello;
+        let Hello { role: _, name, host, pid, concurrency, credit, jobs, holding } = hello;
         // The same worker under a new connection (or a restarted process) replaces the old entry;
         // what it no longer holds goes back to the queue.
         let previous: Vec<PeerId> =
             self.workers.iter().filter(|(p, w)| w.name == name && **p != peer).map(|(p, _)| p.clone()).collect();
         for old in previous {
             self.drop_worker(&old, "reconnected under a new connection", &holding);
+            // If it was the same worker, its old connection is gone and never speaks again.
+            // If it was another process under the same name, it is told so when it does.
+            let why = format!(
+                "the worker name {name:?} was taken by a newer connection (host {host}, pid {pid}); \
+                 this connection is no longer served: if two workers share the name, give each its own --name"
+            );
+            self.superseded.retain(|(p, _)| *p != old && *p != peer);
+            self.superseded.push_back((old, why));
+            if self.superseded.len() > limits::SUPERSEDED_PEERS {
+                self.superseded.pop_front();
+            }
         }
         let file = self.shared.config.file.clone();
         let mut served = Vec::new();

@@ -23,6 +23,10 @@ pub const IDEMPOTENCY_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Jobs pruned in one go, so pruning never holds the store for long.
 pub const PRUNE_BATCH: usize = 10_000;
+/// Connections replaced by a newer one under the same worker name, remembered
+/// so that one that speaks again is told why instead of being asked to
+/// register (which would take the name back, and so on, for as long as both run).
+pub const SUPERSEDED_PEERS: usize = 1024;
 /// Results remembered after their commit, so a resend after a lost ack is acknowledged, not taken as stale.
 pub const RECENT_RESULTS: usize = 65_536;
 /// Jobs of one run that `POST /runs/{id}/cancel` looks at.

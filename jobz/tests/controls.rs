@@ -508,6 +508,35 @@ fn a_worker_with_topics_runs_only_those_jobs() {
 }
 
 #[test]
+fn two_workers_under_one_name_do_not_take_it_from_each_other_and_the_older_one_is_told_why() {
+    let mesh = mesh();
+    let _broker = mesh.broker(&[]);
+    let (endpoint, config) = (mesh.endpoint(), mesh.config.display().to_string());
+    let args = ["worker", "--broker", &endpoint, "--config", &config, "--name", "twin"];
+    let _first = mesh.spawn("twin-1", &args);
+    mesh.wait_workers(1);
+    let _second = mesh.spawn("twin-2", &args);
+    let log = |name: &str| std::fs::read_to_string(mesh.path().join(format!("{name}.log"))).unwrap_or_default();
+    // The second takes the name. The first hears why at its next heartbeat (every second),
+    // instead of being asked to register again and taking the name back.
+    wait_until(Duration::from_secs(15), "the first worker told that its name was taken", || {
+        log("twin-1").contains("was taken by a newer connection")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let broker = log("broker");
+    assert_eq!(broker.matches("worker joined").count(), 2, "{}", mesh.logs());
+    assert_eq!(broker.matches("worker left").count(), 1, "{}", mesh.logs());
+    assert!(!log("twin-2").contains("was taken"), "the newer one keeps the name: {}", mesh.logs());
+    let workers = json(&get(&mesh.url(), "/workers").1)["workers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    assert_eq!(workers[0]["name"], "twin", "{workers:?}");
+    let id = id_of(&mesh.start("job_name=a"));
+    let job = mesh.wait_final(&id, Duration::from_secs(30));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
+}
+
+#[test]
 fn refused_control_requests_answer_json_errors_and_change_nothing() {
     let mesh = mesh();
     let _broker = mesh.broker(&[]);
