@@ -34,7 +34,7 @@ use crate::model::{
 };
 use crate::scheduler::{FireRequest, Schedules};
 use crate::store::{SqliteStore, Store, StoreError};
-use crate::throttle::{Hold, Throttle};
+use crate::throttle::{Hold, NameCounts, Throttle};
 
 /// How the broker runs.
 #[derive(Debug, Clone)]
@@ -230,7 +230,7 @@ impl Running {
 struct DelayedJobs {
     by_time: BTreeMap<(DateTime<Utc>, String), Queued>,
     at: BTreeMap<String, DateTime<Utc>>,
-    per_name: HashMap<String, u64>,
+    per_name: NameCounts,
 }
 
 impl DelayedJobs {
@@ -238,19 +238,14 @@ impl DelayedJobs {
     fn insert(&mut self, at: DateTime<Utc>, job: Queued) {
         self.remove(&job.id);
         self.at.insert(job.id.clone(), at);
-        match self.per_name.get_mut(&job.job_name) {
-            Some(waiting) => *waiting += 1,
-            None => {
-                self.per_name.insert(job.job_name.clone(), 1);
-            }
-        }
+        self.per_name.add(&job.job_name);
         self.by_time.insert((at, job.id.clone()), job);
     }
 
     fn remove(&mut self, id: &str) -> Option<Queued> {
         let at = self.at.remove(id)?;
         let job = self.by_time.remove(&(at, id.to_string()))?;
-        self.uncount(&job.job_name);
+        self.per_name.sub(&job.job_name);
         Some(job)
     }
 
@@ -262,22 +257,13 @@ impl DelayedJobs {
         }
         let ((_, id), job) = entry.remove_entry();
         self.at.remove(&id);
-        self.uncount(&job.job_name);
+        self.per_name.sub(&job.job_name);
         Some(job)
     }
 
     /// How many jobs of each name wait, for names with any.
-    fn per_name(&self) -> impl Iterator<Item = (&String, u64)> {
-        self.per_name.iter().map(|(name, waiting)| (name, *waiting))
-    }
-
-    fn uncount(&mut self, name: &str) {
-        if let Some(waiting) = self.per_name.get_mut(name) {
-            *waiting -= 1;
-            if *waiting == 0 {
-                self.per_name.remove(name);
-            }
-        }
+    fn per_name(&self) -> impl Iterator<Item = (&String, u32)> {
+        self.per_name.iter()
     }
 }
 
@@ -2045,7 +2031,7 @@ impl State {
             depth.entry(name.clone()).or_default().0 += q.len() as u64;
         }
         for (name, waiting) in self.delayed.per_name() {
-            depth.entry(name.clone()).or_default().0 += waiting;
+            depth.entry(name.clone()).or_default().0 += u64::from(waiting);
         }
         for (name, running) in self.running.throttle.running_per_name() {
             depth.entry(name.clone()).or_default().1 += u64::from(running);

@@ -37,12 +37,44 @@ struct Rate {
     next: Option<Instant>,
 }
 
+/// A count per job name, holding only the names with a count above zero.
+#[derive(Debug, Default)]
+pub struct NameCounts(HashMap<String, u32>);
+
+impl NameCounts {
+    pub fn add(&mut self, name: &str) {
+        match self.0.get_mut(name) {
+            Some(n) => *n += 1,
+            None => {
+                self.0.insert(name.to_string(), 1);
+            }
+        }
+    }
+
+    pub fn sub(&mut self, name: &str) {
+        if let Some(n) = self.0.get_mut(name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.0.remove(name);
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> u32 {
+        self.0.get(name).copied().unwrap_or(0)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, u32)> {
+        self.0.iter().map(|(name, n)| (name, *n))
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Throttle {
     /// `concurrency:` per name (only names that have one).
     caps: HashMap<String, u32>,
     /// Running attempts per name, whatever their limits (a broadcast counts once).
-    running: HashMap<String, u32>,
+    running: NameCounts,
     rates: HashMap<String, Rate>,
 }
 
@@ -104,26 +136,21 @@ impl Throttle {
 
     /// An attempt of `name` holds a running slot (dispatched, or recovered as running).
     pub fn started(&mut self, name: &str) {
-        *self.running.entry(name.to_string()).or_default() += 1;
+        self.running.add(name);
     }
 
     /// An attempt of `name` ended or went back to the queue.
     pub fn ended(&mut self, name: &str) {
-        if let Some(n) = self.running.get_mut(name) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.running.remove(name);
-            }
-        }
+        self.running.sub(name);
     }
 
     /// Running attempts of each name that has any.
     pub fn running_per_name(&self) -> impl Iterator<Item = (&String, u32)> {
-        self.running.iter().map(|(name, running)| (name, *running))
+        self.running.iter()
     }
 
     pub fn running(&self, name: &str) -> u32 {
-        self.running.get(name).copied().unwrap_or(0)
+        self.running.get(name)
     }
 
     /// The earliest moment a rate-held name among `waiting` may go again, so the
