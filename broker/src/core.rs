@@ -2258,10 +2258,8 @@ pub(crate) async fn cancel(b: &BrokerHandle, id: &str) -> Result<JobRecord, ApiE
     if record.status.is_final() {
         return Err(ApiError::Conflict(format!("job {id} is already {}", record.status)));
     }
-    let (tx, rx) = oneshot::channel();
-    let gone = || ApiError::Unavailable("the broker is shutting down".into());
-    b.inner.events.send(Event::Cancel { id: id.to_string(), reply: tx }).await.map_err(|_| gone())?;
-    if !rx.await.map_err(|_| gone())? {
+    let known = ask(b, |reply| Event::Cancel { id: id.to_string(), reply }).await;
+    if !known.ok_or_else(|| ApiError::Unavailable("the broker is shutting down".into()))? {
         let record = job(b, id).await?;
         return Err(ApiError::Conflict(format!("job {id} is already {}", record.status)));
     }
@@ -2322,10 +2320,8 @@ pub(crate) async fn progress(
     // dispatch in the store (recorded without waiting): the loop knows. Asked
     // after the dispatch was queued to the store's writer, so the progress
     // change below is applied after it.
-    let (tx, rx) = oneshot::channel();
-    let gone = || ApiError::Unavailable("the broker is shutting down".into());
-    b.inner.events.send(Event::IsRunning { id: id.to_string(), reply: tx }).await.map_err(|_| gone())?;
-    if !rx.await.map_err(|_| gone())? {
+    let known = ask(b, |reply| Event::IsRunning { id: id.to_string(), reply }).await;
+    if !known.ok_or_else(|| ApiError::Unavailable("the broker is shutting down".into()))? {
         let record = job(b, id).await?;
         return Err(not_running(record.status));
     }
@@ -2352,15 +2348,16 @@ pub(crate) fn hold(b: &BrokerHandle, job_name: &str) -> Option<Hold> {
     b.inner.snapshot.lock().ok()?.holds.get(job_name).cloned()
 }
 
-pub(crate) async fn workers(b: &BrokerHandle) -> Vec<WorkerView> {
+/// Asks the loop a question and waits for its answer; `None` when the loop has stopped.
+async fn ask<T>(b: &BrokerHandle, question: impl FnOnce(oneshot::Sender<T>) -> Event) -> Option<T> {
     let (reply, answer) = oneshot::channel();
-    if b.inner.events.send(Event::Workers { reply }).await.is_ok() {
-        if let Ok(view) = answer.await {
-            return view;
-        }
-    }
+    b.inner.events.send(question(reply)).await.ok()?;
+    answer.await.ok()
+}
+
+pub(crate) async fn workers(b: &BrokerHandle) -> Vec<WorkerView> {
     // The loop has stopped (shutdown): no worker is served any more.
-    Vec::new()
+    ask(b, |reply| Event::Workers { reply }).await.unwrap_or_default()
 }
 
 pub(crate) async fn metrics(b: &BrokerHandle) -> String {
@@ -2374,11 +2371,8 @@ pub(crate) async fn healthy(b: &BrokerHandle) -> bool {
 }
 
 pub(crate) async fn gates(b: &BrokerHandle) -> serde_json::Value {
-    let (reply, answer) = oneshot::channel();
-    if b.inner.events.send(Event::Gates { reply }).await.is_ok() {
-        if let Ok(view) = answer.await {
-            return view;
-        }
+    if let Some(view) = ask(b, |reply| Event::Gates { reply }).await {
+        return view;
     }
     // The loop has stopped (shutdown): the gates as configured, without their keys.
     let gates: Vec<serde_json::Value> = b
@@ -2398,11 +2392,8 @@ pub(crate) async fn gates(b: &BrokerHandle) -> serde_json::Value {
 }
 
 pub(crate) async fn schedules(b: &BrokerHandle) -> serde_json::Value {
-    let (reply, answer) = oneshot::channel();
-    if b.inner.events.send(Event::Schedules { reply }).await.is_ok() {
-        if let Ok(view) = answer.await {
-            return view;
-        }
+    if let Some(view) = ask(b, |reply| Event::Schedules { reply }).await {
+        return view;
     }
     // The loop has stopped (shutdown): the schedules as configured, without their fires.
     let mut list = Vec::new();
