@@ -451,6 +451,8 @@ struct State {
     /// Connections a newer one took the worker name from, oldest first, with
     /// what to tell them if they speak again (see `limits::SUPERSEDED_PEERS`).
     superseded: VecDeque<(PeerId, String)>,
+    /// Such a connection speaks at every heartbeat: its warning is rate-limited apart from bad frames'.
+    superseded_log: RateLimitedLog,
     /// Results already committed, so a resend (lost ack) is acknowledged again, not recorded as stale.
     recently_done: VecDeque<(String, u64)>,
     recently_done_set: HashSet<(String, u64)>,
@@ -540,6 +542,7 @@ pub async fn start(
         running: RunningJobs { map: HashMap::new(), throttle: Throttle::new(&shared.config.file) },
         workers: Workers::default(),
         superseded: VecDeque::new(),
+        superseded_log: RateLimitedLog::default(),
         recently_done: VecDeque::new(),
         recently_done_set: HashSet::new(),
         entering: HashSet::new(),
@@ -1021,8 +1024,9 @@ impl State {
                 if let Some((_, why)) = self.superseded.iter().find(|(p, _)| *p == peer) {
                     // Asked to register, it would take the name back from the newer
                     // connection, which would then do the same, for as long as both run.
-                    if self.bad_frames.allow() {
-                        tracing::warn!(peer = ?peer, "{why}");
+                    if self.superseded_log.allow() {
+                        let suppressed = self.superseded_log.take_suppressed();
+                        tracing::warn!(peer = ?peer, suppressed, "{why}");
                     }
                     let _ = self.router.send(&peer, &ToWorker::Error(protocol::ErrorReply { message: why.clone() }));
                 } else {
