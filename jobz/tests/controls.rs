@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use support::{alive, get, id_of, json, post, read_pids, wait_until, Mesh, PidFileGuard};
+use support::{alive, get, id_of, json, metric_in, post, read_pids, wait_until, Mesh, PidFileGuard};
 
 /// `$DIR` is the test's temp dir; `@JOBZ@` the jobz binary under test.
 const CONTROLS: &str = r#"
@@ -484,7 +484,7 @@ fn a_worker_with_topics_runs_only_those_jobs() {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["worker"], "w2", "{job}");
     assert_eq!(lines(&mesh, "ran-a").len(), 3);
-    assert_eq!(lines(&mesh, "ran-b"), [b.clone()]);
+    assert_eq!(lines(&mesh, "ran-b"), [b]);
 
     // w1 comes back serving b only: it is no longer given a.
     w1.kill9();
@@ -597,8 +597,7 @@ fn metrics_show_the_queue_depth_per_job_name() {
     let a = id_of(&mesh.start("job_name=a"));
     assert_eq!(mesh.wait_final(&a, Duration::from_secs(30))["status"], "succeeded");
     let metrics = get(&mesh.url(), "/metrics").1;
-    let value =
-        |series: &str| metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse::<f64>().ok()));
+    let value = |series: &str| metric_in(&metrics, series);
     assert_eq!(value("jobz_queue_depth{job_name=\"b\"}"), Some(3.0), "{metrics}");
     assert_eq!(value("jobz_jobs{job_name=\"b\",status=\"queued\"}"), Some(3.0), "{metrics}");
     assert!(value("jobz_queue_depth{job_name=\"a\"}").unwrap_or(0.0) == 0.0, "{metrics}");
@@ -612,12 +611,7 @@ fn jobs_waiting_out_a_retry_backoff_count_in_the_queue_depth_and_cancel_alone_or
     let _broker = mesh.broker(&[]);
     let _worker = mesh.worker("w1", 2);
     mesh.wait_workers(1);
-    let depth = || {
-        let metrics = get(&mesh.url(), "/metrics").1;
-        metrics.lines().find_map(|l| {
-            l.strip_prefix("jobz_queue_depth{job_name=\"later\"}").and_then(|v| v.trim().parse::<f64>().ok())
-        })
-    };
+    let depth = || mesh.metric("jobz_queue_depth{job_name=\"later\"}");
     let ids: Vec<String> =
         ["p", "q", "r"].iter().map(|tag| id_of(&mesh.start(&format!("job_name=later&tag={tag}")))).collect();
     wait_until(Duration::from_secs(30), "each job's first attempt to fail", || {

@@ -120,12 +120,6 @@ fn hello_runs(mesh: &Mesh, who: &str) {
     assert!(out.lines().any(|l| l == format!("hello {who}")), "the job ran: {out:?}");
 }
 
-/// The value of a metric line (`name{labels} value`) in `GET /metrics`.
-fn metric(mesh: &Mesh, line_start: &str) -> Option<f64> {
-    let (_, body) = get(&mesh.url(), "/metrics");
-    body.lines().find_map(|l| l.strip_prefix(line_start).and_then(|v| v.trim().parse().ok()))
-}
-
 #[test]
 fn keygen_writes_a_private_key_pair_and_never_overwrites_one() {
     let dir = match tempfile::tempdir() {
@@ -203,7 +197,7 @@ fn workers_with_allowed_keys_run_jobs_over_curve() {
     wait_log(&mesh, "broker", "the mesh is encrypted and authenticated (CURVE)");
     wait_log(&mesh, "broker", "admitted a peer with an allowed CURVE key");
     assert_eq!(mesh.log_lines_with("broker", "NOT encrypted"), 0, "no plain-text warning with a key");
-    assert_eq!(metric(&mesh, "jobz_mesh_refused_total{reason=\"key\"}"), Some(0.0));
+    assert_eq!(mesh.metric("jobz_mesh_refused_total{reason=\"key\"}"), Some(0.0));
 }
 
 #[test]
@@ -228,7 +222,7 @@ fn a_worker_with_an_unknown_key_is_refused_and_its_address_logged() {
     wait_log(&mesh, "stranger", "refused our key");
     assert!(workers(&mesh).is_empty(), "a refused worker is never registered: {:?}", workers(&mesh));
     assert_eq!(mesh.job(&id)["status"], "queued", "nothing ran the job");
-    assert!(metric(&mesh, "jobz_mesh_refused_total{reason=\"key\"}").is_some_and(|n| n >= 1.0));
+    assert!(mesh.metric("jobz_mesh_refused_total{reason=\"key\"}").is_some_and(|n| n >= 1.0));
 
     // The broker goes on serving: an allowed worker runs the waiting job.
     let _known = curve_worker(&mesh, "known", &known, &broker_keys);
@@ -251,7 +245,7 @@ fn a_plain_text_worker_is_refused_by_a_curve_broker() {
     wait_log(&mesh, "plain", "requires CURVE");
     assert!(workers(&mesh).is_empty(), "{:?}", workers(&mesh));
     assert_eq!(mesh.job(&id)["status"], "queued");
-    assert!(metric(&mesh, "jobz_mesh_refused_total{reason=\"handshake\"}").is_some_and(|n| n >= 1.0));
+    assert!(mesh.metric("jobz_mesh_refused_total{reason=\"handshake\"}").is_some_and(|n| n >= 1.0));
 
     let _known = curve_worker(&mesh, "known", &known, &broker_keys);
     assert_eq!(mesh.wait_final(&id, WAIT)["status"], "succeeded");

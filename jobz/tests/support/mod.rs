@@ -216,6 +216,11 @@ impl Mesh {
         json(&get(&self.url(), &format!("/jobs/{id}")).1)
     }
 
+    /// The value of the series `series` (`name{labels}`) in `GET /metrics` now.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        metric_in(&get(&self.url(), "/metrics").1, series)
+    }
+
     /// Waits until job `id` has a final status and returns it.
     pub fn wait_final(&self, id: &str, limit: Duration) -> serde_json::Value {
         let mut last = serde_json::Value::Null;
@@ -299,6 +304,11 @@ pub fn run_jobz(dir: &Path, args: &[&str], env: &[(&str, &str)], limit: Duration
     let Some(status) = status else { panic!("{} did not exit within {limit:?}", proc.name) };
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     (status.code().unwrap_or(-1), read("run.stdout"), read("run.stderr"))
+}
+
+/// The value of the series `series` (`name{labels}`) in a `GET /metrics` body.
+pub fn metric_in(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
 
 /// A job's id, from an answer or a listing (empty when it has none).
